@@ -1,0 +1,197 @@
+"""Requests: a user's typed, bounded ask, validated against the site before anything runs.
+
+The same model serves the spawn form, the REST API (``user_options``) and the compute-
+session widget. Unknown fields, wrong types, out-of-range numbers and nested objects
+are rejected with a message that says what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .catalog import GPUS_PER_HGX_NODE, accelerator
+from .site import NodeType, Partition, Site
+from .sizes import GPU_STEPS, Size, max_nodes, partition_sizes
+
+Word = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.:-]{0,63}$")]
+
+#: Hard upper bounds, whatever the site says; the site narrows them further.
+MAX_COUNT = 256
+MAX_NODES = 1024
+MAX_WALLTIME_MINUTES = 30 * 24 * 60
+
+
+class RequestError(ValueError):
+    """A request that cannot be granted. ``str()`` is safe and useful to show the user."""
+
+    def __init__(self, message: str, reason: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Request(BaseModel):
+    """What a user asks for. Every field is typed and bounded; nothing else is accepted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    kind: Literal["notebook", "dask", "torch"] = "notebook"
+    partition: Word | None = None
+    accelerator: Literal["h100", "h200", "b200"] | None = None
+    slice: Word | None = Field(None, description="a MIG profile such as '3g.40gb'")
+    gpus: Annotated[int, Field(ge=1, le=GPUS_PER_HGX_NODE)] | None = Field(
+        None, description="whole GPUs per node: 1, 2, 4 or 8"
+    )
+    nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1
+    count: Annotated[int, Field(ge=1, le=MAX_COUNT)] = Field(
+        1, description="how many of this size (Dask workers per size, or sizes); 1 for notebooks"
+    )
+    walltime_minutes: Annotated[int, Field(ge=1, le=MAX_WALLTIME_MINUTES)] | None = None
+    image: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] | None = None
+
+
+def parse_request(data: Any) -> Request:
+    """Validate raw user input (a JSON object) into a :class:`Request`."""
+    if not isinstance(data, dict):
+        raise RequestError(f"a request must be a JSON object, got {type(data).__name__}")
+    try:
+        return Request.model_validate(data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"]) or "request"
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(Request.model_fields)
+                msgs.append(f"unknown field {key!r} (allowed: {allowed})")
+            else:
+                msgs.append(f"{key}: {err['msg']}")
+        raise RequestError("; ".join(msgs)) from None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A request placed on a partition, node type and size, with its walltime."""
+
+    request: Request
+    partition: Partition
+    node_type: NodeType
+    size: Size
+    walltime_minutes: int
+
+    @property
+    def eur_per_hour(self) -> float:
+        """€ per hour for the whole request (all ``count`` copies)."""
+        p = self.partition
+        unit = (
+            p.price(self.size.accelerator, self.size.slice)
+            if self.size.slice
+            else p.price(self.size.accelerator) * self.size.total_gpus
+        )
+        return round(unit * self.request.count, 4)
+
+    @property
+    def gpu_hours(self) -> float:
+        return round(self.size.gpu_fraction * self.request.count * self.walltime_minutes / 60, 4)
+
+    @property
+    def energy_wh(self) -> float:
+        """Energy at TDP and the partition's PUE for the whole walltime, an upper bound."""
+        hours = self.walltime_minutes / 60
+        return round(self.size.power_w * self.request.count * hours * self.partition.pue, 1)
+
+    def cost_json(self) -> dict[str, float]:
+        hours = self.walltime_minutes / 60
+        wh = self.energy_wh
+        return {
+            "eur_per_hour": self.eur_per_hour,
+            "eur_max": round(self.eur_per_hour * hours, 2),
+            "gpu_hours_max": self.gpu_hours,
+            "energy_wh_max": wh,
+            "co2_g_max": round(wh / 1000 * self.partition.carbon_g_per_kwh, 1),
+        }
+
+
+def _size_for(req: Request, part: Partition) -> tuple[NodeType, Size]:
+    offered = partition_sizes(part)
+    candidates = [nt for nt in part.nodes if req.accelerator in (None, nt.accelerator)]
+    if not candidates:
+        have = sorted({nt.accelerator for nt in part.nodes})
+        raise RequestError(
+            f"partition {part.name!r} has no {req.accelerator}; it has: {', '.join(have)}"
+        )
+    ids = ", ".join(dict.fromkeys(s.id for s in offered))
+    if req.slice is not None:
+        if req.gpus is not None:
+            raise RequestError("ask for either a MIG slice or whole GPUs, not both")
+        if req.nodes != 1:
+            raise RequestError(
+                "a MIG slice lives on one GPU of one node: ask for whole GPUs to span nodes"
+            )
+        if req.kind == "torch" and req.count > 1:
+            raise RequestError(
+                "multi-GPU torch.distributed needs whole GPUs: MIG slices have no NVLink and "
+                "no peer-to-peer access, so NCCL cannot span them. Ask for gpus=2, 4 or 8."
+            )
+        for nt in candidates:
+            if req.slice in nt.slices_per_node():
+                return nt, Size(nt.name, nt.accelerator, slice=req.slice)
+        raise RequestError(
+            f"partition {part.name!r} has no MIG slice {req.slice!r}; it offers: {ids}"
+        )
+    gpus = req.gpus if req.gpus is not None else 1
+    if req.nodes > 1:
+        if gpus != GPUS_PER_HGX_NODE:
+            raise RequestError(
+                f"sizes of several nodes take whole 8-GPU nodes: set gpus=8 (got gpus={gpus})"
+            )
+        if part.backend == "local":
+            raise RequestError(f"partition {part.name!r} is a single box: nodes must be 1")
+    if gpus not in (*GPU_STEPS, GPUS_PER_HGX_NODE):
+        raise RequestError(f"gpus must be 1, 2, 4 or 8 on one node (got {gpus})")
+    for nt in candidates:
+        if gpus <= len(nt.whole_gpus) and req.nodes <= max_nodes(part, nt):
+            return nt, Size(nt.name, nt.accelerator, gpus_per_node=gpus, nodes=req.nodes)
+    raise RequestError(
+        f"partition {part.name!r} cannot give {req.nodes} node(s) × {gpus} whole GPU(s); "
+        f"it offers: {ids}"
+    )
+
+
+def resolve(site: Site, req: Request, default_partition: str | None = None) -> Resolved:
+    """Place ``req`` on the site, or raise :class:`RequestError` saying what is allowed."""
+    name = req.partition or default_partition or site.partitions[0].name
+    try:
+        part = site.partition(name)
+    except KeyError as e:
+        raise RequestError(str(e.args[0]), reason="unknown_partition") from None
+    if req.kind == "notebook" and req.count != 1:
+        raise RequestError("a notebook server is one size: count must be 1")
+    if req.accelerator is not None:
+        accelerator(req.accelerator)
+    nt, size = _size_for(req, part)
+    wall = req.walltime_minutes or part.default_walltime_minutes
+    if wall > part.max_walltime_minutes:
+        raise RequestError(
+            f"walltime {wall} min is over partition {part.name!r}'s limit of "
+            f"{part.max_walltime_minutes} min",
+            reason="walltime",
+        )
+    return Resolved(req, part, nt, size, wall)
+
+
+def request_from_size_id(size_id: str, **extra: Any) -> dict[str, Any]:
+    """Turn a form value such as ``h100:3g.40gb`` or ``h100x8x2n`` into request fields."""
+    acc, sep, rest = size_id.partition(":")
+    if sep:
+        return {"accelerator": acc, "slice": rest, **extra}
+    parts = size_id.split("x")
+    if len(parts) not in (2, 3) or not parts[1].isdigit():
+        raise RequestError(f"unknown size {size_id!r}")
+    out: dict[str, Any] = {"accelerator": parts[0], "gpus": int(parts[1]), **extra}
+    if len(parts) == 3:
+        if not (parts[2].endswith("n") and parts[2][:-1].isdigit()):
+            raise RequestError(f"unknown size {size_id!r}")
+        out["nodes"] = int(parts[2][:-1])
+    return out

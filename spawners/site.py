@@ -1,0 +1,247 @@
+"""The site file: which partitions a deployment offers, where they are, what they cost.
+
+A site file is TOML. It is validated by the pydantic models below, whose JSON schema is
+published in the docs (``sovereign-portal site-schema``). A wrong file fails with the
+file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .catalog import ACCELERATORS, GPUS_PER_HGX_NODE, LayoutError, accelerator, check_layout
+
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+SlurmWord = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+AcceleratorName = Literal["h100", "h200", "b200"]
+
+
+class SiteError(ValueError):
+    """A site file that cannot be used. The message names the file, the key and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Jurisdiction(_Strict):
+    """Where a partition runs, legally."""
+
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$", description="ISO 3166-1 alpha-2")]
+    operator: Annotated[str, Field(min_length=1, max_length=128)]
+    certifications: list[Annotated[str, Field(min_length=1, max_length=64)]] = []
+
+
+class MigLayout(_Strict):
+    """GPUs of a node type that run in MIG mode, and the instances on each of them."""
+
+    gpus: Annotated[list[Annotated[int, Field(ge=0, le=7)]], Field(min_length=1)]
+    profiles: Annotated[list[str], Field(min_length=1)]
+
+
+class NodeType(_Strict):
+    """A kind of node in a partition: one accelerator model, a GPU count, maybe MIG."""
+
+    name: Name
+    accelerator: AcceleratorName
+    gpus: Annotated[int, Field(ge=1, le=GPUS_PER_HGX_NODE)] = GPUS_PER_HGX_NODE
+    count: Annotated[int, Field(ge=1, le=100_000)] = 1
+    gres_type: SlurmWord | None = Field(
+        None, description="Slurm GRES type of whole GPUs; defaults to the accelerator name"
+    )
+    mig: list[MigLayout] = []
+    features: list[SlurmWord] = Field(
+        [], description="Slurm node features; a size on this node type adds --constraint"
+    )
+
+    @model_validator(mode="after")
+    def _check_mig(self) -> NodeType:
+        acc = accelerator(self.accelerator)
+        seen: set[int] = set()
+        for layout in self.mig:
+            for g in layout.gpus:
+                if g >= self.gpus:
+                    raise ValueError(f"MIG GPU index {g} is outside 0..{self.gpus - 1}")
+                if g in seen:
+                    raise ValueError(f"GPU {g} appears in two MIG layouts")
+                seen.add(g)
+            try:
+                check_layout(acc, layout.profiles)
+            except LayoutError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    @property
+    def slurm_gres_type(self) -> str:
+        return self.gres_type or self.accelerator
+
+    def slice_gres_type(self, profile: str) -> str:
+        return f"{self.slurm_gres_type}_{profile}"
+
+    @property
+    def mig_gpus(self) -> list[int]:
+        return sorted(g for layout in self.mig for g in layout.gpus)
+
+    @property
+    def whole_gpus(self) -> list[int]:
+        mig = set(self.mig_gpus)
+        return [g for g in range(self.gpus) if g not in mig]
+
+    def slices_per_node(self) -> dict[str, int]:
+        """Each MIG profile on one node of this type, with its instance count."""
+        out: dict[str, int] = {}
+        for layout in self.mig:
+            for p in layout.profiles:
+                out[p] = out.get(p, 0) + len(layout.gpus)
+        return out
+
+
+class Partition(_Strict):
+    """Where sizes run: a Slurm partition or the local box."""
+
+    name: Name
+    backend: Literal["local", "slurm"]
+    description: str = ""
+    jurisdiction: Jurisdiction
+    nodes: Annotated[list[NodeType], Field(min_length=1)]
+    price_eur_per_gpu_hour: dict[str, Annotated[float, Field(ge=0, le=10_000)]] = Field(
+        description="€ per GPU-hour by accelerator ('h100'); a slice ('h100:3g.40gb') may "
+        "have its own price, else it pays its share of compute slices (N/7)"
+    )
+    carbon_g_per_kwh: Annotated[float, Field(ge=0, le=2000)]
+    pue: Annotated[float, Field(ge=1.0, le=3.0)] = 1.2
+    max_walltime_minutes: Annotated[int, Field(ge=1, le=43_200)] = 24 * 60
+    default_walltime_minutes: Annotated[int, Field(ge=1, le=43_200)] = 60
+    max_nodes: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    slurm_partition: SlurmWord | None = None
+    account: SlurmWord | None = None
+    qos: SlurmWord | None = None
+    allowed_groups: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        [], description="groups that may use this partition; empty means everyone"
+    )
+
+    @field_validator("price_eur_per_gpu_hour")
+    @classmethod
+    def _price_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        for key in v:
+            acc_name, _, prof = key.partition(":")
+            acc = accelerator(acc_name) if acc_name in ACCELERATORS else None
+            if acc is None:
+                raise ValueError(f"price key {key!r}: unknown accelerator {acc_name!r}")
+            if prof:
+                acc.profile(prof)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Partition:
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"node type names must be unique, got {names}")
+        for n in self.nodes:
+            if n.accelerator not in self.price_eur_per_gpu_hour:
+                raise ValueError(
+                    f"no price for {n.accelerator!r}: add "
+                    f"price_eur_per_gpu_hour.{n.accelerator} = <€ per GPU-hour>"
+                )
+        if self.default_walltime_minutes > self.max_walltime_minutes:
+            raise ValueError("default_walltime_minutes is above max_walltime_minutes")
+        if self.backend == "local" and sum(n.count for n in self.nodes) != 1:
+            raise ValueError("a local partition is one box: exactly one node (count = 1)")
+        return self
+
+    @property
+    def scheduler_partition(self) -> str:
+        return self.slurm_partition or self.name
+
+    def price(self, acc: str, profile: str | None = None) -> float:
+        """€ per hour of one GPU of ``acc``, or of one ``profile`` slice of it."""
+        base = self.price_eur_per_gpu_hour[acc]
+        if profile is None:
+            return base
+        own = self.price_eur_per_gpu_hour.get(f"{acc}:{profile}")
+        if own is not None:
+            return own
+        return round(base * accelerator(acc).profile(profile).compute_slices / 7, 4)
+
+    def node_type(self, name: str) -> NodeType:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+
+class Site(_Strict):
+    """A whole deployment."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    description: str = ""
+    partitions: Annotated[list[Partition], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique(self) -> Site:
+        names = [p.name for p in self.partitions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"partition names must be unique, got {names}")
+        return self
+
+    def partition(self, name: str) -> Partition:
+        for p in self.partitions:
+            if p.name == name:
+                return p
+        allowed = ", ".join(p.name for p in self.partitions)
+        raise KeyError(f"no partition {name!r}; this site has: {allowed}")
+
+
+def _loc(loc: tuple[Any, ...], data: Any) -> str:
+    """Render a pydantic error location as a TOML-ish key path, with names where known."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            label = ""
+            if isinstance(node, list) and 0 <= item < len(node) and isinstance(node[item], dict):
+                nm = node[item].get("name")
+                label = f" (name={nm!r})" if nm else ""
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]{label}"]
+        else:
+            parts.append(str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(parts) or "<top level>"
+
+
+def parse_site(data: Any, source: str = "<site>") -> Site:
+    try:
+        return Site.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{source}: invalid site file"]
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {_loc(err['loc'], data)}: {msg}")
+        raise SiteError("\n".join(lines)) from None
+
+
+def load_site(path: str | Path | None = None) -> Site:
+    """Load and validate a site file; ``None`` loads the embedded example (8 × H100 box)."""
+    if path is None:
+        text = resources.files(__package__).joinpath("sites/example.toml").read_text()
+        return parse_site(tomllib.loads(text), "example.toml")
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise SiteError(f"{p}: site file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SiteError(f"{p}: not valid TOML: {e}") from None
+    return parse_site(data, str(p))
+
+
+def site_schema() -> dict[str, Any]:
+    return Site.model_json_schema()
