@@ -54,6 +54,13 @@ if [[ ! -f $stamp ]]; then
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 
+# An editable install does not lay down data files: enable the server extension the
+# way the wheel's jupyter_server_config.d file does.
+if [[ ! -f .venv/etc/jupyter/jupyter_server_config.d/sovereign_portal.json ]]; then
+  mkdir -p .venv/etc/jupyter/jupyter_server_config.d
+  cp extension/etc/sovereign_portal.json .venv/etc/jupyter/jupyter_server_config.d/
+fi
+
 if [[ ! -x node_modules/.bin/configurable-http-proxy ]]; then
   log "npm install configurable-http-proxy"
   npm install --no-audit --no-fund --loglevel=error >/dev/null
@@ -66,4 +73,12 @@ fi
 d=$ROOT
 while [[ "$d" != "/" ]]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
 chmod -R o+rX "$ROOT" 2>/dev/null || true
+# --- Slurm spawner (issue 4): the venv's base interpreter may live under a 0700 home
+# (pyenv in /root/.pyenv): make its parents traversable (o+x only) so jobs can exec it.
+base_py=$(readlink -f .venv/bin/python)
+d=$(dirname "$base_py")
+while [[ "$d" != "/" ]]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
+base_prefix=$(.venv/bin/python -c 'import sys; print(sys.base_prefix)')
+[[ -d "$base_prefix" ]] && chmod -R o+rX "$base_prefix" 2>/dev/null || true
+# --- end Slurm spawner
 log "ready: $ROOT/.venv"

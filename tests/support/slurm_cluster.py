@@ -1,0 +1,579 @@
+"""A real Slurm cluster on this machine, with fake GPUs, for tests, CI and the demo.
+
+It runs ``munged``, ``slurmctld -D`` and one ``slurmd -D -N <node>`` per emulated node, all
+from a directory of its own (config, state, spool, logs, pid files, fake ``/dev/nvidia*``
+character devices). Nothing outside that directory is touched except the test users, which
+are real Unix accounts (``useradd``, idempotent) because jobs run as them.
+
+Nodes (see :data:`NODES`): two 8x H100 nodes, one 8x B200 node and one MIG node whose GPU 0
+holds 2x ``3g.40gb`` and GPU 1 holds 7x ``1g.10gb``. Partitions: ``gpu-fr`` (the H100 nodes
+and the MIG node, France) and ``gpu-de`` (the B200 node, Germany); they match
+``tests/support/sites/slurm-test.toml``.
+
+As a CLI (CI's ``.ci/run`` and people use it the same way)::
+
+    python -m tests.support.slurm_cluster up   --dir /tmp/sp-slurm   # start, wait for idle nodes
+    eval "$(python -m tests.support.slurm_cluster env --dir /tmp/sp-slurm)"  # SLURM_CONF=...
+    python -m tests.support.slurm_cluster down --dir /tmp/sp-slurm   # stop every daemon by PID
+
+As a pytest fixture: ``from tests.support.slurm_cluster import slurm_cluster`` in a conftest.
+With ``SOVEREIGN_SLURM_DIR`` set to the directory of a cluster that is already up (``up``
+above), the fixture uses it and leaves it running; otherwise it starts its own and stops it.
+Needs root (mknod, useradd, daemons as root), as the Slurm lab notes say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SITE_FILE = REPO / "tests" / "support" / "sites" / "slurm-test.toml"
+
+#: Real Unix accounts that jobs run as. Hub user names are the same.
+TEST_USERS = ("spalice", "spbob", "spcarol", "spdave")
+TEST_GROUP = "sptest"
+
+
+@dataclass(frozen=True)
+class Node:
+    """An emulated compute node: its GRES (type → count), CPUs and memory."""
+
+    name: str
+    gres: tuple[tuple[str, int], ...]
+    cpus: int = 32
+    memory_mb: int = 256_000
+    features: tuple[str, ...] = ()
+
+    @property
+    def gpu_count(self) -> int:
+        return sum(n for _, n in self.gres)
+
+
+NODES: tuple[Node, ...] = (
+    Node("h100-a", (("h100", 8),), features=("h100", "fr")),
+    Node("h100-b", (("h100", 8),), features=("h100", "fr")),
+    Node("b200-a", (("b200", 8),), features=("b200", "de")),
+    Node("mig-a", (("h100_3g.40gb", 2), ("h100_1g.10gb", 7)), features=("h100", "mig", "fr")),
+)
+
+#: Slurm partition → (nodes, MaxTime in minutes). Limits match the site file.
+PARTITIONS: dict[str, tuple[tuple[str, ...], int]] = {
+    "gpu-fr": (("h100-a", "h100-b", "mig-a"), 480),
+    "gpu-de": (("b200-a",), 240),
+}
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be started, or a client call failed."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def ensure_users(users: Sequence[str] = TEST_USERS, group: str = TEST_GROUP) -> dict[str, int]:
+    """Create the test users (home under /home, shell bash) if missing; return name → uid."""
+    if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
+        subprocess.run(["groupadd", group], check=True, capture_output=True)
+    out: dict[str, int] = {}
+    for u in users:
+        if subprocess.run(["getent", "passwd", u], capture_output=True).returncode != 0:
+            r = subprocess.run(
+                ["useradd", "-m", "-s", "/bin/bash", "-g", group, u],
+                capture_output=True,
+                text=True,
+            )
+            # Two processes may race to create the same user: accept "already exists" (9).
+            if r.returncode not in (0, 9):
+                raise ClusterError(f"useradd {u} failed ({r.returncode}): {r.stderr.strip()}")
+        out[u] = pwd.getpwnam(u).pw_uid
+    return out
+
+
+def check_traversable(path: Path, user: str) -> None:
+    """Fail loudly if ``user`` cannot reach ``path`` (every parent needs o+x): see LAB.md."""
+    r = subprocess.run(["runuser", "-u", user, "--", "test", "-r", str(path)], capture_output=True)
+    if r.returncode != 0:
+        namei = subprocess.run(["namei", "-l", str(path)], capture_output=True, text=True).stdout
+        raise ClusterError(
+            f"user {user} cannot read {path}: jobs run as test users, so every parent directory "
+            f"needs o+x (run scripts/install.sh, which chmods the checkout).\n{namei}"
+        )
+
+
+@dataclass
+class SlurmCluster:
+    """One cluster rooted at ``base``. ``up()`` writes config, starts daemons, waits for idle."""
+
+    base: Path
+    nodes: tuple[Node, ...] = NODES
+    partitions: dict[str, tuple[tuple[str, ...], int]] = field(
+        default_factory=lambda: dict(PARTITIONS)
+    )
+    users: tuple[str, ...] = TEST_USERS
+    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
+
+    # -- paths -------------------------------------------------------------------------
+    @property
+    def conf(self) -> Path:
+        return self.base / "etc" / "slurm.conf"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.base / "munge" / "munge.socket.2"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.base / "log"
+
+    @property
+    def spool_root(self) -> Path:
+        return self.base / "spool"
+
+    def spool(self, node: str) -> Path:
+        return self.spool_root / node
+
+    @property
+    def hostname(self) -> str:
+        return socket.gethostname().split(".")[0]
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment Slurm clients need (``SLURM_CONF``), over ``base`` or os.environ."""
+        env = dict(os.environ if base is None else base)
+        env["SLURM_CONF"] = str(self.conf)
+        return env
+
+    # -- configuration -----------------------------------------------------------------
+    def _write_config(self) -> None:
+        b = self.base
+        for d in ("etc", "state", "spool", "log", "run", "dev", "munge", "munge-key"):
+            (b / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(b, 0o755)  # noqa: S103 - test users' jobs traverse it
+        for d in ("etc", "spool", "dev", "munge"):
+            os.chmod(b / d, 0o755)  # noqa: S103 - users' clients read slurm.conf, munge socket
+        os.chmod(b / "munge-key", 0o700)
+        os.chmod(b / "log", 0o700)
+        os.chmod(b / "state", 0o700)
+        # Fake GPUs: gres.conf needs File= in 22.05 (Count= alone drains the node).
+        most = max(n.gpu_count for n in self.nodes)
+        for i in range(most):
+            dev = b / "dev" / f"nvidia{i}"
+            if not dev.exists():
+                os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(195, i))
+        ctl_port = _free_port()
+        lines = [
+            "# Generated by tests/support/slurm_cluster.py: a one-host test cluster.",
+            "ClusterName=sovereign-test",
+            f"SlurmctldHost={self.hostname}(127.0.0.1)",
+            f"SlurmctldPort={ctl_port}",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_socket}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"StateSaveLocation={b / 'state'}",
+            f"SlurmdSpoolDir={b / 'spool' / '%n'}",
+            f"SlurmctldPidFile={b / 'run' / 'slurmctld.pid'}",
+            f"SlurmdPidFile={b / 'run' / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={b / 'log' / 'slurmctld.log'}",
+            f"SlurmdLogFile={b / 'log' / 'slurmd-%n.log'}",
+            "SlurmctldDebug=info",
+            "SlurmdDebug=info",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "GresTypes=gpu",
+            "SlurmdParameters=config_overrides",
+            "SchedulerType=sched/backfill",
+            "SchedulerParameters=batch_sched_delay=0",
+            "ReturnToService=2",
+            "MpiDefault=none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "JobCompType=jobcomp/none",
+            "SlurmctldTimeout=30",
+            "SlurmdTimeout=300",
+            "InactiveLimit=0",
+            "KillWait=2",
+            "MinJobAge=120",
+            "MessageTimeout=10",
+        ]
+        for n in self.nodes:
+            gres = ",".join(f"gpu:{t}:{c}" for t, c in n.gres)
+            feats = f" Feature={','.join(n.features)}" if n.features else ""
+            lines.append(
+                f"NodeName={n.name} NodeAddr=127.0.0.1 NodeHostname={self.hostname} "
+                f"Port={_free_port()} CPUs={n.cpus} RealMemory={n.memory_mb} Gres={gres}"
+                f"{feats} State=UNKNOWN"
+            )
+        for i, (pname, (pnodes, max_min)) in enumerate(self.partitions.items()):
+            default = " Default=YES" if i == 0 else ""
+            lines.append(
+                f"PartitionName={pname} Nodes={','.join(pnodes)} MaxTime={max_min}"
+                f" DefaultTime=60 State=UP{default}"
+            )
+        self.conf.write_text("\n".join(lines) + "\n")
+        gres_lines = []
+        for n in self.nodes:
+            first = 0
+            for t, c in n.gres:
+                files = f"{b / 'dev'}/nvidia[{first}-{first + c - 1}]"
+                gres_lines.append(f"NodeName={n.name} Name=gpu Type={t} File={files}")
+                first += c
+        (b / "etc" / "gres.conf").write_text("\n".join(gres_lines) + "\n")
+        (b / "etc" / "cgroup.conf").write_text("# cgroups are not used (task/none)\n")
+        for f in ("slurm.conf", "gres.conf", "cgroup.conf"):
+            os.chmod(b / "etc" / f, 0o644)
+        key = b / "munge-key" / "munge.key"
+        if not key.exists():
+            key.write_bytes(secrets.token_bytes(1024))
+        os.chmod(key, 0o400)
+
+    # -- processes ---------------------------------------------------------------------
+    def _pidfile(self, name: str) -> Path:
+        return self.base / "run" / f"{name}.owned-pid"
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.stdout", "ab")  # noqa: SIM115 - child keeps it
+        env = self.env()
+        env.pop("SLURM_JOB_ID", None)
+        p = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        self._procs[name] = p
+        self._pidfile(name).write_text(str(p.pid))
+
+    def _owned_pids(self) -> dict[str, int]:
+        out = {}
+        for f in sorted((self.base / "run").glob("*.owned-pid")):
+            with contextlib.suppress(ValueError, OSError):
+                out[f.name.removesuffix(".owned-pid")] = int(f.read_text())
+        return out
+
+    def _wait(self, what: str, check: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            for name, p in self._procs.items():
+                if p.poll() is not None:
+                    raise ClusterError(f"{name} exited with {p.returncode}\n{self.logs(name)}")
+            time.sleep(0.05)
+        raise ClusterError(f"timed out waiting for {what}\n{self.logs()}")
+
+    def logs(self, only: str | None = None, tail: int = 30) -> str:
+        out = []
+        for f in sorted(self.log_dir.glob("*")):
+            if only and only not in f.name:
+                continue
+            text = f.read_text(errors="replace").splitlines()[-tail:]
+            out.append(f"--- {f.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def start_munge(self) -> None:
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={self.base / 'munge-key' / 'munge.key'}",
+                f"--pid-file={self.base / 'munge' / 'munged.pid'}",
+                f"--seed-file={self.base / 'munge-key' / 'munged.seed'}",
+                f"--log-file={self.log_dir / 'munged.log'}",
+            ],
+        )
+        self._wait("munged socket", self.munge_socket.exists, 10)
+
+    def start_controller(self, clear_state: bool = False, timeout: float = 30) -> None:
+        """Start slurmctld (``-c`` throws away saved jobs) and wait until it answers."""
+        argv = ["slurmctld", "-D", "-f", str(self.conf)]
+        if clear_state:
+            argv.append("-c")
+        self._spawn("slurmctld", argv)
+        self._wait("slurmctld to answer", self.controller_up, timeout)
+
+    def stop_controller(self) -> None:
+        """Stop slurmctld only (SIGTERM, then wait): jobs keep running on the slurmds."""
+        self._stop_one("slurmctld")
+
+    def controller_up(self) -> bool:
+        r = self.run(["scontrol", "ping"], check=False, timeout=5)
+        return r.returncode == 0 and "UP" in r.stdout
+
+    def start_nodes(self) -> None:
+        for n in self.nodes:
+            (self.spool(n.name)).mkdir(parents=True, exist_ok=True)
+            os.chmod(self.spool(n.name), 0o755)  # noqa: S103 - slurmstepd as the user
+            self._spawn(f"slurmd-{n.name}", ["slurmd", "-D", "-N", n.name, "-f", str(self.conf)])
+
+    def node_states(self) -> dict[str, str]:
+        r = self.run(["scontrol", "show", "nodes", "-o"], check=False, timeout=10)
+        out = {}
+        for line in r.stdout.splitlines():
+            fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+            if "NodeName" in fields:
+                out[fields["NodeName"]] = fields.get("State", "")
+        return out
+
+    def nodes_idle(self) -> bool:
+        states = self.node_states()
+        return len(states) == len(self.nodes) and all(
+            s.split("+")[0] in ("IDLE", "MIXED", "ALLOCATED") for s in states.values()
+        )
+
+    def up(self, timeout: float = 60) -> SlurmCluster:
+        """Write config, create users, start munged, slurmctld and the slurmds; wait idle."""
+        for tool in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"):
+            if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+                raise ClusterError(
+                    f"{tool} not found: run scripts/install.sh (Debian slurm, munge)"
+                )
+        os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+        if self.is_up():
+            raise ClusterError(f"a cluster is already running in {self.base}; run down first")
+        self.base.mkdir(parents=True, exist_ok=True)
+        ensure_users(self.users)
+        self._write_config()
+        try:
+            self.start_munge()
+            self.start_controller(clear_state=True, timeout=timeout)
+            self.start_nodes()
+            self._wait("nodes to be idle", self.nodes_idle, timeout)
+        except BaseException:
+            self.down()
+            raise
+        (self.base / "cluster.json").write_text(json.dumps(self.describe(), indent=2))
+        return self
+
+    def is_up(self) -> bool:
+        pids = self._owned_pids()
+        return bool(pids) and all(_pid_alive(p) for p in pids.values())
+
+    def _stop_one(self, name: str, timeout: float = 15) -> None:
+        pf = self._pidfile(name)
+        try:
+            pid = int(pf.read_text())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while _pid_alive(pid):
+                time.sleep(0.05)
+        if name in self._procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._procs.pop(name).wait(timeout=1)
+        pf.unlink(missing_ok=True)
+
+    def cancel_all_jobs(self) -> None:
+        if self.controller_up():
+            self.run(["scancel", "--full", "--quiet", *self._job_ids()], check=False)
+
+    def _job_ids(self) -> list[str]:
+        r = self.run(["squeue", "-h", "-o", "%i"], check=False, timeout=10)
+        return r.stdout.split()
+
+    def down(self) -> None:
+        """Cancel jobs, then stop every daemon this cluster started, by PID (slurmds first)."""
+        with contextlib.suppress(Exception):
+            ids = self._job_ids() if self._owned_pids().get("slurmctld") else []
+            if ids:
+                self.run(["scancel", *ids], check=False, timeout=10)
+                deadline = time.monotonic() + 10
+                while self._job_ids() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        names = list(self._owned_pids())
+        order = sorted(names, key=lambda n: (not n.startswith("slurmd-"), n == "munged"))
+        for name in order:
+            self._stop_one(name)
+        self._kill_leftover_steps()
+
+    def _kill_leftover_steps(self) -> None:
+        """slurmstepd processes whose spool is ours (jobs of a killed slurmd), by PID."""
+        spool = str(self.spool_root)
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                if not cmd or not cmd[0].endswith(b"slurmstepd"):
+                    continue
+                cwd = os.readlink(proc / "cwd")
+            except OSError:
+                continue
+            if cwd.startswith(spool):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc.name), signal.SIGKILL)
+
+    # -- clients -------------------------------------------------------------------------
+    def run(
+        self,
+        argv: Sequence[str],
+        user: str | None = None,
+        check: bool = True,
+        timeout: float = 30,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a Slurm client (as ``user`` through runuser), with SLURM_CONF set."""
+        cmd = list(argv)
+        if user is not None:
+            cmd = ["runuser", "-u", user, "--", *cmd]
+        r = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+            input=input,
+            cwd="/",
+        )
+        if check and r.returncode != 0:
+            raise ClusterError(
+                f"{' '.join(cmd)} exited {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+            )
+        return r
+
+    def jobs(self) -> list[dict[str, str]]:
+        """Every job Slurm knows (all states), as dicts: id, name, user, state, nodes, comment."""
+        fmt = "%i|%j|%u|%T|%N|%k"
+        r = self.run(["squeue", "-h", "-t", "all", "-o", fmt])
+        keys = ("id", "name", "user", "state", "nodes", "comment")
+        return [dict(zip(keys, line.split("|", 5), strict=True)) for line in r.stdout.splitlines()]
+
+    def wait_job_state(self, job_id: str, states: Sequence[str], timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            r = self.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], check=False)
+            state = r.stdout.strip()
+            if state in states:
+                return state
+            time.sleep(0.1)
+        raise ClusterError(f"job {job_id} is {state or 'gone'}, not one of {list(states)}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "base": str(self.base),
+            "slurm_conf": str(self.conf),
+            "site_file": str(SITE_FILE),
+            "users": list(self.users),
+            "nodes": {n.name: dict(n.gres) for n in self.nodes},
+            "partitions": {p: list(ns) for p, (ns, _) in self.partitions.items()},
+        }
+
+
+# -- pytest ------------------------------------------------------------------------------
+def _fixture() -> Any:
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def slurm_cluster() -> Iterator[SlurmCluster]:
+        """A running cluster for the whole session (reused from SOVEREIGN_SLURM_DIR if up)."""
+        given = os.environ.get("SOVEREIGN_SLURM_DIR")
+        if given:
+            cluster = SlurmCluster(Path(given))
+            if not cluster.is_up():
+                raise ClusterError(f"SOVEREIGN_SLURM_DIR={given} but no cluster is up there")
+            ensure_users(cluster.users)
+            os.environ["SLURM_CONF"] = str(cluster.conf)
+            yield cluster
+            return
+        base = Path(tempfile.mkdtemp(prefix="sp-slurm-", dir="/tmp"))
+        cluster = SlurmCluster(base).up()
+        old = os.environ.get("SLURM_CONF")
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+        try:
+            yield cluster
+        finally:
+            cluster.down()
+            if old is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = old
+            shutil.rmtree(base, ignore_errors=True)
+
+    return slurm_cluster
+
+
+with contextlib.suppress(ImportError):  # the CLI works without pytest
+    slurm_cluster = _fixture()
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.support.slurm_cluster",
+        description="Start or stop a local Slurm test cluster with fake GPUs.",
+    )
+    ap.add_argument("action", choices=["up", "down", "env", "status"])
+    ap.add_argument("--dir", required=True, type=Path, help="the cluster's own directory")
+    a = ap.parse_args(argv)
+    cluster = SlurmCluster(a.dir.resolve())
+    if a.action == "up":
+        t0 = time.monotonic()
+        cluster.up()
+        print(f"slurm test cluster up in {time.monotonic() - t0:.1f}s: SLURM_CONF={cluster.conf}")
+        for name, state in cluster.node_states().items():
+            print(f"  {name}: {state}")
+    elif a.action == "down":
+        cluster.down()
+        print(f"slurm test cluster in {a.dir} stopped")
+    elif a.action == "env":
+        print(f"export SLURM_CONF={cluster.conf}")
+        print(f"export SOVEREIGN_SLURM_DIR={cluster.base}")
+    else:
+        up = cluster.is_up()
+        print(json.dumps({"up": up, **cluster.describe()}, indent=2))
+        return 0 if up else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
