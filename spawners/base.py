@@ -1,0 +1,143 @@
+"""What every portal spawner shares: the site, the options form and request validation.
+
+A backend spawner mixes :class:`PortalSpawnerMixin` into a JupyterHub ``Spawner`` and
+sets ``backend``. User options, from the form or straight from the REST API, become a
+:class:`~.request.Resolved` request before anything starts; bad input is HTTP 400.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tornado import web
+from traitlets import Dict, List, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from .form import parse_form, render_form
+from .policy import allowed_partitions
+from .request import RequestError, Resolved, parse_request, resolve
+from .site import Partition, Site, load_site
+from .sizes import Size
+
+_SITES: dict[tuple[str, float], Site] = {}
+
+
+def cached_site(path: str | None) -> Site:
+    """Load a site file once per process (reloaded when the file changes)."""
+    key = (path or "", os.stat(path).st_mtime if path else 0.0)
+    if key not in _SITES:
+        _SITES[key] = load_site(path)
+    return _SITES[key]
+
+
+class PortalSpawnerMixin(LoggingConfigurable):
+    """Site, options form and validated requests for a portal backend."""
+
+    #: The site-file backend this spawner runs: "local" or "slurm".
+    backend: ClassVar[str] = ""
+
+    site_file = Unicode(
+        "",
+        config=True,
+        help="""Path of the site file (TOML) that declares partitions, node types, MIG layouts,
+        jurisdictions, prices and carbon intensity. Empty uses the embedded example site:
+        one local box with 8 × H100.""",
+    )
+    residency = Dict(
+        key_trait=Unicode(),
+        value_trait=List(Unicode()),
+        config=True,
+        help="""Residency rules: a group (project or course) mapped to the ISO country codes
+        its work may run in, e.g. {"proj-health": ["FR"]}. A member of several restricted
+        groups may only use countries allowed by all of them.""",
+    )
+    allowed_images = List(
+        Unicode(),
+        config=True,
+        help="Image names a user may choose in the form; empty hides the image choice.",
+    )
+
+    resolved: Resolved | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.endswith("Mixin") and cls.backend not in ("local", "slurm"):
+            raise TypeError(f"{cls.__name__} must set backend = 'local' or 'slurm'")
+
+    # -- the site, filtered for this user -------------------------------------------------
+    @property
+    def site(self) -> Site:
+        return cached_site(str(Path(self.site_file).resolve()) if self.site_file else None)
+
+    def user_groups(self) -> list[str]:
+        user = getattr(self, "user", None)
+        return sorted(g.name for g in getattr(user, "groups", []) or [])
+
+    def partitions(self) -> list[Partition]:
+        return allowed_partitions(self.site, self.user_groups(), self.residency, self.backend)
+
+    def free_devices(self, partition: Partition, size: Size) -> int | None:
+        """How many of ``size`` are free now; ``None`` when the backend cannot tell."""
+        return None
+
+    # -- the form -------------------------------------------------------------------------
+    @default("options_form")
+    def _default_options_form(self) -> Any:
+        def form(spawner: Any) -> str:
+            parts = spawner.partitions()
+            if not parts:
+                return (
+                    "<p>No partition of this site is open to you. Ask your course instructor "
+                    "or the operators to add you to a project.</p>"
+                )
+            return render_form(parts, spawner.free_devices, spawner.allowed_images)
+
+        return form
+
+    def options_from_form(self, formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+        try:
+            return parse_form(formdata)
+        except RequestError as e:
+            raise web.HTTPError(400, str(e)) from None
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Any:
+        return lambda spawner, options: spawner.validate_request(options)
+
+    # -- validation -------------------------------------------------------------------------
+    def validate_request(self, options: Any) -> Resolved:
+        """Turn user options into a Resolved request, or raise HTTP 400 saying what is allowed."""
+        try:
+            req = parse_request(dict(options) if isinstance(options, dict) else options)
+            parts = self.partitions()
+            if not parts:
+                raise RequestError("no partition of this site is open to you")
+            names = [p.name for p in parts]
+            if req.partition is not None and req.partition not in names:
+                raise RequestError(
+                    f"partition {req.partition!r} is not open to you; you may use: "
+                    + ", ".join(names)
+                )
+            if req.kind != "notebook":
+                raise RequestError("a server is a notebook: kind must be 'notebook'")
+            if req.image is not None and req.image not in self.allowed_images:
+                allowed = ", ".join(self.allowed_images) or "none"
+                raise RequestError(f"image {req.image!r} is not offered; allowed: {allowed}")
+            resolved = resolve(self.site, req, default_partition=names[0])
+        except RequestError as e:
+            raise web.HTTPError(400, str(e)) from None
+        self.resolved = resolved
+        return resolved
+
+    def portal_env(self, resolved: Resolved) -> dict[str, str]:
+        """Non-secret environment that tells the server where it runs."""
+        p = resolved.partition
+        return {
+            "SOVEREIGN_PORTAL_PARTITION": p.name,
+            "SOVEREIGN_PORTAL_SIZE": resolved.size.id,
+            "SOVEREIGN_PORTAL_COUNTRY": p.jurisdiction.country,
+            "SOVEREIGN_PORTAL_WALLTIME_MINUTES": str(resolved.walltime_minutes),
+        }

@@ -1,0 +1,96 @@
+"""The spawn options form, built from the catalog, and its parser. Pure functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from html import escape
+from typing import Any
+
+from .request import RequestError, request_from_size_id
+from .site import Partition
+from .sizes import Size, partition_sizes
+
+FORM_FIELDS = ("size", "walltime_minutes", "image")
+
+
+def render_form(
+    partitions: Sequence[Partition],
+    free: Callable[[Partition, Size], int | None] | None = None,
+    images: Sequence[str] = (),
+    notebook_only: bool = True,
+) -> str:
+    """HTML for JupyterHub's spawn page: one choice per size this user may run.
+
+    ``free`` returns how many of a size are free right now (``None`` when unknown); a size
+    with none free is shown but disabled, so the user sees what exists.
+    """
+    rows: list[str] = []
+    first = True
+    for p in partitions:
+        j = p.jurisdiction
+        head = f"{p.name} — {j.country}, {j.operator}"
+        rows.append(f'<optgroup label="{escape(head)}">')
+        for s in partition_sizes(p):
+            if notebook_only and s.nodes > 1:
+                continue  # a notebook server runs on one node
+            n = free(p, s) if free else None
+            price = p.price(s.accelerator, s.slice) * (s.total_gpus or 1)
+            text = f"{s.label} · €{price:.2f}/h"
+            if n is not None:
+                text += f" · {n} free"
+            disabled = " disabled" if n == 0 else ""
+            selected = " selected" if first and not disabled else ""
+            first = first and bool(disabled)
+            value = escape(f"{p.name}/{s.id}")
+            rows.append(f'<option value="{value}"{disabled}{selected}>{escape(text)}</option>')
+        rows.append("</optgroup>")
+    wall_max = max((p.max_walltime_minutes for p in partitions), default=60)
+    wall_default = min((p.default_walltime_minutes for p in partitions), default=60)
+    parts = [
+        '<div class="form-group">',
+        '<label for="sp-size">Size</label>',
+        '<select class="form-control" id="sp-size" name="size" required>',
+        *rows,
+        "</select>",
+        "</div>",
+        '<div class="form-group">',
+        '<label for="sp-walltime">Walltime (minutes)</label>',
+        f'<input class="form-control" id="sp-walltime" name="walltime_minutes" type="number" '
+        f'min="1" max="{wall_max}" value="{wall_default}" required>',
+        "</div>",
+    ]
+    if images:
+        opts = "".join(f'<option value="{escape(i)}">{escape(i)}</option>' for i in images)
+        parts += [
+            '<div class="form-group"><label for="sp-image">Image</label>',
+            f'<select class="form-control" id="sp-image" name="image">{opts}</select></div>',
+        ]
+    return "\n".join(parts)
+
+
+def parse_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """Turn the posted form into request fields; the Request model validates them next."""
+    unknown = sorted(set(formdata) - set(FORM_FIELDS) - {"_xsrf"})
+    if unknown:
+        raise RequestError(f"unknown form field(s): {', '.join(unknown)}")
+
+    def one(key: str) -> str | None:
+        values = formdata.get(key) or []
+        if len(values) > 1:
+            raise RequestError(f"{key} was given {len(values)} times")
+        return values[0].strip() if values else None
+
+    size = one("size")
+    if not size or "/" not in size:
+        raise RequestError("choose a size")
+    partition, _, size_id = size.partition("/")
+    out = request_from_size_id(size_id, partition=partition)
+    wall = one("walltime_minutes")
+    if wall:
+        if not wall.isdigit() or len(wall) > 6:
+            raise RequestError(f"walltime must be a whole number of minutes, got {wall[:20]!r}")
+        out["walltime_minutes"] = int(wall)
+    image = one("image")
+    if image:
+        out["image"] = image
+    return out

@@ -1,0 +1,145 @@
+"""Device inventory and exclusive allocation for the local backend.
+
+Devices come from NVML (``nvidia-ml-py``) where a GPU is present, else from the node type
+declared in the site file, so the portal runs on a machine without a GPU. Each device is
+one ``CUDA_VISIBLE_DEVICES`` token: a GPU index, or a MIG instance's UUID.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .site import NodeType
+from .sizes import Size
+
+_MIG_NAME = re.compile(r"(\d+g\.\d+gb(?:\+me)?)")
+_MODEL = {"H100": "h100", "H200": "h200", "B200": "b200"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """One schedulable device: a whole GPU or one MIG instance."""
+
+    id: str  # the CUDA_VISIBLE_DEVICES token
+    gpu: int  # physical GPU index
+    accelerator: str
+    slice: str | None = None  # MIG profile, None for a whole GPU
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "gpu": self.gpu,
+            "accelerator": self.accelerator,
+            "slice": self.slice,
+        }
+
+
+def declared_devices(nt: NodeType, host: str = "local") -> list[Device]:
+    """Devices of one declared node: whole GPUs by index, MIG instances by a stable UUID."""
+    out = [Device(str(g), g, nt.accelerator) for g in nt.whole_gpus]
+    for layout in nt.mig:
+        for g in layout.gpus:
+            for i, prof in enumerate(layout.profiles):
+                ns = uuid.uuid5(uuid.NAMESPACE_URL, f"sovereign-portal:{host}:{nt.name}:{g}:{i}")
+                out.append(Device(f"MIG-{ns}", g, nt.accelerator, prof))
+    return out
+
+
+def nvml_devices() -> list[Device] | None:
+    """Real devices through NVML, or ``None`` when no NVIDIA driver is present."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        return list(_walk_nvml(pynvml))
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(v: str | bytes) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _walk_nvml(nv: Any) -> Iterable[Device]:
+    for i in range(nv.nvmlDeviceGetCount()):
+        h = nv.nvmlDeviceGetHandleByIndex(i)
+        name = _text(nv.nvmlDeviceGetName(h))
+        acc = next((v for k, v in _MODEL.items() if k in name), "h100")
+        try:
+            mig_on = nv.nvmlDeviceGetMigMode(h)[0] == nv.NVML_DEVICE_MIG_ENABLE
+        except nv.NVMLError:
+            mig_on = False
+        if not mig_on:
+            yield Device(str(i), i, acc)
+            continue
+        for j in range(nv.nvmlDeviceGetMaxMigDeviceCount(h)):
+            try:
+                m = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
+            except nv.NVMLError:
+                continue
+            match = _MIG_NAME.search(_text(nv.nvmlDeviceGetName(m)))
+            yield Device(_text(nv.nvmlDeviceGetUUID(m)), i, acc, match.group(1) if match else None)
+
+
+class AllocationError(RuntimeError):
+    """No free devices for a size right now."""
+
+
+class Allocator:
+    """Hands out devices exclusively: two owners never share one."""
+
+    def __init__(self, devices: Iterable[Device]) -> None:
+        self.devices = list(devices)
+        self._owner: dict[str, str] = {}
+
+    def _fits(self, d: Device, size: Size) -> bool:
+        return d.accelerator == size.accelerator and d.slice == size.slice
+
+    def free(self, size: Size) -> int:
+        return sum(1 for d in self.devices if self._fits(d, size) and d.id not in self._owner)
+
+    def allocate(self, owner: str, size: Size) -> list[Device]:
+        if any(o == owner for o in self._owner.values()):
+            raise AllocationError(f"{owner} already holds devices")
+        want = size.devices_per_node
+        free = [d for d in self.devices if self._fits(d, size) and d.id not in self._owner]
+        if len(free) < want:
+            raise AllocationError(
+                f"{size.label}: {len(free)} of {want} device(s) free on this box right now; "
+                "try a smaller size or wait for a running server to stop"
+            )
+        got = free[:want]
+        for d in got:
+            self._owner[d.id] = owner
+        return got
+
+    def claim(self, owner: str, ids: Iterable[str]) -> list[Device]:
+        """Re-adopt devices recorded in a server's state (after a hub restart)."""
+        by_id = {d.id: d for d in self.devices}
+        ids = list(ids)
+        for i in ids:
+            if i not in by_id:
+                raise AllocationError(f"device {i} is not in this box's inventory")
+            if self._owner.get(i, owner) != owner:
+                raise AllocationError(f"device {i} is already held by {self._owner[i]}")
+        for i in ids:
+            self._owner[i] = owner
+        return [by_id[i] for i in ids]
+
+    def release(self, owner: str) -> list[str]:
+        gone = [i for i, o in self._owner.items() if o == owner]
+        for i in gone:
+            del self._owner[i]
+        return gone
+
+    def held_by(self, owner: str) -> list[str]:
+        return [i for i, o in self._owner.items() if o == owner]

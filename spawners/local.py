@@ -1,0 +1,213 @@
+"""LocalGPUSpawner: single-user servers as local processes on one GPU box.
+
+The embedded default backend. Each server gets devices of its own from the box's
+inventory (NVML where a GPU is present, else the site file's declaration), sees exactly
+those through ``CUDA_VISIBLE_DEVICES``, and gives them back when it stops or dies. After
+a hub restart, running servers are re-adopted with their devices.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jupyterhub.spawner import LocalProcessSpawner
+from tornado import web
+from traitlets import Bool, Enum, List, Unicode
+
+from .base import PortalSpawnerMixin
+from .inventory import AllocationError, Allocator, Device, declared_devices, nvml_devices
+from .site import Partition
+from .sizes import Size
+
+#: Server arguments that stop JupyterLab from phoning home: news, update checks and the
+#: PyPI-backed extension manager.
+SOVEREIGN_LAB_ARGS = (
+    "--LabApp.news_url=None",
+    "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    "--LabApp.extension_manager=readonly",
+)
+
+_ALLOCATORS: dict[tuple[str, str], Allocator] = {}
+
+
+class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
+    """Run each user's server as a local process with its own GPUs or MIG slices."""
+
+    backend = "local"
+
+    inventory_source = Enum(
+        ["auto", "nvml", "declared"],
+        "auto",
+        config=True,
+        help="""Where the box's devices come from. "nvml" reads real GPUs and MIG instances
+        through NVML; "declared" uses the local partition's node type in the site file (for
+        machines without a GPU, and tests); "auto" uses NVML when a driver answers, else the
+        declaration.""",
+    )
+    switch_user = Bool(
+        False,
+        config=True,
+        help="""Run each server as the user's own Unix account (like LocalProcessSpawner).
+        False runs every server as the hub's account with its own home directory under
+        home_dir_template: fine for a single-lab box and the demo, not for mutually
+        untrusting users.""",
+    )
+    home_dir_template = Unicode(
+        "/var/lib/sovereign-portal/home/{username}",
+        config=True,
+        help="Home directory of each user's server when switch_user is False; {username} "
+        "is replaced by the (escaped) JupyterHub user name.",
+    )
+    sovereign_args = List(
+        Unicode(),
+        list(SOVEREIGN_LAB_ARGS),
+        config=True,
+        help="""Server arguments that keep JupyterLab from making requests outside the
+        deployment (news, update checks, the PyPI extension manager). Appended to every
+        server's command line.""",
+    )
+
+    devices: list[Device] = []
+
+    # -- inventory ----------------------------------------------------------------------
+    def _local_partition(self) -> Partition:
+        parts = [p for p in self.site.partitions if p.backend == "local"]
+        if not parts:
+            raise web.HTTPError(500, "the site file declares no local partition")
+        return parts[0]
+
+    @property
+    def allocator(self) -> Allocator:
+        part = self._local_partition()
+        key = (self.site_file, part.name)
+        if key not in _ALLOCATORS:
+            devices = None if self.inventory_source == "declared" else nvml_devices()
+            if devices is None:
+                if self.inventory_source == "nvml":
+                    raise web.HTTPError(500, "inventory_source is 'nvml' but NVML found no GPU")
+                devices = declared_devices(part.nodes[0])
+                self.log.info("Local GPU inventory: %d declared devices", len(devices))
+            else:
+                self.log.info("Local GPU inventory: %d devices from NVML", len(devices))
+            _ALLOCATORS[key] = Allocator(devices)
+        return _ALLOCATORS[key]
+
+    @property
+    def owner(self) -> str:
+        return f"{self.user.name}/{self.name}" if self.name else self.user.name
+
+    def free_devices(self, partition: Partition, size: Size) -> int | None:
+        return self.allocator.free(size) // size.devices_per_node
+
+    # -- state: re-adoption after a hub restart -----------------------------------------
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        ids = state.get("devices") or []
+        if ids and self.pid:
+            try:
+                self.devices = self.allocator.claim(self.owner, ids)
+            except AllocationError as e:
+                self.log.error("Cannot re-adopt devices of %s: %s", self.owner, e)
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.devices:
+            state["devices"] = [d.id for d in self.devices]
+        return state
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self._release()
+
+    def _release(self) -> None:
+        gone = self.allocator.release(self.owner)
+        if gone:
+            self.log.info("Released %s for %s", ",".join(gone), self.owner)
+        self.devices = []
+
+    # -- process environment ------------------------------------------------------------
+    def make_preexec_fn(self, name: str) -> Any:
+        if self.switch_user:
+            return super().make_preexec_fn(name)
+        home = self._home()
+
+        def preexec() -> None:
+            os.makedirs(home, 0o700, exist_ok=True)
+            os.chdir(home)
+
+        return preexec
+
+    def _home(self) -> str:
+        return self.home_dir_template.format(username=self.user.escaped_name)
+
+    def user_env(self, env: dict[str, str]) -> dict[str, str]:
+        if self.switch_user:
+            return super().user_env(env)
+        env["USER"] = self.user.name
+        env["HOME"] = self._home()
+        env["SHELL"] = "/bin/bash"
+        return env
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        ids = ",".join(d.id for d in self.devices)
+        env["CUDA_VISIBLE_DEVICES"] = ids
+        env["NVIDIA_VISIBLE_DEVICES"] = ids
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        if self.resolved is not None:
+            env.update(self.portal_env(self.resolved))
+        return env
+
+    def get_args(self) -> list[str]:
+        args: list[str] = super().get_args()
+        if os.getuid() == 0 and not self.switch_user and "--allow-root" not in args:
+            args.append("--allow-root")
+        return args + list(self.sovereign_args)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> Any:
+        resolved = self.validate_request(self.user_options or {})
+        if resolved.partition.backend != "local":
+            raise web.HTTPError(400, f"partition {resolved.partition.name!r} is not local")
+        self._release()
+        try:
+            self.devices = self.allocator.allocate(self.owner, resolved.size)
+        except AllocationError as e:
+            raise web.HTTPError(409, str(e)) from None
+        self.log.info(
+            "Starting %s on %s with devices %s",
+            self.owner,
+            resolved.size.id,
+            ",".join(d.id for d in self.devices),
+        )
+        try:
+            return await super().start()
+        except BaseException:
+            self._release()
+            raise
+
+    async def poll(self) -> int | None:
+        status: int | None = await super().poll()
+        if status is not None and self.devices:
+            self.log.warning("Server of %s has died (status %s)", self.owner, status)
+            self._release()
+        return status
+
+    async def stop(self, now: bool = False) -> None:
+        try:
+            await super().stop(now=now)
+        finally:
+            self._release()
+
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+        if self.resolved is not None:
+            yield {
+                "progress": 30,
+                "message": f"Allocated {self.resolved.size.label} on "
+                f"{self.resolved.partition.name} "
+                f"({self.resolved.partition.jurisdiction.country}): "
+                f"devices {','.join(d.id[:12] for d in self.devices)}",
+            }
+        yield {"progress": 60, "message": "Starting JupyterLab…"}

@@ -1,0 +1,1 @@
+"""Shared test helpers: real services (hub, proxy, IdP, Slurm) started and stopped by PID."""
