@@ -40,7 +40,9 @@ class Request(BaseModel):
     kind: Literal["notebook", "dask", "torch"] = "notebook"
     partition: Word | None = None
     accelerator: Literal["h100", "h200", "b200"] | None = None
-    slice: Word | None = Field(None, description="a MIG profile such as '3g.40gb'")
+    slice: Annotated[str, Field(pattern=r"^[1-7]g\.[0-9]{1,3}gb(\+me)?$")] | None = Field(
+        None, description="a MIG profile such as '3g.40gb'"
+    )
     gpus: Annotated[int, Field(ge=1, le=GPUS_PER_HGX_NODE)] | None = Field(
         None, description="whole GPUs per node: 1, 2, 4 or 8"
     )

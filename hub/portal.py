@@ -1,0 +1,73 @@
+"""The portal's JupyterHub configuration, as one function an operator's config can call.
+
+``jupyterhub_config.py``::
+
+    from sovereign_portal.hub.portal import configure
+    configure(c, state_dir="/srv/portal", site_file="/etc/sovereign-portal/site.toml")
+
+It sets the sovereign defaults (loopback binds, SQLite in the state directory, a 0600
+cookie secret, no outside requests from JupyterLab) and the local backend; an operator's
+own settings after the call win.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sovereign_portal")
+
+DEV_LOGIN_BANNER = (
+    "DEVELOPMENT LOGIN — any user name, no password check. "
+    "Not for production: run `sovereign-portal up` without --dev-login to sign in "
+    "through the institutional IdP."
+)
+
+
+def configure(
+    c: Any,
+    state_dir: str,
+    site_file: str = "",
+    ip: str = "127.0.0.1",
+    port: int = 8000,
+    hub_port: int = 8081,
+    proxy_api_port: int = 8001,
+    auth: str = "idp",
+    idp: dict[str, Any] | None = None,
+) -> None:
+    state = Path(state_dir)
+    c.JupyterHub.ip = ip
+    c.JupyterHub.port = port
+    c.JupyterHub.hub_ip = "127.0.0.1"
+    c.JupyterHub.hub_port = hub_port
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy_api_port}"
+    c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
+    c.JupyterHub.db_url = f"sqlite:///{state / 'jupyterhub.sqlite'}"
+    c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")
+    c.JupyterHub.pid_file = str(state / "jupyterhub.pid")
+    c.JupyterHub.cleanup_servers = True
+    c.JupyterHub.spawner_class = "local-gpu"
+    c.LocalGPUSpawner.site_file = site_file
+    c.LocalGPUSpawner.home_dir_template = str(state / "home" / "{username}")
+    c.LocalGPUSpawner.default_url = "/lab"
+    c.Spawner.start_timeout = 120
+
+    if auth == "dev":
+        c.JupyterHub.authenticator_class = "dummy"
+        c.Authenticator.allow_all = True
+        c.JupyterHub.template_vars = {"announcement_login": DEV_LOGIN_BANNER}
+        log.warning(DEV_LOGIN_BANNER)
+    elif auth == "idp":
+        if not idp:
+            raise ValueError("auth='idp' needs the IdP's issuer, client id and secret file")
+        c.JupyterHub.authenticator_class = "institutional"
+        a = c.InstitutionalAuthenticator
+        a.oidc_issuer = idp["issuer"]
+        a.client_id = idp["client_id"]
+        a.client_secret_file = idp["client_secret_file"]
+        a.oauth_callback_url = f"http://{ip}:{port}/hub/oauth_callback"
+        a.allowed_organisations = set(idp.get("allowed_organisations", ["uni-a.example"]))
+        a.support_contact = "gpu-support@uni-a.example"
+    else:
+        raise ValueError(f"auth must be 'idp' or 'dev', got {auth!r}")
