@@ -173,7 +173,7 @@ def test_site_file_errors_name_the_file(tmp_path: Path) -> None:
     ):
         load_site(f)
     f.write_text("name = \n")
-    with pytest.raises(SiteError, match="bad.toml: not valid TOML"):
+    with pytest.raises(SiteError, match=r"bad\.toml: not valid TOML"):
         load_site(f)
     with pytest.raises(SiteError, match="site file not found"):
         load_site(tmp_path / "missing.toml")
