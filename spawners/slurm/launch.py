@@ -1,0 +1,88 @@
+"""Runs inside a server's Slurm job: take the token, pick a port, report it, exec the server.
+
+1. Read the hub API token from the one-time 0600 file the hub wrote for this job, then
+   delete it. The token lives only in the server process's own environment from then on:
+   never in the job script, the sbatch argv, Slurm's job environment, or the spool.
+2. Bind a free port on the node, release it, and report it by setting the job's own
+   comment to ``sovereign-portal:<tag>:port=<n>`` (``scontrol update``; the job's owner may
+   change its own job's comment). The hub reads it in its single batched ``squeue`` and takes
+   the host from Slurm's node address, so the job can tell the hub one port and nothing else.
+3. ``exec`` ``jupyterhub-singleuser`` with ``--ip`` and ``--port``.
+
+Usage (rendered by :mod:`.jobscript`)::
+
+    python -m sovereign_portal.spawners.slurm.launch --token-file F --tag T --ip IP -- CMD...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from .jobscript import COMMENT_PREFIX
+
+
+def take_token(path: str) -> str:
+    """Read and delete the token file; refuse one that others could have read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise SystemExit(f"launch: {path} must be owned by you and mode 0600")
+        token = os.read(fd, 4096).decode().strip()
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    if not token:
+        raise SystemExit(f"launch: {path} is empty")
+    return token
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+def report_port(job_id: str, tag: str, port: int) -> None:
+    comment = f"Comment={COMMENT_PREFIX}{tag}:port={port}"
+    for attempt in range(30):
+        r = subprocess.run(
+            ["scontrol", "update", f"JobId={job_id}", comment], capture_output=True, text=True
+        )
+        if r.returncode == 0:
+            return
+        time.sleep(min(0.2 * (attempt + 1), 2.0))
+    raise SystemExit(f"launch: cannot report the port to Slurm: {r.stderr.strip()}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="sovereign-portal-launch")
+    ap.add_argument("--token-file", required=True)
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--ip", default="0.0.0.0")  # noqa: S104
+    ap.add_argument("cmd", nargs=argparse.REMAINDER)
+    a = ap.parse_args(argv)
+    cmd = [c for c in a.cmd if c != "--"] if a.cmd[:1] == ["--"] else a.cmd
+    if not cmd:
+        raise SystemExit("launch: no server command given")
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    if not job_id.isdigit():
+        raise SystemExit("launch: not inside a Slurm job (SLURM_JOB_ID is not set)")
+    token = take_token(a.token_file)
+    os.environ["JUPYTERHUB_API_TOKEN"] = token
+    port = free_port(a.ip)
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+    os.environ["JUPYTERHUB_SERVICE_URL"] = f"http://{a.ip}:{port}{prefix}"
+    report_port(job_id, a.tag, port)
+    sys.stdout.flush()
+    os.execv(cmd[0], [*cmd, f"--ip={a.ip}", f"--port={port}"])  # noqa: S606 - argv, no shell
+
+
+if __name__ == "__main__":
+    main()

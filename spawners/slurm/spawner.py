@@ -1,0 +1,525 @@
+"""SlurmGPUSpawner: each notebook server is a Slurm job sized by the user's request.
+
+Lifecycle, in short (docs/explanation/security.md has the why):
+
+- ``start``: validate the request (HTTP 400 on bad input, before anything runs), write the
+  API token to a one-time 0600 file owned by the user, render the job script from validated
+  fields only, submit it *as the user* (``runuser -u U -- sbatch``, argv list, script on
+  stdin, a clean environment), then follow the job through the shared poller: queued (with
+  Slurm's reason and start estimate), starting on node N, and the port the job reported in
+  its own comment. The host is Slurm's address of the node, never what the job says.
+- ``poll``: answers from the shared poller's last *authoritative* answer; a failing or
+  silent ``squeue`` keeps the server running (unknown is not stopped).
+- ``stop``: ``scancel`` as the user, then wait until Slurm says the job is gone.
+- hub restart: ``load_state`` re-tracks the job id and tag; portal jobs whose tag is ours
+  but that no spawner tracks are cancelled after a grace period. Nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from jupyterhub.spawner import Spawner, SpawnException
+from tornado import web
+from traitlets import Dict, Float, List, Unicode
+
+from ..base import PortalSpawnerMixin
+from ..request import Resolved
+from .jobscript import JobSpec, comment_port, comment_tag, render_script, sbatch_argv, tag_is_ours
+from .jobscript import make_tag as _make_tag
+from .scheduler import (
+    FINAL_STATES,
+    GONE,
+    NEVER_REASONS,
+    JobInfo,
+    JobPoller,
+    SlurmError,
+    call,
+    shared_poller,
+    slurm_env,
+)
+
+#: Tags of every job a spawner in this process tracks (submitted or re-adopted).
+TRACKED_TAGS: set[str] = set()
+_NODE_ADDR: dict[str, str] = {}
+_SWEEP: dict[str, asyncio.Task[None]] = {}
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _user_error(
+    message: str, reason: str, log_message: str = "", status: int = 500
+) -> web.HTTPError:
+    """An error whose message is safe and useful on the spawn page; the log gets detail."""
+    return SpawnException(
+        message, reason=reason, log_message=log_message or message, status_code=status
+    )
+
+
+class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
+    """Run each user's server as a Slurm job on a GPU partition, as the user's Unix account."""
+
+    backend = "slurm"
+
+    submit_prefix = List(
+        Unicode(),
+        ["runuser", "-u", "{unix_user}", "--"],
+        config=True,
+        help="""argv prefix that runs a Slurm client as the user's Unix account; {unix_user}
+        is replaced. The default needs a hub running as root. Use ["sudo", "-n", "-u",
+        "{unix_user}", "--"] with a sudoers rule for sbatch and scancel otherwise.""",
+    )
+    unix_user_template = Unicode(
+        "{username}",
+        config=True,
+        help="The Unix account of a hub user; {username} is the hub user name. The account "
+        "must exist on the hub host and on the compute nodes.",
+    )
+    python = Unicode(
+        sys.executable,
+        config=True,
+        help="""Python interpreter the job runs (with sovereign-portal and jupyterhub
+        installed); it must be reachable from the compute nodes and readable by users.""",
+    )
+    server_ip = Unicode(
+        "0.0.0.0",  # noqa: S104
+        config=True,
+        help="""Address the server binds on the compute node. The hub reaches it at Slurm's
+        NodeAddr of the node and the port the job reports.""",
+    )
+    token_dir_template = Unicode(
+        "{home}/.sovereign-portal/tokens",
+        config=True,
+        help="""Directory (owned by the user, mode 0700) where the hub writes each job's
+        one-time API token file (mode 0600); the job reads and deletes it. {home} is the
+        user's home directory. It must be on a file system the compute nodes share.""",
+    )
+    output_template = Unicode(
+        "{home}/.sovereign-portal/logs/slurm-%j.log",
+        config=True,
+        help="The job's stdout/stderr file (Slurm patterns such as %j allowed); {home} is "
+        "the user's home directory.",
+    )
+    scheduler_poll_interval = Float(
+        30.0,
+        config=True,
+        help="""Seconds between the shared squeue calls that cover every server's job. One
+        call per interval, whatever the number of servers.""",
+    )
+    scheduler_poll_jitter = Float(
+        0.1,
+        config=True,
+        help="Random spread (a fraction of the interval) added to each poll interval, so "
+        "hubs restarted together do not poll in step.",
+    )
+    scheduler_fast_interval = Float(
+        0.5,
+        config=True,
+        help="Poll interval while some job is being started or stopped (still one squeue "
+        "for all jobs).",
+    )
+    tag_key_file = Unicode(
+        "sovereign-portal-slurm.key",
+        config=True,
+        help="""File with the secret that signs job tags (created, mode 0600, if missing;
+        relative to the hub's working directory). Only jobs whose comment carries a tag
+        signed with it are ever treated as portal jobs, adopted or cancelled.""",
+    )
+    orphan_grace_seconds = Float(
+        120.0,
+        config=True,
+        help="""After the first job is tracked, wait this long (for the hub to re-adopt
+        its servers), then cancel portal jobs that no server tracks. 0 disables the sweep.""",
+    )
+    stop_wait_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds stop() waits for Slurm to report the cancelled job gone.",
+    )
+    extra_sbatch_args = List(
+        Unicode(),
+        config=True,
+        help="Operator sbatch options added to every server job, e.g. ['--mem=32G']. "
+        "Never taken from user input.",
+    )
+    job_environment = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="Extra non-secret environment of every server job (names and values are "
+        "checked; tokens are refused).",
+    )
+
+    job_id: str = ""
+    job_tag: str = ""
+    job_host: str = ""
+    stop_reason: str = ""
+    _events: list[dict[str, Any]]
+    _starting = False
+
+    # -- shared machinery ---------------------------------------------------------------------
+    @property
+    def poller(self) -> JobPoller:
+        return shared_poller(
+            self.scheduler_poll_interval, self.scheduler_poll_jitter, self.scheduler_fast_interval
+        )
+
+    @property
+    def unix_user(self) -> str:
+        return self.unix_user_template.format(username=self.user.name)
+
+    def _pw(self) -> pwd.struct_passwd:
+        try:
+            return pwd.getpwnam(self.unix_user)
+        except KeyError:
+            raise _user_error(
+                f"Your account has no Unix account {self.unix_user!r} on this cluster yet; "
+                "ask the operators to create it.",
+                reason="no_unix_account",
+                status=403,
+            ) from None
+
+    def _key(self) -> bytes:
+        p = Path(self.tag_key_file)
+        if not p.exists():
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return p.read_text().strip().encode()
+
+    def _as_user(self, argv: list[str]) -> list[str]:
+        return [a.format(unix_user=self.unix_user) for a in self.submit_prefix] + argv
+
+    def _event(self, progress: int, message: str) -> None:
+        if not hasattr(self, "_events"):
+            self._events = []
+        self._events.append({"progress": progress, "message": message})
+        self.log.info("Server %s: %s", self._log_name, message)
+
+    @property
+    def _log_name(self) -> str:
+        return f"{self.user.name}/{self.name}" if self.name else self.user.name
+
+    # -- state --------------------------------------------------------------------------------
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.job_id = str(state.get("job_id") or "")
+        self.job_tag = str(state.get("job_tag") or "")
+        self.job_host = str(state.get("job_host") or "")
+        if self.job_id:
+            TRACKED_TAGS.add(self.job_tag)
+            self.poller.track(self.job_id)
+            self._schedule_sweep()
+
+    def get_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().get_state()
+        if self.job_id:
+            state.update(job_id=self.job_id, job_tag=self.job_tag, job_host=self.job_host)
+        return state
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        if self.job_id:
+            self.poller.untrack(self.job_id)
+        TRACKED_TAGS.discard(self.job_tag)
+        self.job_id = self.job_tag = self.job_host = ""
+
+    # -- the job --------------------------------------------------------------------------------
+    def job_env(self) -> dict[str, str]:
+        """The job's environment: JupyterHub's, minus every secret, plus the portal's."""
+        env = {
+            k: v
+            for k, v in self.get_env().items()
+            if k not in ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN") and "TOKEN" not in k
+        }
+        pw = self._pw()
+        env.update(
+            HOME=pw.pw_dir,
+            USER=self.unix_user,
+            LOGNAME=self.unix_user,
+            SHELL=pw.pw_shell or "/bin/bash",
+            PATH=f"{Path(self.python).parent}:/usr/local/bin:/usr/bin:/bin",
+        )
+        if os.environ.get("SLURM_CONF"):
+            env["SLURM_CONF"] = os.environ["SLURM_CONF"]
+        env.update(self.job_environment)
+        return env
+
+    def job_spec(self, resolved: Resolved, tag: str, env: dict[str, str] | None = None) -> JobSpec:
+        pw = self._pw()
+        home = pw.pw_dir
+        token_dir = self.token_dir_template.format(home=home)
+        from ..local import SOVEREIGN_LAB_ARGS
+
+        args = [*self.get_args(), *SOVEREIGN_LAB_ARGS]
+        return JobSpec(
+            resolved=resolved,
+            unix_user=self.unix_user,
+            tag=tag,
+            home=home,
+            python=self.python,
+            token_file=f"{token_dir}/{tag}",
+            output=self.output_template.format(home=home),
+            server_args=args,
+            env={**self.job_env(), **self.portal_env(resolved)} if env is None else env,
+            ip=self.server_ip,
+            extra_sbatch=list(self.extra_sbatch_args),
+        )
+
+    def job_script(self, resolved: Resolved | None = None) -> str:
+        """The exact script ``start`` would submit for ``resolved`` (or the last request)."""
+        r = resolved or self.resolved
+        if r is None:
+            raise ValueError("no request: pass a Resolved request")
+        return render_script(self.job_spec(r, _make_tag(b"preview", "0" * 12)))
+
+    def _user_dir(self, d: Path) -> None:
+        """Create ``d`` owned by the user, mode 0700 (the hub runs as root)."""
+        pw = self._pw()
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = d.lstat()
+        if not d.is_dir() or d.is_symlink():
+            raise _user_error(f"{d} is not a directory", reason="bad_home")
+        if st.st_uid != pw.pw_uid:
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+        os.chmod(d, 0o700)
+
+    def _write_token(self, path: str) -> None:
+        """Write the API token to ``path``: 0600, owned by the user, in a 0700 directory."""
+        pw = self._pw()
+        d = Path(path).parent
+        self._user_dir(d.parent)
+        self._user_dir(d)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchown(fd, pw.pw_uid, pw.pw_gid)
+            os.write(fd, self.api_token.encode())
+        finally:
+            os.close(fd)
+
+    async def _available(self, resolved: Resolved) -> str:
+        part = resolved.partition.scheduler_partition
+        try:
+            out = await call(["sinfo", "-h", "-p", part, "-o", "%n %G"], env=slurm_env())
+        except (SlurmError, TimeoutError, OSError):
+            return f"Slurm partition {part!r} did not say what it has"
+        gres = sorted({g for line in out.splitlines() for g in line.split()[1:] if g != "(null)"})
+        return f"Slurm partition {part!r} has: {', '.join(gres) or 'no GPUs'}"
+
+    async def start(self) -> tuple[str, int]:
+        resolved = self.validate_request(self.user_options or {})
+        if resolved.partition.backend != "slurm":
+            raise web.HTTPError(400, f"partition {resolved.partition.name!r} is not a Slurm one")
+        self._events = []
+        self._starting = True
+        self.stop_reason = ""
+        try:
+            return await self._start(resolved)
+        finally:
+            self._starting = False
+
+    async def _start(self, resolved: Resolved) -> tuple[str, int]:
+        pw = self._pw()
+        tag = _make_tag(self._key(), secrets.token_hex(6))
+        spec = self.job_spec(resolved, tag)
+        script = render_script(spec)
+        TRACKED_TAGS.add(tag)
+        self._write_token(spec.token_file)
+        self._user_dir(Path(spec.output).parent)
+        self._event(
+            10,
+            f"Submitting {resolved.size.label} on {resolved.partition.name} "
+            f"({resolved.partition.jurisdiction.country}), {resolved.walltime_minutes} min",
+        )
+        try:
+            out = await call(
+                self._as_user(sbatch_argv(spec)),
+                env=slurm_env(),
+                input=script,
+                cwd=pw.pw_dir,
+            )
+        except SlurmError as e:
+            TRACKED_TAGS.discard(tag)
+            _unlink(spec.token_file)
+            self.log.error("sbatch for %s failed: %s", self._log_name, e)
+            if "configuration is not available" in e.stderr or "Invalid" in e.stderr:
+                have = await self._available(resolved)
+                raise _user_error(
+                    f"Slurm can never run {resolved.size.label} on {resolved.partition.name}. "
+                    f"{have}. Choose another size.",
+                    reason="unsatisfiable",
+                    log_message=str(e),
+                    status=400,
+                ) from None
+            raise _user_error(
+                f"Slurm refused the job: {e.stderr.strip()[:300]}", reason="sbatch_failed"
+            ) from None
+        self.job_id = out.strip().split(";")[0]
+        self.job_tag = tag
+        self.poller.track(self.job_id, hurry=True)
+        self._schedule_sweep()
+        self._event(20, f"Submitted as Slurm job {self.job_id}; waiting in the queue")
+        try:
+            host, port = await self._wait_running(resolved)
+        except BaseException:
+            await self._cancel()
+            _unlink(spec.token_file)
+            raise
+        finally:
+            self.poller.calm(self.job_id)
+        self.job_host = host
+        return host, port
+
+    async def _wait_running(self, resolved: Resolved) -> tuple[str, int]:
+        last = ""
+        node_seen = ""
+        while True:
+            await self.poller.wait_change(self.scheduler_fast_interval * 4)
+            info = self.poller.info(self.job_id)
+            if info is None:
+                continue
+            if not info.active:
+                why = FINAL_STATES.get(info.state, info.reason)
+                raise _user_error(
+                    f"Your Slurm job {self.job_id} ended before the server started: {why}. "
+                    f"Its log is in {self.output_template.format(home=self._pw().pw_dir)}.",
+                    reason="job_ended",
+                    log_message=f"job {self.job_id} state {info.state} reason {info.reason}",
+                )
+            if info.state == "PENDING":
+                if info.reason in NEVER_REASONS or info.reason.startswith("ReqNodeNotAvail"):
+                    have = await self._available(resolved)
+                    raise _user_error(
+                        f"Slurm can never run {resolved.size.label} on "
+                        f"{resolved.partition.name} ({info.reason}). {have}.",
+                        reason="unsatisfiable",
+                        status=400,
+                    )
+                msg = f"Queued in {resolved.partition.name}: {info.reason}"
+                if info.start_estimate:
+                    msg += f", expected to start at {info.start_estimate}"
+                if msg != last:
+                    self._event(30, msg)
+                    last = msg
+                continue
+            if info.nodes and info.nodes != node_seen:
+                node_seen = info.nodes
+                self._event(60, f"Starting on node {info.nodes}")
+            port = comment_port(info.comment, self.job_tag)
+            if port is not None and info.state == "RUNNING":
+                host = await self._node_addr(info.nodes.split(",")[0])
+                self._event(80, f"Server listening on {info.nodes}:{port}; connecting")
+                return host, port
+
+    async def _node_addr(self, node: str) -> str:
+        if node not in _NODE_ADDR:
+            out = await call(["sinfo", "-h", "-N", "-o", "%N %o"], env=slurm_env())
+            for line in out.splitlines():
+                name, _, addr = line.partition(" ")
+                _NODE_ADDR[name] = addr.strip() or name
+        return _NODE_ADDR.get(node, node)
+
+    # -- running ---------------------------------------------------------------------------------
+    async def poll(self) -> int | None:
+        if not self.job_id:
+            return 0
+        info = self.poller.info(self.job_id)
+        if info is None:
+            # Not known yet (a hub restart): one shared query, joined by every spawner.
+            await self.poller.refresh()
+            info = self.poller.info(self.job_id)
+        if info is None or info.active:
+            return None  # running, or unknown: never "stopped" without an answer
+        self._note_end(info)
+        return 1
+
+    def _note_end(self, info: JobInfo) -> None:
+        why = "the job no longer exists" if info is GONE else FINAL_STATES.get(info.state, "")
+        reason = f"Slurm job {self.job_id}: {info.state.lower()} ({why or info.reason})"
+        if reason != self.stop_reason:
+            self.stop_reason = reason
+            self.log.warning("Server %s stopped: %s", self._log_name, reason)
+
+    async def _cancel(self) -> None:
+        if not self.job_id:
+            return
+        try:
+            await call(self._as_user(["scancel", self.job_id]), env=slurm_env())
+        except SlurmError as e:
+            if "Invalid job id" not in e.stderr and "already completing" not in e.stderr:
+                self.log.warning("scancel %s failed: %s", self.job_id, e)
+
+    async def stop(self, now: bool = False) -> None:
+        if not self.job_id:
+            return
+        self.poller.track(self.job_id, hurry=True)
+        await self._cancel()
+        deadline = time.monotonic() + self.stop_wait_timeout
+        try:
+            while time.monotonic() < deadline:
+                info = self.poller.info(self.job_id)
+                if info is not None and not info.active:
+                    return
+                await self.poller.wait_change(self.scheduler_fast_interval * 4)
+            self.log.warning("Slurm job %s still listed after scancel", self.job_id)
+        finally:
+            self.poller.calm(self.job_id)
+
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+        sent = 0
+        while True:
+            events = getattr(self, "_events", [])
+            while sent < len(events):
+                yield events[sent]
+                sent += 1
+            if not self._starting and sent >= len(events):
+                break
+            await asyncio.sleep(0.2)
+
+    # -- untracked portal jobs ------------------------------------------------------------------
+    def _schedule_sweep(self) -> None:
+        if self.orphan_grace_seconds <= 0 or "sweep" in _SWEEP:
+            return
+        _SWEEP["sweep"] = asyncio.ensure_future(self._sweep_later())
+
+    async def _sweep_later(self) -> None:
+        await asyncio.sleep(self.orphan_grace_seconds)
+        try:
+            await self.sweep_orphans()
+        except Exception:
+            self.log.exception("Sweeping untracked portal jobs failed")
+
+    async def sweep_orphans(self) -> list[str]:
+        """Cancel active jobs tagged by this hub that no server tracks; return their ids."""
+        out = await call(
+            ["squeue", "-h", "--name=sovereign-portal", "-o", "%i|%u|%k"], env=slurm_env()
+        )
+        key = self._key()
+        cancelled = []
+        for line in out.splitlines():
+            job_id, user, comment = [*line.split("|", 2), "", ""][:3]
+            tag = comment_tag(comment)
+            if tag is None or not tag_is_ours(key, tag) or tag in TRACKED_TAGS:
+                continue
+            if job_id in self.poller.tracked:
+                continue
+            self.log.warning("Cancelling untracked portal job %s of %s (tag %s)", job_id, user, tag)
+            prefix = [a.format(unix_user=user) for a in self.submit_prefix]
+            try:
+                await call([*prefix, "scancel", job_id], env=slurm_env())
+                cancelled.append(job_id)
+            except SlurmError as e:
+                self.log.warning("scancel of untracked job %s failed: %s", job_id, e)
+        return cancelled
