@@ -2,15 +2,130 @@
 
 from __future__ import annotations
 
-from jupyter_server.extension.application import ExtensionApp
+import os
+from pathlib import Path
+from typing import Any
 
+from jupyter_server.extension.application import ExtensionApp
+from tornado.ioloop import PeriodicCallback
+from traitlets import Float, List, Unicode, default
+
+from .handlers import HANDLERS
+from .launchers import LaunchConfig
 from .placement import PlacementHandler
+from .sessions import HubService, SessionManager
 
 
 class PortalExtension(ExtensionApp):
-    """sovereign-portal inside the single-user server."""
+    """sovereign-portal inside the single-user server: compute sessions and placement."""
 
     name = "sovereign_portal"
 
+    hub_service_url = Unicode(
+        config=True,
+        help="""URL of the hub's portal service (ending in /services/<name>/). Default:
+        $SOVEREIGN_PORTAL_SERVICE_URL, which the hub sets for each server.""",
+    )
+    hub_api_token = Unicode(
+        config=True,
+        help="""Token used to call the portal service: this server's own API token. Default:
+        $JUPYTERHUB_API_TOKEN. It is sent only to the service, never logged or passed to jobs.""",
+    )
+    session_root = Unicode(
+        config=True,
+        help="""Directory for per-session files (TLS credentials, secrets, logs), one
+        subdirectory of mode 0700 per session. On Slurm it must be on a file system the
+        compute nodes share (the home directory by default).""",
+    )
+    job_env = List(
+        Unicode(),
+        ["PATH", "HOME", "LANG", "PYTHONPATH", "EGRESS_LOG"],
+        config=True,
+        help="""Names of environment variables passed to session jobs and processes (an
+        allow-list; everything else, including API tokens, stays behind). Names that look
+        like secrets (TOKEN, SECRET, PASSWORD, KEY) are refused.""",
+    )
+    dask_interface = Unicode(
+        "",
+        config=True,
+        help="""Network interface Dask schedulers and Slurm workers listen on (e.g. 'ib0').
+        Empty binds the scheduler to callback_host and lets workers choose.""",
+    )
+    callback_host = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="""Address of this server that session jobs connect back to (the Dask scheduler,
+        the torch controller). 127.0.0.1 suits the local box and an emulated cluster; on a
+        real cluster set the address of the notebook's node on the cluster network.""",
+    )
+    memory_per_worker = Unicode(
+        "4GiB", config=True, help="Memory limit of each Dask worker, e.g. '16GiB'."
+    )
+    poll_interval = Float(
+        2.0,
+        config=True,
+        help="""Seconds between polls of all sessions (one squeue call for every session's
+        jobs, kernel liveness, walltime).""",
+    )
+    start_timeout = Float(
+        600.0,
+        config=True,
+        help="Seconds a session may take from running jobs to all workers or ranks up.",
+    )
+    squeue = Unicode("squeue", config=True, help="squeue command (argv[0]).")
+    sbatch = Unicode("sbatch", config=True, help="sbatch command (argv[0]).")
+    scancel = Unicode("scancel", config=True, help="scancel command (argv[0]).")
+
+    @default("hub_service_url")
+    def _default_service_url(self) -> str:
+        return os.environ.get("SOVEREIGN_PORTAL_SERVICE_URL", "")
+
+    @default("hub_api_token")
+    def _default_token(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_TOKEN", "")
+
+    @default("session_root")
+    def _default_root(self) -> str:
+        return str(Path.home() / ".sovereign-portal" / "sessions")
+
+    manager: SessionManager
+
+    def initialize_settings(self) -> None:
+        root = Path(self.session_root)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cfg = LaunchConfig(
+            env_names=list(self.job_env),
+            interface=self.dask_interface or None,
+            host=self.callback_host,
+            memory_per_worker=self.memory_per_worker,
+            sbatch=self.sbatch,
+            scancel=self.scancel,
+        )
+        self.manager = SessionManager(
+            HubService(self.hub_service_url, self.hub_api_token),
+            root,
+            cfg,
+            squeue=self.squeue,
+            start_timeout=self.start_timeout,
+            kernel_alive=self._kernel_alive,
+        )
+        self.settings["sovereign_portal_sessions"] = self.manager
+        self._poller = PeriodicCallback(self._poll, self.poll_interval * 1000)
+        self._poller.start()
+
+    def _kernel_alive(self, kernel_id: str) -> bool:
+        return self.serverapp is None or kernel_id in self.serverapp.kernel_manager
+
+    async def _poll(self) -> None:
+        try:
+            await self.manager.poll()
+        except Exception:
+            self.log.exception("sovereign-portal: session poll failed")
+
     def initialize_handlers(self) -> None:
-        self.handlers.extend([(r"/sovereign-portal/api/placement", PlacementHandler)])
+        handlers: list[Any] = [(r"/sovereign-portal/api/placement", PlacementHandler)]
+        self.handlers.extend(handlers + list(HANDLERS))
+
+    async def stop_extension(self) -> None:
+        self._poller.stop()
+        await self.manager.stop_all()

@@ -1,0 +1,122 @@
+"""REST API of compute sessions, under ``/sovereign-portal/api/``.
+
+=======  ==============================  =================================================
+GET      catalog                         sizes, € rates and queue state open to this user
+GET      sessions                        this server's sessions
+POST     sessions                        ``{"request": {...}, "kernel_id": "..."}`` → 201
+GET      sessions/<id>                   one session: state, progress, handle information
+DELETE   sessions/<id>                   stop it and release every job → 200
+POST     sessions/<id>/scale             ``{"workers": n}`` (Dask; at most the grant)
+=======  ==============================  =================================================
+
+Every handler requires an authenticated, authorized user of this server. Errors are JSON
+``{"error": "<plain words>", "reason": "<label>"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+
+from .sessions import SessionError, SessionManager
+
+AUTH_RESOURCE = "sovereign_portal"
+
+
+class _Base(APIHandler):
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def manager(self) -> SessionManager:
+        manager: SessionManager = self.settings["sovereign_portal_sessions"]
+        return manager
+
+    def fail(self, e: SessionError) -> None:
+        self.set_status(e.status)
+        self.finish(json.dumps({"error": str(e), "reason": e.reason}))
+
+    def body(self) -> Any:
+        try:
+            return json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "the body must be JSON") from None
+
+
+class CatalogHandler(_Base):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        try:
+            self.finish(json.dumps(await self.manager.hub.catalog()))
+        except SessionError as e:
+            self.fail(e)
+
+
+class SessionsHandler(_Base):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.finish(json.dumps([s.to_json() for s in self.manager.sessions.values()]))
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        body = self.body()
+        if not isinstance(body, dict) or set(body) - {"request", "kernel_id"}:
+            self.fail(SessionError('send {"request": {...}, "kernel_id": "<optional>"}'))
+            return
+        try:
+            s = await self.manager.create(body.get("request"), body.get("kernel_id"))
+        except SessionError as e:
+            self.fail(e)
+            return
+        self.set_status(201)
+        self.finish(json.dumps(s.to_json()))
+
+
+class SessionHandler(_Base):
+    @web.authenticated
+    @authorized
+    async def get(self, sid: str) -> None:
+        try:
+            self.finish(json.dumps(self.manager.get(sid).to_json()))
+        except SessionError as e:
+            self.fail(e)
+
+    @web.authenticated
+    @authorized
+    async def delete(self, sid: str) -> None:
+        try:
+            s = await self.manager.stop(sid, "stopped", "stopped by the user")
+        except SessionError as e:
+            self.fail(e)
+            return
+        self.finish(json.dumps(s.to_json()))
+
+
+class ScaleHandler(_Base):
+    @web.authenticated
+    @authorized
+    async def post(self, sid: str) -> None:
+        body = self.body()
+        try:
+            if not isinstance(body, dict) or set(body) != {"workers"}:
+                raise SessionError('send {"workers": <number>}')
+            s = await self.manager.scale(sid, body["workers"])
+        except SessionError as e:
+            self.fail(e)
+            return
+        self.finish(json.dumps(s.to_json()))
+
+
+SID = r"([0-9a-f]{12})"
+HANDLERS = [
+    (r"/sovereign-portal/api/catalog", CatalogHandler),
+    (r"/sovereign-portal/api/sessions", SessionsHandler),
+    (rf"/sovereign-portal/api/sessions/{SID}", SessionHandler),
+    (rf"/sovereign-portal/api/sessions/{SID}/scale", ScaleHandler),
+]

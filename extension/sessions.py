@@ -1,0 +1,336 @@
+"""Compute sessions inside the single-user server: ask the hub for a Grant, launch, watch,
+release.
+
+A :class:`SessionManager` owns every session of this server. One poll loop serves them
+all: one ``squeue`` call for every Slurm job of every session (queue position, pending
+reason, running), walltime expiry, dead local processes, and sessions whose kernel has
+gone away. Stopping the server stops every session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tornado import httpclient
+
+from .launchers import LAUNCHERS, LaunchConfig, Launcher, run_argv, write_meta, write_secret
+
+ACTIVE = ("queued", "starting", "ready")
+log = logging.getLogger("sovereign_portal.sessions")
+
+
+class SessionError(Exception):
+    """A failure safe to show the user, with an HTTP status and a reason label."""
+
+    def __init__(self, message: str, status: int = 400, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+class HubService:
+    """Client of the hub's portal service, with this server's own token (never logged)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url if url.endswith("/") else url + "/"
+        self._token = token
+
+    async def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        if not self.url.strip("/"):
+            raise SessionError(
+                "the hub's portal service is not configured for this server "
+                "(SOVEREIGN_PORTAL_SERVICE_URL is empty): ask the operators",
+                503,
+                "no_service",
+            )
+        req = httpclient.HTTPRequest(
+            self.url + path,
+            method=method,
+            headers={"Authorization": f"token {self._token}", "Content-Type": "application/json"},
+            body=None if body is None else json.dumps(body),
+            allow_nonstandard_methods=True,
+            request_timeout=30,
+        )
+        try:
+            resp = await httpclient.AsyncHTTPClient().fetch(req, raise_error=False)
+        except OSError as e:
+            raise SessionError(
+                f"the hub's portal service cannot be reached: {e}", 502, "hub"
+            ) from e
+        data = json.loads(resp.body) if resp.body else None
+        return resp.code, data
+
+    async def catalog(self) -> dict[str, Any]:
+        code, data = await self._call("GET", "api/catalog")
+        if code != 200:
+            raise SessionError(_msg(data, code), code, "hub")
+        return dict(data)
+
+    async def grant(self, request: dict[str, Any]) -> dict[str, Any]:
+        code, data = await self._call("POST", "api/grants", request)
+        if code != 201:
+            reason = data.get("reason", "hub") if isinstance(data, dict) else "hub"
+            raise SessionError(_msg(data, code), code if code < 500 else 502, reason)
+        return dict(data)
+
+    async def release(self, grant_id: str) -> None:
+        await self._call("DELETE", f"api/grants/{grant_id}")
+
+
+def _msg(data: Any, code: int) -> str:
+    if isinstance(data, dict) and data.get("error"):
+        return str(data["error"])
+    return f"the hub's portal service answered HTTP {code}"
+
+
+@dataclass
+class Session:
+    id: str
+    kind: str
+    grant: dict[str, Any]
+    dir: Path
+    launcher: Launcher
+    kernel_id: str | None = None
+    state: str = "queued"
+    message: str = "submitted"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+    queue: dict[str, Any] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def ends_at(self) -> float:
+        return (self.started or self.created) + int(self.grant["walltime_minutes"]) * 60
+
+    def to_json(self) -> dict[str, Any]:
+        g = self.grant
+        up = self.launcher.up() if self.state in ACTIVE else 0
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "message": self.message,
+            "kernel_id": self.kernel_id,
+            "workers_up": up,
+            "workers_total": self.launcher.total,
+            "queue": self.queue,
+            "jobs": self.launcher.job_ids(),
+            "created": self.created,
+            "started": self.started,
+            "ended": self.ended,
+            "ends_at": self.ends_at,
+            "session_dir": str(self.dir),
+            "grant": {
+                k: g.get(k)
+                for k in (
+                    "id",
+                    "partition",
+                    "backend",
+                    "country",
+                    "size",
+                    "count",
+                    "jobs",
+                    "nodes_per_job",
+                    "workers",
+                    "walltime_minutes",
+                    "eur_per_hour",
+                    "cost",
+                    "scheduler_args",
+                    "devices",
+                )
+            },
+            **(self.launcher.info() if self.state in ACTIVE else {}),
+        }
+
+
+class SessionManager:
+    """All compute sessions of one server."""
+
+    def __init__(
+        self,
+        hub: HubService,
+        root: Path,
+        cfg: LaunchConfig,
+        *,
+        squeue: str = "squeue",
+        start_timeout: float = 600,
+        kernel_alive: Any = None,
+    ) -> None:
+        self.hub, self.root, self.cfg = hub, root, cfg
+        self.squeue = squeue
+        self.start_timeout = start_timeout
+        self.kernel_alive = kernel_alive  # callable(kernel_id) -> bool, or None
+        self.sessions: dict[str, Session] = {}
+        self._lock = asyncio.Lock()
+
+    # -- create / stop ----------------------------------------------------------------------
+    async def create(self, request: Any, kernel_id: str | None = None) -> Session:
+        if not isinstance(request, dict):
+            raise SessionError('\'request\' must be a JSON object such as {"kind": "dask"}')
+        if request.get("kind") not in ("dask", "torch"):
+            raise SessionError("a compute session's kind is 'dask' or 'torch'", 400, "kind")
+        if kernel_id is not None and not (isinstance(kernel_id, str) and 0 < len(kernel_id) <= 64):
+            raise SessionError("kernel_id must be a kernel's id")
+        grant = await self.hub.grant(request)
+        sid = secrets.token_hex(6)
+        sdir = self.root / sid
+        sdir.mkdir(mode=0o700, parents=True)
+        write_secret(sdir)
+        cls = LAUNCHERS[(grant["kind"], grant["backend"])]
+        s = Session(sid, grant["kind"], grant, sdir, cls(grant, sdir, self.cfg), kernel_id)
+        self.sessions[sid] = s
+        write_meta(sdir, {"id": sid, "grant": grant, "kernel_id": kernel_id})
+        s.task = asyncio.create_task(self._start(s))
+        log.info(
+            "Session %s: %s %s on %s", sid, grant["kind"], grant["size"]["id"], grant["partition"]
+        )
+        return s
+
+    async def _start(self, s: Session) -> None:
+        try:
+            s.message = "submitting"
+            await s.launcher.start()
+            s.state = "queued" if s.launcher.backend == "slurm" else "starting"
+            s.message = "waiting for the scheduler" if s.state == "queued" else "starting"
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("Session %s failed to start", s.id)
+            await self._end(s, "failed", f"could not start: {e}")
+
+    def get(self, sid: str) -> Session:
+        if sid not in self.sessions:
+            raise SessionError(f"no session {sid!r} on this server", 404, "not_found")
+        return self.sessions[sid]
+
+    async def stop(self, sid: str, state: str = "stopped", message: str = "stopped") -> Session:
+        s = self.get(sid)
+        await self._end(s, state, message)
+        return s
+
+    async def _end(self, s: Session, state: str, message: str) -> None:
+        if s.state in ("stopping", "stopped", "failed", "expired"):
+            return
+        prev, s.state, s.message = s.state, "stopping", "releasing jobs"
+        if s.task is not None and not s.task.done() and s.task is not asyncio.current_task():
+            s.task.cancel()
+        try:
+            await s.launcher.stop()
+        except Exception:
+            log.exception("Session %s: stop failed (was %s)", s.id, prev)
+        try:
+            await self.hub.release(str(s.grant["id"]))
+        except Exception as e:
+            log.warning("Session %s: could not release grant: %s", s.id, e)
+        s.state, s.message, s.ended = state, message, time.time()
+        shutil.rmtree(s.dir / "tls", ignore_errors=True)
+        log.info("Session %s %s: %s", s.id, state, message)
+
+    async def stop_all(self, message: str = "the server stopped") -> None:
+        await asyncio.gather(
+            *(self._end(s, "stopped", message) for s in list(self.sessions.values())),
+            return_exceptions=True,
+        )
+
+    async def scale(self, sid: str, workers: Any) -> Session:
+        s = self.get(sid)
+        if s.kind != "dask":
+            raise SessionError("only Dask sessions scale; a torch session has fixed ranks")
+        if s.state not in ACTIVE:
+            raise SessionError(f"session {sid} is {s.state}", 409, "state")
+        total = s.launcher.total
+        if not isinstance(workers, int) or isinstance(workers, bool) or not 0 <= workers <= total:
+            raise SessionError(f"workers must be a number from 0 to {total} (the grant)")
+        await s.launcher.scale(workers)  # type: ignore[attr-defined]
+        return s
+
+    # -- the one poll loop --------------------------------------------------------------------
+    async def poll(self) -> None:
+        async with self._lock:
+            active = [s for s in self.sessions.values() if s.state in ACTIVE]
+            if not active:
+                return
+            jobs = await self._squeue()
+            t = time.time()
+            for s in active:
+                await self._update(s, jobs, t)
+
+    async def _update(self, s: Session, jobs: dict[str, dict[str, Any]] | None, t: float) -> None:
+        if s.kernel_id and self.kernel_alive is not None and not self.kernel_alive(s.kernel_id):
+            await self._end(s, "stopped", "its kernel shut down")
+            return
+        wall = int(s.grant["walltime_minutes"])
+        if s.started and t >= s.ends_at:
+            await self._end(s, "expired", f"the walltime of {wall} min ended")
+            return
+        if s.task is not None and not s.task.done():
+            return  # still submitting
+        ids = s.launcher.job_ids()
+        if s.launcher.backend == "slurm" and ids and jobs is not None:
+            mine = [jobs[i] for i in ids if i in jobs]
+            if not mine:
+                end = f"its Slurm jobs ended (logs in {s.dir / 'logs'})"
+                if s.started and t >= s.ends_at - 90:
+                    await self._end(s, "expired", f"the walltime of {wall} min ended")
+                else:
+                    await self._end(s, "failed", end)
+                return
+            pending = [j for j in mine if j["state"] == "PENDING"]
+            if pending:
+                p = min(pending, key=lambda j: j["position"])
+                s.queue = {"position": p["position"], "reason": p["reason"]}
+                s.state = "queued"
+                s.message = (
+                    f"queued: {len(pending)} of {len(mine)} job(s) waiting "
+                    f"({p['reason']}, position {p['position']})"
+                )
+                return
+            s.queue = {}
+        if s.launcher.local_alive() is False:
+            await self._end(s, "failed", f"its processes exited (logs in {s.dir / 'logs'})")
+            return
+        if s.started is None:
+            s.started = t
+        up, total = s.launcher.up(), s.launcher.total
+        if up >= total:
+            s.state, s.message = "ready", f"{total} of {total} {_unit(s)} up"
+        else:
+            s.state, s.message = "starting", f"{up} of {total} {_unit(s)} up"
+            if t - (s.started or t) > self.start_timeout:
+                await self._end(s, "failed", f"only {up} of {total} {_unit(s)} came up in time")
+
+    async def _squeue(self) -> dict[str, dict[str, Any]] | None:
+        if not any(s.launcher.backend == "slurm" for s in self.sessions.values()):
+            return {}
+        argv = [self.squeue, "--noheader", "--states=PENDING,RUNNING,CONFIGURING"]
+        argv.append("--format=%i|%T|%r|%P|%Q")
+        try:
+            out = await run_argv(argv, limit_s=20)
+        except (RuntimeError, OSError, TimeoutError) as e:
+            log.warning("squeue failed (sessions keep their state): %s", e)
+            return None  # a transient scheduler error is not a dead job
+        rows = [line.split("|") for line in out.splitlines() if line.count("|") == 4]
+        pend: dict[str, list[tuple[int, int, str]]] = {}
+        jobs: dict[str, dict[str, Any]] = {}
+        for jid, state, reason, part, prio in rows:
+            jobs[jid] = {"state": state, "reason": reason, "partition": part, "position": 0}
+            if state == "PENDING":
+                base = jid.split("_")[0]
+                num = int(base) if base.isdigit() else 0
+                pend.setdefault(part, []).append((-int(prio or 0), num, jid))
+        for lst in pend.values():
+            for pos, (_, _, jid) in enumerate(sorted(lst), start=1):
+                jobs[jid]["position"] = pos
+        return jobs
+
+
+def _unit(s: Session) -> str:
+    return "workers" if s.kind == "dask" else "ranks"

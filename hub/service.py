@@ -1,0 +1,443 @@
+"""The portal service: catalog and admission for compute sessions, run by the hub.
+
+A small tornado app that JupyterHub starts as a managed service
+(``c.JupyterHub.services``, see :func:`service_config` and :func:`configure_hub`). The
+notebook extension calls it with the single-user server's own API token:
+
+``GET  {prefix}api/catalog``        the catalog filtered for the caller, with € rates and queue
+``POST {prefix}api/grants``         a Request (JSON object) → a Grant (201), 400 or 403
+``DELETE {prefix}api/grants/<id>``  give a grant's local devices back (204)
+
+Callers are identified through :class:`jupyterhub.services.auth.HubAuth` (the token must
+carry ``access:services!service=<name>``); their groups come from the hub API with the
+service's own token. Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from sovereign_portal.spawners.inventory import AllocationError, Allocator, declared_devices
+from sovereign_portal.spawners.request import RequestError
+from sovereign_portal.spawners.site import Site, load_site
+from sovereign_portal.spawners.sizes import Size
+from tornado import httpclient, web
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop, PeriodicCallback
+from traitlets import Dict, Float, Int, List, Unicode
+from traitlets.config import Application
+
+from .admission import (
+    DEFAULT_LIMITS,
+    ROLES,
+    AdmissionError,
+    Caller,
+    Grant,
+    admit,
+    catalog_for,
+    role_of,
+)
+
+SERVICE_NAME = "sovereign-portal"
+SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server"]
+
+#: A caller identity as the hub describes it: {"name", "groups", "admin"}.
+UserModel = dict[str, Any]
+Authenticate = Callable[[str], Awaitable[UserModel | None]]
+
+
+class PortalService(Application):
+    """Catalog and admission of compute sessions, as a JupyterHub service."""
+
+    name = "sovereign-portal-service"
+    description = "Admits compute-session requests and serves the catalog for each user."
+
+    site_file = Unicode(
+        "",
+        config=True,
+        help="""Site file (TOML) with partitions, prices and jurisdictions; the same file the
+        spawner uses. Empty uses the embedded example site (one local 8 × H100 box).""",
+    )
+    residency = Dict(
+        key_trait=Unicode(),
+        value_trait=List(Unicode()),
+        config=True,
+        help="""Residency rules: a group mapped to the ISO country codes its work may run in,
+        e.g. {"proj-health": ["FR"]}. Same meaning as the spawner's residency option.""",
+    )
+    role_groups = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="""Groups that confer a portal role, e.g. {"staff": "researcher"}. Empty maps
+        the groups named student, researcher, instructor and operator to those roles.
+        JupyterHub admins are operators.""",
+    )
+    default_role = Unicode(
+        "student",
+        config=True,
+        help="""Role of a user in no role group. The default, student, may only run small
+        Dask sessions; set "researcher" on a site where everyone is staff.""",
+    )
+    grant_ttl_seconds = Int(
+        300,
+        config=True,
+        help="How long a grant may wait before the extension starts its jobs, in seconds.",
+    )
+    squeue = Unicode(
+        "squeue",
+        config=True,
+        help="squeue command used for the queue state of Slurm partitions.",
+    )
+    queue_cache_seconds = Float(
+        5.0,
+        config=True,
+        help="""Seconds a queue-state answer is reused. One squeue call serves every user and
+        every partition in that window.""",
+    )
+    ip = Unicode("127.0.0.1", config=True, help="Address to listen on (default from the URL).")
+    port = Int(0, config=True, help="Port to listen on (default from $JUPYTERHUB_SERVICE_URL).")
+
+    aliases = {"site-file": "PortalService.site_file", "port": "PortalService.port"}
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._authenticate: Authenticate | None = None
+        self._allocators: dict[str, Allocator] = {}
+        self._leases: dict[str, tuple[str, float]] = {}  # grant id -> (partition, end time)
+        self._queue: tuple[float, dict[str, dict[str, int]]] = (0.0, {})
+
+    # -- site and identity ------------------------------------------------------------------
+    @property
+    def site(self) -> Site:
+        return load_site(self.site_file or None)
+
+    def set_authenticator(self, fn: Authenticate) -> None:
+        """Replace hub authentication (used by tests of the extension, which have no hub)."""
+        self._authenticate = fn
+
+    async def caller_for(self, token: str) -> Caller | None:
+        if not token:
+            return None
+        auth = self._authenticate or self._hub_authenticate
+        model = await auth(token)
+        if not model:
+            return None
+        groups = frozenset(model.get("groups") or [])
+        role = role_of(
+            groups, bool(model.get("admin")), self.role_groups or None, self.default_role
+        )
+        return Caller(name=model["name"], groups=groups, role=role)
+
+    async def _hub_authenticate(self, token: str) -> UserModel | None:
+        from jupyterhub.services.auth import HubAuth
+
+        hub_auth: HubAuth = getattr(self, "_hub_auth", None) or HubAuth()
+        self._hub_auth = hub_auth
+        model = await hub_auth.user_for_token(token, sync=False)
+        if not model or not hub_auth.check_scopes(hub_auth.access_scopes, model):
+            return None
+        if model.get("kind", "user") != "user":
+            return None
+        # groups and admin flag from the hub, with the service's own token
+        client = httpclient.AsyncHTTPClient()
+        resp = await client.fetch(
+            f"{hub_auth.api_url}/users/{quote(model['name'], safe='')}",
+            headers={"Authorization": f"token {hub_auth.api_token}"},
+            raise_error=False,
+        )
+        if resp.code != 200:
+            self.log.error(
+                "Cannot read groups of %s from the hub: HTTP %s", model["name"], resp.code
+            )
+            return {"name": model["name"], "groups": [], "admin": False}
+        full = json.loads(resp.body)
+        return {"name": full["name"], "groups": full.get("groups", []), "admin": full.get("admin")}
+
+    # -- local devices --------------------------------------------------------------------
+    def allocator(self, partition: str) -> Allocator:
+        if partition not in self._allocators:
+            part = self.site.partition(partition)
+            self._allocators[partition] = Allocator(declared_devices(part.nodes[0]))
+        return self._allocators[partition]
+
+    def lease_devices(self, grant: Grant) -> list[str]:
+        a = self.allocator(grant.partition)
+        size = Size(
+            grant.node_type,
+            str(grant.size["accelerator"]),
+            slice=grant.size["slice"],
+            gpus_per_node=int(grant.size["gpus_per_node"]),
+        )
+        try:
+            got = a.allocate(f"session:{grant.id}", size)
+        except AllocationError as e:
+            raise AdmissionError(str(e), reason="busy") from None
+        self._leases[grant.id] = (grant.partition, time.time() + grant.walltime_minutes * 60)
+        return [d.id for d in got]
+
+    def release(self, grant_id: str) -> list[str]:
+        part = self._leases.pop(grant_id, None)
+        if part is None:
+            return []
+        return self.allocator(part[0]).release(f"session:{grant_id}")
+
+    def expire_leases(self) -> None:
+        now = time.time()
+        for gid, (_, end) in list(self._leases.items()):
+            if end < now:
+                self.log.info("Walltime of grant %s is over: releasing its devices", gid)
+                self.release(gid)
+
+    # -- queue state --------------------------------------------------------------------
+    async def queue_state(self, site: Site) -> dict[str, dict[str, int]]:
+        """Pending and running jobs per Slurm partition; free sizes on local partitions."""
+        out: dict[str, dict[str, int]] = {}
+        for p in site.partitions:
+            if p.backend == "local":
+                a = self.allocator(p.name)
+                out[p.name] = {
+                    "free_devices": sum(1 for d in a.devices if not a._owner.get(d.id)),
+                    "devices": len(a.devices),
+                }
+        slurm = [p.scheduler_partition for p in site.partitions if p.backend == "slurm"]
+        if not slurm:
+            return out
+        when, cached = self._queue
+        if time.monotonic() - when > self.queue_cache_seconds:
+            cached = await self._squeue(slurm)
+            self._queue = (time.monotonic(), cached)
+        for p in site.partitions:
+            if p.backend == "slurm":
+                out[p.name] = cached.get(p.scheduler_partition, {"pending": 0, "running": 0})
+        return out
+
+    async def _squeue(self, partitions: list[str]) -> dict[str, dict[str, int]]:
+        argv = [
+            self.squeue,
+            "--noheader",
+            "--partition=" + ",".join(partitions),
+            "--states=PENDING,RUNNING",
+            "--format=%P %T",
+        ]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 10)
+        except (OSError, TimeoutError) as e:
+            self.log.warning("squeue failed: %s", e)
+            return {}
+        if proc.returncode:
+            self.log.warning("squeue exited %s: %s", proc.returncode, err.decode()[:500])
+            return {}
+        counts: dict[str, dict[str, int]] = {p: {"pending": 0, "running": 0} for p in partitions}
+        for line in out.decode().splitlines():
+            part, _, state = line.strip().partition(" ")
+            key = "pending" if state == "PENDING" else "running"
+            counts.setdefault(part, {"pending": 0, "running": 0})[key] += 1
+        return counts
+
+    # -- app ----------------------------------------------------------------------------
+    def make_app(self, prefix: str = "/") -> web.Application:
+        prefix = prefix if prefix.endswith("/") else prefix + "/"
+        return web.Application(
+            [
+                (prefix + "api/catalog", CatalogHandler),
+                (prefix + "api/grants", GrantsHandler),
+                (prefix + r"api/grants/([0-9a-f]{1,64})", GrantHandler),
+                (prefix.rstrip("/") or "/", HealthHandler),
+            ],
+            portal=self,
+        )
+
+    def start(self) -> None:
+        url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
+        port = self.port
+        if not port and url:
+            from urllib.parse import urlparse
+
+            port = urlparse(url).port or 80
+        if not port:
+            raise SystemExit("no port: set --port or run as a hub-managed service with a url")
+        server = HTTPServer(self.make_app(prefix))
+        server.listen(port, self.ip)
+        self.log.info("sovereign-portal service on %s:%s%s", self.ip, port, prefix)
+        PeriodicCallback(self.expire_leases, 30_000).start()
+        IOLoop.current().start()
+
+
+class _Base(web.RequestHandler):
+    caller: Caller | None = None
+
+    @property
+    def portal(self) -> PortalService:
+        portal: PortalService = self.settings["portal"]
+        return portal
+
+    async def prepare(self) -> None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() not in ("token", "bearer") or not token.strip():
+            raise web.HTTPError(401, "send the server's API token: Authorization: token <...>")
+        self.caller = await self.portal.caller_for(token.strip())
+        if self.caller is None:
+            raise web.HTTPError(403, "this token is not allowed to use the portal service")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = getattr(exc, "log_message", None) or self._reason
+        reason = getattr(exc, "reason", None) or "http"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": message, "reason": reason, "status": status_code}))
+
+    def fail(self, status: int, e: RequestError) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": str(e), "reason": e.reason, "status": status}))
+
+
+class HealthHandler(web.RequestHandler):
+    def get(self) -> None:
+        self.finish({"service": SERVICE_NAME, "ok": True})
+
+
+class CatalogHandler(_Base):
+    async def get(self) -> None:
+        assert self.caller is not None
+        p = self.portal
+        site = p.site
+        cat = catalog_for(site, self.caller, residency=p.residency)
+        queue = await p.queue_state(site)
+        for part in cat["partitions"]:
+            part["queue"] = queue.get(part["name"], {})
+        self.finish(cat)
+
+
+class GrantsHandler(_Base):
+    async def post(self) -> None:
+        assert self.caller is not None
+        try:
+            raw = json.loads(self.request.body or b"null")
+        except ValueError:
+            self.fail(400, RequestError("the body must be a JSON object (a request)"))
+            return
+        p = self.portal
+        try:
+            grant = admit(
+                p.site, raw, self.caller, residency=p.residency, ttl_seconds=p.grant_ttl_seconds
+            )
+            if grant.backend == "local":
+                from dataclasses import replace
+
+                grant = replace(grant, devices=p.lease_devices(grant))
+        except AdmissionError as e:
+            p.log.info("Refused %s for %s: %s", e.reason, self.caller.name, e)
+            self.fail(409 if e.reason == "busy" else 403, e)
+            return
+        except RequestError as e:
+            self.fail(400, e)
+            return
+        p.log.info(
+            "Granted %s %s to %s on %s (%s)",
+            grant.kind,
+            grant.size["id"],
+            self.caller.name,
+            grant.partition,
+            grant.id,
+        )
+        self.set_status(201)
+        self.finish(grant.to_json())
+
+
+class GrantHandler(_Base):
+    async def delete(self, grant_id: str) -> None:
+        gone = self.portal.release(grant_id)
+        if gone:
+            self.portal.log.info("Released %s of grant %s", ",".join(gone), grant_id)
+        self.set_status(204)
+        self.finish()
+
+
+# -- configuration helpers for jupyterhub_config.py ----------------------------------------
+def service_config(
+    site_path: str | os.PathLike[str] | None = None,
+    *,
+    port: int = 10101,
+    ip: str = "127.0.0.1",
+    name: str = SERVICE_NAME,
+    default_role: str = "student",
+    residency: dict[str, list[str]] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``c.JupyterHub.services`` entry that runs the portal service under the hub."""
+    if default_role not in ROLES:
+        raise ValueError(f"default_role must be one of {', '.join(ROLES)}")
+    cmd = [sys.executable, "-m", "sovereign_portal.hub.service", f"--port={port}"]
+    cmd.append(f"--PortalService.ip={ip}")
+    cmd.append(f"--PortalService.default_role={default_role}")
+    if site_path:
+        cmd.append(f"--site-file={Path(site_path).resolve()}")
+    if residency:
+        cmd.append(f"--PortalService.residency={json.dumps(residency)}")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(extra_env or {})}
+    for key in ("PYTHONPATH", "EGRESS_LOG"):
+        if key in os.environ and key not in env:
+            env[key] = os.environ[key]
+    return {
+        "name": name,
+        "url": f"http://{ip}:{port}",
+        "command": cmd,
+        "environment": env,
+        "display": False,
+    }
+
+
+def service_role(name: str = SERVICE_NAME) -> dict[str, Any]:
+    """The ``load_roles`` entry for the service's own token: read users' names and groups."""
+    return {
+        "name": f"{name}-service",
+        "description": "sovereign-portal service: reads users' groups for admission",
+        "scopes": ["read:users:name", "read:users:groups", "read:users"],
+        "services": [name],
+    }
+
+
+def configure_hub(c: Any, site_path: str | None = None, **kw: Any) -> dict[str, Any]:
+    """Wire the service into a JupyterHub config object ``c``, in one call.
+
+    Adds the service, its role, the access scope on each server's token, and the
+    service URL to each server's environment. Returns the service entry.
+    """
+    svc = service_config(site_path, **kw)
+    name = svc["name"]
+    c.JupyterHub.services = [*list(c.JupyterHub.get("services", [])), svc]
+    c.JupyterHub.load_roles = [*list(c.JupyterHub.get("load_roles", [])), service_role(name)]
+    scopes = list(c.Spawner.get("server_token_scopes", SERVER_TOKEN_SCOPES))
+    scopes.append(f"access:services!service={name}")
+    c.Spawner.server_token_scopes = scopes
+    env = dict(c.Spawner.get("environment", {}))
+    env["SOVEREIGN_PORTAL_SERVICE_URL"] = f"{svc['url']}/services/{name}/"
+    c.Spawner.environment = env
+    return svc
+
+
+def main(argv: list[str] | None = None) -> None:
+    app = PortalService.instance()
+    app.initialize(argv)
+    app.start()
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["DEFAULT_LIMITS", "PortalService", "configure_hub", "service_config", "service_role"]
