@@ -165,7 +165,13 @@ def cell(text: str) -> str:
 
 def _sanitize(text: str) -> str:
     """Make machine-specific paths in rendered defaults stable across machines."""
-    for path, label in ((str(REPO), "<repo>"), (sys.prefix, "<prefix>"), (str(Path.home()), "~")):
+    replacements = (
+        (sys.executable, "<sys.executable>"),
+        (str(REPO), "<repo>"),
+        (sys.prefix, "<sys.prefix>"),
+        (str(Path.home()), "~"),
+    )
+    for path, label in replacements:
         if path and path != "/":
             text = text.replace(path, label)
     return text
@@ -202,10 +208,35 @@ def trait_default(cls: type[Configurable], name: str, trait: TraitType[Any, Any]
     if _is_dynamic_default(cls, name, trait):
         return "computed at start-up (see the help)"
     try:
-        rendered = trait.default_value_repr()
-    except Exception as e:  # a default that cannot be rendered is still documented
-        rendered = f"<{type(e).__name__}>"
+        value = trait.default()
+    except Exception:
+        try:
+            rendered = trait.default_value_repr()
+        except Exception as e:  # a default that cannot be rendered is still documented
+            rendered = f"<{type(e).__name__}>"
+    else:
+        rendered = stable_repr(value)
     return _sanitize(rendered)
+
+
+def stable_repr(value: Any) -> str:
+    """``repr`` that does not depend on hash randomisation: sets are sorted."""
+    if isinstance(value, set | frozenset):
+        if not value:
+            return f"{type(value).__name__}()"
+        items = sorted(stable_repr(v) for v in value)
+        body = "{" + ", ".join(items) + "}"
+        return body if isinstance(value, set) else f"frozenset({body})"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{stable_repr(k)}: {stable_repr(v)}" for k, v in value.items()) + "}"
+        )
+    if isinstance(value, list):
+        return "[" + ", ".join(stable_repr(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        inner = ", ".join(stable_repr(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return repr(value)
 
 
 def _overrides(cls: type[Configurable], name: str) -> str | None:
@@ -300,7 +331,7 @@ def _schema_type(prop: dict[str, Any]) -> str:
     if "const" in prop:
         return f"{prop['const']!r}"
     if "enum" in prop:
-        return " \\| ".join(repr(v) for v in prop["enum"])
+        return " | ".join(repr(v) for v in prop["enum"])
     for key in ("anyOf", "oneOf"):
         if key in prop:
             return " or ".join(_schema_type(p) for p in prop[key])
@@ -320,8 +351,8 @@ _CONSTRAINTS = (
     ("exclusiveMaximum", "< {}"),
     ("minLength", "length ≥ {}"),
     ("maxLength", "length ≤ {}"),
-    ("minItems", "at least {} items"),
-    ("maxItems", "at most {} items"),
+    ("minItems", "≥ {} items"),
+    ("maxItems", "≤ {} items"),
 )
 
 

@@ -335,3 +335,23 @@ def test_offsite_assets_are_found(tmp_path: Path) -> None:
     found = sorted((p.name, what) for p, what in hits)
     assert [name for name, _ in found] == ["a.css"] + ["bad.html"] * 5, found
     assert not any(p.name == "ok.html" for p, _ in hits)
+
+
+def test_generated_pages_do_not_depend_on_hash_seed(generated: Any) -> None:
+    """Set defaults, dict order and paths must render the same in every process."""
+    import json
+    import subprocess
+
+    script = (
+        "import json, runpy; g = runpy.run_path('docs/gen_config_reference.py');"
+        "print(json.dumps({str(k): v for k, v in g['generate']().pages.items()}))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    other = json.loads(out.stdout)
+    assert other == {str(k): v for k, v in generated.pages.items()}
+    assert gen.stable_repr({"b", "a"}) == "{'a', 'b'}"
+    assert gen.stable_repr({"k": frozenset({2, 1})}) == "{'k': frozenset({1, 2})}"
