@@ -80,9 +80,8 @@ def main() -> int:
             h.assert_no_egress()
     b, p = (statistics.median(results[k]) for k in ("baseline", "portal"))
     for k, v in results.items():
-        print(
-            f"{k:>9}: median {statistics.median(v):.2f} s  [{min(v):.2f}–{max(v):.2f}]  n={len(v)}"
-        )
+        med = statistics.median(v)
+        print(f"{k:>9}: median {med:.2f} s  [{min(v):.2f}–{max(v):.2f}]  n={len(v)}")
     print(f"ratio LocalGPUSpawner / SimpleLocalProcessSpawner (spawn → ready): {p / b:.2f}")
     return 0
 
