@@ -191,7 +191,8 @@ class LocalIdP:
         if not self.tamper_enabled:
             raise IdPError("start LocalIdP(tamper=True) to forge tokens")
         data = urllib.parse.urlencode({"mode": mode}).encode()
-        req = urllib.request.Request(f"{self.issuer}/__test__/tamper", data=data, method="POST")
+        url = f"{self.issuer}/__test__/tamper"
+        req = urllib.request.Request(url, data=data, method="POST")  # noqa: S310
         with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
             if resp.status != 204:
                 raise IdPError(f"tamper {mode}: HTTP {resp.status}")

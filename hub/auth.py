@@ -1,0 +1,542 @@
+"""InstitutionalAuthenticator: OIDC login against a university IdP or an eduGAIN proxy.
+
+Builds on oauthenticator's GenericOAuthenticator and adds what a federation login needs:
+
+- OIDC discovery (retried while the IdP starts) and a check of the issuer it announces;
+- PKCE, a per-login ``nonce``, single-use ``state`` and the RFC 9207 ``iss`` response check;
+- ID-token validation with PyJWT's ``PyJWKClient`` (JWKS with key rotation): signature, ``alg``
+  allow-list, ``iss``, ``aud``/``azp``, ``exp``/``iat`` with a small leeway, and ``nonce``; the
+  userinfo response must belong to the same ``sub``;
+- claims -> username, home organisation, role and groups (:mod:`.claims`), and role -> RBAC
+  (:mod:`.rbac`), re-evaluated at every login (``manage_groups`` and ``manage_roles``);
+- a 403 page that says why entry was refused and whom to contact, and log lines that carry the
+  reason but never a token or the whole userinfo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import jwt
+from oauthenticator.generic import GenericOAuthenticator
+from oauthenticator.oauth2 import (
+    OAuthCallbackHandler,
+    OAuthLoginHandler,
+    OAuthLogoutHandler,
+    _deserialize_state,
+    _serialize_state,
+)
+from tornado import web
+from traitlets import Bool, Dict, Float, Integer, List, Set, Unicode, default, validate
+
+from .claims import ROLES, ClaimPolicy, Denial, Identity, clip, map_claims
+from .rbac import roles_for
+
+ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+DEFAULT_SCOPES = [
+    "openid",
+    "profile",
+    "email",
+    "groups",
+    "eduperson_affiliation",
+    "eduperson_entitlement",
+    "schac_home_organization",
+]
+
+
+class LoginRefused(web.HTTPError):
+    """A 403 whose page text (``jupyterhub_message``) says why and whom to contact."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(403)  # no log_message: tornado would log the URL with the code
+        self.label = reason
+        self.jupyterhub_message = message
+
+
+class _OnceCache:
+    """Remembers values for ``ttl`` seconds; ``add`` is False for a value already seen."""
+
+    def __init__(self, ttl: float = 900.0, size: int = 20000) -> None:
+        self.ttl, self.size = ttl, size
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, value: str) -> bool:
+        now = time.monotonic()
+        while self._seen and (
+            len(self._seen) >= self.size or next(iter(self._seen.values())) < now - self.ttl
+        ):
+            self._seen.popitem(last=False)
+        if value in self._seen:
+            return False
+        self._seen[value] = now
+        return True
+
+
+class InstitutionalLoginHandler(OAuthLoginHandler):
+    """Discovers the IdP first, then redirects with PKCE, state and a fresh nonce."""
+
+    _oidc_nonce: str = ""
+
+    async def get(self) -> None:
+        await self.authenticator.discover_or_503()
+        super().get()
+
+    def set_state_cookie(self, state_cookie_value: str) -> None:
+        state = _deserialize_state(state_cookie_value)
+        self._oidc_nonce = secrets.token_urlsafe(32)
+        state["nonce"] = self._oidc_nonce
+        super().set_state_cookie(_serialize_state(state))
+
+    def authorize_redirect(self, *args: Any, extra_params: Any = None, **kwargs: Any) -> None:
+        params = dict(extra_params or {})
+        params["nonce"] = self._oidc_nonce
+        super().authorize_redirect(*args, extra_params=params, **kwargs)
+
+
+class InstitutionalCallbackHandler(OAuthCallbackHandler):
+    """The OAuth callback, with single-use state and the RFC 9207 issuer check."""
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # Tornado's default logs the full URL, with the authorization code: log the path only.
+        where = f"{self.request.method} {self.request.path}"
+        if isinstance(value, web.HTTPError):
+            if value.log_message:
+                msg = value.log_message % value.args if value.args else value.log_message
+                self.log.warning("%d %s: %s", value.status_code, where, clip(msg, 300))
+            return
+        self.log.error("Uncaught exception in %s", where, exc_info=(typ, value, tb))
+
+    def check_state(self) -> None:
+        super().check_state()
+        state_id = str(_deserialize_state(self.get_state_cookie()).get("state_id", ""))
+        if not self.authenticator.used_states.add(state_id):
+            self.log.warning("login refused: reason=replayed_state")
+            raise web.HTTPError(400, "OAuth state already used")
+        iss = self.get_argument("iss", None)
+        if iss is not None and iss != self.authenticator.oidc_issuer:
+            self.log.warning("login refused: reason=wrong_response_issuer")
+            raise web.HTTPError(400, "OAuth response from an unexpected issuer")
+
+
+class InstitutionalAuthenticator(GenericOAuthenticator):
+    """Log in through an institutional OpenID Connect provider with eduPerson claims."""
+
+    login_handler = InstitutionalLoginHandler
+    callback_handler = InstitutionalCallbackHandler
+    logout_handler = OAuthLogoutHandler
+
+    # --- the IdP ---------------------------------------------------------------------------
+    oidc_issuer = Unicode(
+        "",
+        config=True,
+        help="""The OIDC issuer URL of the institution's IdP or federation proxy, exactly as it
+        appears in the `iss` claim (for Keycloak: https://HOST/realms/REALM). The authenticator
+        reads `<issuer>/.well-known/openid-configuration` and takes the authorize, token,
+        userinfo and JWKS endpoints from it; the document must announce the same issuer.""",
+    )
+    discovery_timeout = Float(
+        60.0,
+        config=True,
+        help="""Seconds to keep retrying OIDC discovery (with backoff) while the IdP is starting.
+        A login attempted before discovery succeeds gets a 503 'try again' page.""",
+    )
+    client_secret_file = Unicode(
+        "",
+        config=True,
+        help="""Read the OAuth client secret from this file (mode 0600) instead of the config
+        or the environment. Keeps the secret out of config files, argv and process listings.""",
+    )
+    id_token_leeway = Integer(
+        30,
+        config=True,
+        help="""Seconds of clock skew tolerated when checking the ID token's `exp`, `iat` and
+        `nbf`. Keep it small: a larger value extends the life of stolen tokens.""",
+    )
+    id_token_max_age = Integer(
+        600,
+        config=True,
+        help="""Reject ID tokens whose `iat` is older than this many seconds (plus leeway), even
+        if `exp` is far away.""",
+    )
+    id_token_algorithms = List(
+        Unicode(),
+        default_value=["RS256", "PS256", "ES256", "EdDSA"],
+        config=True,
+        help="""Signature algorithms accepted for ID tokens. Only asymmetric algorithms are
+        allowed (`none` and HMAC algorithms are always refused), and only those the IdP
+        announces in `id_token_signing_alg_values_supported`.""",
+    )
+    jwks_cache_lifespan = Integer(
+        300,
+        config=True,
+        help="""Seconds to cache the IdP's JWKS. A token signed with an unknown key id triggers
+        an immediate refetch, so key rotation at the IdP needs no hub restart.""",
+    )
+
+    # --- claims -> identity ----------------------------------------------------------------
+    allowed_organisations = Set(
+        Unicode(),
+        config=True,
+        help="""Home organisations (schacHomeOrganization values or verified email domains,
+        lowercase, e.g. 'uni-a.example') whose members may log in. Empty means NOBODY can log
+        in, and the hub says so loudly at start.""",
+    ).tag(allow_config=True)
+    scope_username_with_organisation = Bool(
+        True,
+        config=True,
+        help="""Append '@<home organisation>' to usernames that have no '@', so that 'alice'
+        at two institutions become two hub users. Turn off only for a single-institution IdP.""",
+    )
+    home_organisation_claims = List(
+        Unicode(),
+        default_value=list(ClaimPolicy.home_organisation_claims),
+        config=True,
+        help="""Claims holding the home organisation, tried in order. If none is present, the
+        domain of the `email` claim is used, but only when `email_verified` is true.""",
+    )
+    affiliation_claims = List(
+        Unicode(),
+        default_value=list(ClaimPolicy.affiliation_claims),
+        config=True,
+        help="""Claims holding eduPersonAffiliation values. Scoped values ('student@uni-a.example')
+        count only when the scope is the user's home organisation.""",
+    )
+    entitlement_claims = List(
+        Unicode(),
+        default_value=list(ClaimPolicy.entitlement_claims),
+        config=True,
+        help="""Claims holding eduPersonEntitlement values. AARC-G002 entitlements
+        ('urn:geant:<org>:group:course:<id>[:role=instructor]#<authority>') map to course,
+        instructor and project groups; only those whose namespace is the home organisation or in
+        `trusted_entitlement_authorities` count.""",
+    )
+    groups_claims = List(
+        Unicode(),
+        default_value=list(ClaimPolicy.groups_claims),
+        config=True,
+        help="""Claims holding plain group names. Only 'course-<id>' (course membership) and
+        'project-<id>' values are used; others are ignored.""",
+    )
+    affiliation_roles = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="""Map eduPersonAffiliation values to portal roles (student, researcher,
+        instructor, operator). A user with no mapped affiliation is refused ('missing
+        affiliation'). Default: student->student, faculty/staff/employee->researcher.""",
+    )
+
+    @default("affiliation_roles")
+    def _affiliation_roles_default(self) -> dict[str, str]:
+        return dict(ClaimPolicy().affiliation_roles)
+
+    @validate("affiliation_roles")
+    def _check_affiliation_roles(self, proposal: Any) -> dict[str, str]:
+        bad = {k: v for k, v in proposal.value.items() if v not in ROLES}
+        if bad:
+            raise ValueError(f"affiliation_roles maps to unknown roles {bad}; use one of {ROLES}")
+        return dict(proposal.value)
+
+    instructor_entitlement_roles = Set(
+        Unicode(),
+        default_value=set(ClaimPolicy.instructor_entitlement_roles),
+        config=True,
+        help="""AARC-G002 `role=` values on a course entitlement that make the user an
+        instructor of that course.""",
+    )
+    operator_entitlement_groups = Set(
+        Unicode(),
+        default_value=set(ClaimPolicy.operator_entitlement_groups),
+        config=True,
+        help="""AARC-G002 group paths (in the home organisation's namespace) whose members are
+        portal operators (hub admins), e.g. 'portal:operators'.""",
+    )
+    operator_entitlements = Set(
+        Unicode(),
+        config=True,
+        help="""Exact eduPersonEntitlement values that make the user a portal operator.""",
+    )
+    required_entitlements = Set(
+        Unicode(),
+        config=True,
+        help="""If set, a user must hold at least one of these exact eduPersonEntitlement values
+        to log in; others are refused ('no entitlement').""",
+    )
+    trusted_entitlement_authorities = Set(
+        Unicode(),
+        config=True,
+        help="""Entitlement namespaces other than the user's own home organisation that may
+        grant courses and projects (for example a federation-wide course catalogue).""",
+    )
+    support_contact = Unicode(
+        "your institution's IT service desk",
+        config=True,
+        help="""Whom a refused user should contact, shown on the refusal page (for example
+        'the HPC help desk, hpc-support@uni-a.example').""",
+    )
+
+    # --- defaults of the parent classes ---------------------------------------------------
+    @default("scope")
+    def _scope_default(self) -> list[str]:
+        return list(DEFAULT_SCOPES)
+
+    @default("username_claim")
+    def _username_claim_default(self) -> str:
+        return "preferred_username"
+
+    @default("manage_groups")
+    def _manage_groups_default(self) -> bool:
+        return True
+
+    @default("manage_roles")
+    def _manage_roles_default(self) -> bool:
+        return True
+
+    @default("login_service")
+    def _login_service_default(self) -> str:
+        return "your institution"
+
+    @default("client_secret")
+    def _client_secret_default(self) -> str:
+        if self.client_secret_file:
+            return Path(self.client_secret_file).read_text().strip()
+        return str(super()._client_secret_default())
+
+    # --- state -----------------------------------------------------------------------------
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._discovery: dict[str, Any] | None = None
+        self._discovery_lock = asyncio.Lock()
+        self._jwks: jwt.PyJWKClient | None = None
+        self.used_states = _OnceCache()
+        self.used_nonces = _OnceCache()
+
+    def claim_policy(self) -> ClaimPolicy:
+        return ClaimPolicy(
+            allowed_organisations=frozenset(o.lower() for o in self.allowed_organisations),
+            username_claim=str(self.username_claim),
+            scope_username_with_organisation=self.scope_username_with_organisation,
+            home_organisation_claims=tuple(self.home_organisation_claims),
+            affiliation_claims=tuple(self.affiliation_claims),
+            entitlement_claims=tuple(self.entitlement_claims),
+            groups_claims=tuple(self.groups_claims),
+            affiliation_roles=dict(self.affiliation_roles),
+            instructor_entitlement_roles=frozenset(self.instructor_entitlement_roles),
+            operator_entitlement_groups=frozenset(self.operator_entitlement_groups),
+            operator_entitlements=frozenset(self.operator_entitlements),
+            required_entitlements=frozenset(self.required_entitlements),
+            trusted_entitlement_authorities=frozenset(self.trusted_entitlement_authorities),
+            support_contact=self.support_contact,
+        )
+
+    def check_allow_config(self) -> None:
+        if not self.oidc_issuer:
+            self.log.error("InstitutionalAuthenticator.oidc_issuer is not set: nobody can log in")
+        if not self.allowed_organisations:
+            bar = "!" * 78
+            self.log.error(
+                "\n%s\nInstitutionalAuthenticator.allowed_organisations is EMPTY:"
+                " NOBODY CAN LOG IN."
+                "\nSet c.InstitutionalAuthenticator.allowed_organisations = {'uni-a.example'}"
+                "\n%s",
+                bar,
+                bar,
+            )
+        else:
+            self.log.info(
+                "Institutional login for %s via %s",
+                ", ".join(sorted(self.allowed_organisations)),
+                self.oidc_issuer,
+            )
+
+    # --- discovery -------------------------------------------------------------------------
+    async def discover(self) -> dict[str, Any]:
+        """Fetch and check the discovery document (once), retrying with backoff."""
+        if self._discovery is not None:
+            return self._discovery
+        async with self._discovery_lock:
+            if self._discovery is not None:
+                return self._discovery
+            if not self.oidc_issuer:
+                raise RuntimeError("InstitutionalAuthenticator.oidc_issuer is not configured")
+            url = self.oidc_issuer.rstrip("/") + "/.well-known/openid-configuration"
+            deadline = time.monotonic() + self.discovery_timeout
+            delay = 0.2
+            while True:
+                try:
+                    doc = await self.httpfetch(url, "OIDC discovery", method="GET")
+                    break
+                except Exception as exc:
+                    if time.monotonic() + delay > deadline:
+                        raise RuntimeError(f"OIDC discovery at {url} failed: {exc}") from exc
+                    self.log.info("OIDC discovery at %s not ready (%s); retrying", url, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            self._apply_discovery(doc)
+            self._discovery = doc
+            return doc
+
+    def _apply_discovery(self, doc: dict[str, Any]) -> None:
+        if doc.get("issuer") != self.oidc_issuer:
+            raise RuntimeError(
+                f"the IdP announces issuer {clip(doc.get('issuer'))!r}, "
+                f"expected {self.oidc_issuer!r}: check InstitutionalAuthenticator.oidc_issuer"
+            )
+        methods = doc.get("code_challenge_methods_supported")
+        if methods is not None and "S256" not in methods:
+            raise RuntimeError("the IdP does not announce PKCE S256 support")
+        for key in ("authorization_endpoint", "token_endpoint", "userinfo_endpoint", "jwks_uri"):
+            if not isinstance(doc.get(key), str):
+                raise RuntimeError(f"the IdP's discovery document has no {key}")
+        self.authorize_url = doc["authorization_endpoint"]
+        self.token_url = doc["token_endpoint"]
+        self.userdata_url = doc["userinfo_endpoint"]
+        self._jwks = jwt.PyJWKClient(
+            doc["jwks_uri"], cache_keys=True, lifespan=self.jwks_cache_lifespan, timeout=10
+        )
+        self.log.info("OIDC discovery: issuer %s ready", self.oidc_issuer)
+
+    async def discover_or_503(self) -> dict[str, Any]:
+        try:
+            return await self.discover()
+        except Exception as exc:
+            self.log.error("%s", exc)
+            raise web.HTTPError(
+                503, "The institutional login service is not reachable. Try again in a minute."
+            ) from exc
+
+    def _algorithms(self) -> list[str]:
+        announced = (self._discovery or {}).get("id_token_signing_alg_values_supported")
+        algs = [a for a in self.id_token_algorithms if a in ASYMMETRIC_ALGS]
+        if announced is not None:
+            algs = [a for a in algs if a in announced]
+        return algs
+
+    # --- the ID token ----------------------------------------------------------------------
+    async def validate_id_token(self, id_token: Any, nonce: str) -> dict[str, Any]:
+        """Verify the ID token and return its claims, or raise :class:`LoginRefused`."""
+
+        def refuse(reason: str, exc: object = "") -> LoginRefused:
+            self.log.warning("login refused: reason=%s %s", reason, clip(str(exc), 200))
+            return LoginRefused(
+                reason,
+                "Your institution's sign-in answer could not be verified, so you were not "
+                "logged in. Please try again; if it keeps failing, contact "
+                f"{self.support_contact}.",
+            )
+
+        if not isinstance(id_token, str) or not id_token or len(id_token) > 16384:
+            raise refuse("id_token_missing")
+        if not nonce:
+            raise refuse("nonce_missing_from_state")
+        assert self._jwks is not None
+        jwks = self._jwks
+        try:
+            header = jwt.get_unverified_header(id_token)
+            if header.get("alg") not in self._algorithms():
+                raise jwt.InvalidAlgorithmError(f"alg {clip(header.get('alg'))} not accepted")
+            key = await asyncio.to_thread(jwks.get_signing_key_from_jwt, id_token)
+            claims: dict[str, Any] = jwt.decode(
+                id_token,
+                key=key.key,
+                algorithms=self._algorithms(),
+                audience=self.client_id,
+                issuer=self.oidc_issuer,
+                leeway=self.id_token_leeway,
+                options={"require": ["iss", "aud", "exp", "iat", "sub", "nonce"]},
+            )
+        except (jwt.PyJWTError, ValueError) as exc:
+            raise refuse("id_token_invalid", f"{type(exc).__name__}: {exc}") from None
+        aud = claims["aud"]
+        if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != self.client_id:
+            raise refuse("id_token_azp")
+        now = time.time()
+        if not isinstance(claims["iat"], int | float) or (
+            claims["iat"] > now + self.id_token_leeway
+            or claims["iat"] < now - self.id_token_max_age - self.id_token_leeway
+        ):
+            raise refuse("id_token_iat")
+        if not isinstance(claims["nonce"], str) or not hmac.compare_digest(
+            claims["nonce"].encode(), nonce.encode()
+        ):
+            raise refuse("id_token_nonce")
+        if not self.used_nonces.add(nonce):
+            raise refuse("replayed_nonce")
+        if not isinstance(claims["sub"], str) or not claims["sub"]:
+            raise refuse("id_token_sub")
+        return claims
+
+    # --- the login -------------------------------------------------------------------------
+    async def authenticate(self, handler: Any, data: Any = None, **kwargs: Any) -> dict[str, Any]:
+        await self.discover_or_503()
+        params = self.build_access_tokens_request_params(handler, data)
+        token_info = await self.get_token_info(handler, params)
+        state = _deserialize_state(handler.get_state_cookie())
+        id_claims = await self.validate_id_token(
+            token_info.get("id_token"), str(state.get("nonce", ""))
+        )
+        userinfo = await self.token_to_user(token_info)
+        if not isinstance(userinfo, dict) or userinfo.get("sub") != id_claims["sub"]:
+            self.log.warning("login refused: reason=userinfo_sub_mismatch")
+            raise LoginRefused(
+                "userinfo_sub_mismatch",
+                "Your institution's sign-in answer was inconsistent, so you were not logged in. "
+                f"Contact {self.support_contact}.",
+            )
+        # Signed ID-token claims win over userinfo; userinfo fills in what the token lacks.
+        claims = {**userinfo, **id_claims}
+        result = map_claims(claims, self.claim_policy())
+        if isinstance(result, Denial):
+            self.log.warning(
+                "login refused: reason=%s sub=%s %s",
+                result.reason,
+                clip(id_claims["sub"], 80),
+                result.detail,
+            )
+            raise LoginRefused(result.reason, result.message)
+        return self.auth_model_for(result)
+
+    def auth_model_for(self, identity: Identity) -> dict[str, Any]:
+        admin = identity.role == "operator" or identity.username in self.admin_users
+        self.log.info(
+            "login: %s role=%s org=%s groups=%s",
+            identity.username,
+            identity.role,
+            identity.home_organisation,
+            ",".join(identity.groups) or "-",
+        )
+        return {
+            "name": identity.username,
+            "admin": admin,
+            "groups": identity.groups,
+            "roles": roles_for(identity),
+            # Only the portal's view of the user: no tokens, no raw userinfo.
+            "auth_state": {"portal": identity.as_dict()},
+        }
+
+    async def check_allowed(self, username: str, auth_model: Any) -> bool:
+        """Allowed iff :meth:`authenticate` built a portal identity for this login."""
+        if auth_model is None:
+            return False
+        portal = (auth_model.get("auth_state") or {}).get("portal") or {}
+        return bool(portal.get("username") == username and portal.get("role") in ROLES)
+
+    async def refresh_user(self, user: Any, handler: Any = None, **kwargs: Any) -> bool:
+        # Claims, role and groups are re-read at the next login; nothing to refresh in between.
+        return True
+
+    def build_auth_state_dict(self, token_info: Any, user_info: Any) -> dict[str, Any]:
+        # Never persist tokens or the raw userinfo (unused by authenticate, kept safe anyway).
+        return {}
+
+    @staticmethod
+    def describe_claims() -> str:
+        """The claims the portal reads, as JSON (used by the docs)."""
+        return json.dumps(DEFAULT_SCOPES)
