@@ -39,7 +39,7 @@ class PortalExtension(ExtensionApp):
     )
     job_env = List(
         Unicode(),
-        ["PATH", "HOME", "LANG", "PYTHONPATH", "EGRESS_LOG"],
+        ["PATH", "HOME", "LANG", "PYTHONPATH", "EGRESS_LOG", "SLURM_CONF"],
         config=True,
         help="""Names of environment variables passed to session jobs and processes (an
         allow-list; everything else, including API tokens, stays behind). Names that look
@@ -108,6 +108,7 @@ class PortalExtension(ExtensionApp):
             squeue=self.squeue,
             start_timeout=self.start_timeout,
             kernel_alive=self._kernel_alive,
+            logger=self.log,
         )
         self.settings["sovereign_portal_sessions"] = self.manager
         self._poller = PeriodicCallback(self._poll, self.poll_interval * 1000)

@@ -169,6 +169,7 @@ class LocalDask(_DaskLauncher):
                     "name": f"gpu-{i}",
                     "env": {**env, "CUDA_VISIBLE_DEVICES": dev, "NVIDIA_VISIBLE_DEVICES": dev},
                     "local_directory": str(self.dir / "work"),
+                    "dashboard_address": "127.0.0.1:0",
                 },
             }
             for i, dev in enumerate(self.grant["devices"])
@@ -182,6 +183,7 @@ class LocalDask(_DaskLauncher):
                     "protocol": "tls://",
                     "host": "127.0.0.1",
                     "dashboard": False,
+                    "dashboard_address": "127.0.0.1:0",
                 },
             },
             security=sec,
@@ -208,6 +210,13 @@ class SlurmDask(_DaskLauncher):
         extra.append("--export=" + (",".join(names) if names else "NONE"))
         return extra
 
+    def _worker_host_args(self) -> list[str]:
+        """Without an interface, workers on an emulated cluster bind the loopback address
+        (else distributed guesses an address by routing towards a public IP)."""
+        if self.cfg.interface or not self.cfg.host.startswith("127."):
+            return []
+        return ["--host", self.cfg.host, "--dashboard-address", f"{self.cfg.host}:0"]
+
     async def start(self) -> None:
         from dask_jobqueue import SLURMCluster
 
@@ -225,7 +234,8 @@ class SlurmDask(_DaskLauncher):
             job_extra_directives=self._extra(),
             job_name=f"portal-dask-{self.sid}",
             job_script_prologue=[f"export SOVEREIGN_PORTAL_WORKERS_PER_JOB={per_job}"],
-            worker_extra_args=["--preload", "sovereign_portal.extension.gpu_pin"],
+            worker_extra_args=["--preload", "sovereign_portal.extension.gpu_pin"]
+            + self._worker_host_args(),
             interface=self.cfg.interface,
             protocol="tls://",
             security=sec,
@@ -234,7 +244,11 @@ class SlurmDask(_DaskLauncher):
             local_directory=str(self.dir / "work"),
             python=self.cfg.python,
             scheduler_options={"dashboard": False}
-            | ({} if self.cfg.interface else {"host": self.cfg.host}),
+            | (
+                {}
+                if self.cfg.interface
+                else {"host": self.cfg.host, "dashboard_address": f"{self.cfg.host}:0"}
+            ),
             asynchronous=True,
             name=f"portal-{self.sid}",
         )

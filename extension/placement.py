@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import socket
 
-from jupyter_server.base.handlers import APIHandler
 from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 PLACEMENT_KEYS = (

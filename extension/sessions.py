@@ -163,7 +163,9 @@ class SessionManager:
         squeue: str = "squeue",
         start_timeout: float = 600,
         kernel_alive: Any = None,
+        logger: logging.Logger | None = None,
     ) -> None:
+        self.log = logger or log
         self.hub, self.root, self.cfg = hub, root, cfg
         self.squeue = squeue
         self.start_timeout = start_timeout
@@ -189,7 +191,7 @@ class SessionManager:
         self.sessions[sid] = s
         write_meta(sdir, {"id": sid, "grant": grant, "kernel_id": kernel_id})
         s.task = asyncio.create_task(self._start(s))
-        log.info(
+        self.log.info(
             "Session %s: %s %s on %s", sid, grant["kind"], grant["size"]["id"], grant["partition"]
         )
         return s
@@ -203,7 +205,7 @@ class SessionManager:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.exception("Session %s failed to start", s.id)
+            self.log.exception("Session %s failed to start", s.id)
             await self._end(s, "failed", f"could not start: {e}")
 
     def get(self, sid: str) -> Session:
@@ -225,14 +227,14 @@ class SessionManager:
         try:
             await s.launcher.stop()
         except Exception:
-            log.exception("Session %s: stop failed (was %s)", s.id, prev)
+            self.log.exception("Session %s: stop failed (was %s)", s.id, prev)
         try:
             await self.hub.release(str(s.grant["id"]))
         except Exception as e:
-            log.warning("Session %s: could not release grant: %s", s.id, e)
+            self.log.warning("Session %s: could not release grant: %s", s.id, e)
         s.state, s.message, s.ended = state, message, time.time()
         shutil.rmtree(s.dir / "tls", ignore_errors=True)
-        log.info("Session %s %s: %s", s.id, state, message)
+        self.log.info("Session %s %s: %s", s.id, state, message)
 
     async def stop_all(self, message: str = "the server stopped") -> None:
         await asyncio.gather(
@@ -315,7 +317,7 @@ class SessionManager:
         try:
             out = await run_argv(argv, limit_s=20)
         except (RuntimeError, OSError, TimeoutError) as e:
-            log.warning("squeue failed (sessions keep their state): %s", e)
+            self.log.warning("squeue failed (sessions keep their state): %s", e)
             return None  # a transient scheduler error is not a dead job
         rows = [line.split("|") for line in out.splitlines() if line.count("|") == 4]
         pend: dict[str, list[tuple[int, int, str]]] = {}
