@@ -234,8 +234,11 @@ class SlurmDask(_DaskLauncher):
             job_extra_directives=self._extra(),
             job_name=f"portal-dask-{self.sid}",
             job_script_prologue=[f"export SOVEREIGN_PORTAL_WORKERS_PER_JOB={per_job}"],
-            worker_extra_args=["--preload", "sovereign_portal.extension.gpu_pin"]
-            + self._worker_host_args(),
+            worker_extra_args=[
+                "--preload",
+                "sovereign_portal.extension.gpu_pin",
+                *self._worker_host_args(),
+            ],
             interface=self.cfg.interface,
             protocol="tls://",
             security=sec,
