@@ -179,6 +179,14 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
         help="""Seconds to cache the IdP's JWKS. A token signed with an unknown key id triggers
         an immediate refetch, so key rotation at the IdP needs no hub restart.""",
     )
+    jwks_refresh_cooldown = Float(
+        30.0,
+        config=True,
+        help="""Minimum seconds between two JWKS refetches triggered by unknown key ids, so that
+        a flood of tokens with random key ids cannot hammer the IdP. A key the IdP has just
+        rotated in is accepted once this has passed since the last fetch; IdPs usually publish
+        new keys well before signing with them.""",
+    )
 
     # --- claims -> identity ----------------------------------------------------------------
     allowed_organisations = Set(
@@ -399,7 +407,11 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
         self.token_url = doc["token_endpoint"]
         self.userdata_url = doc["userinfo_endpoint"]
         self._jwks = jwt.PyJWKClient(
-            doc["jwks_uri"], cache_keys=True, lifespan=self.jwks_cache_lifespan, timeout=10
+            doc["jwks_uri"],
+            cache_keys=True,
+            lifespan=self.jwks_cache_lifespan,
+            timeout=10,
+            cooldown_duration=self.jwks_refresh_cooldown,
         )
         self.log.info("OIDC discovery: issuer %s ready", self.oidc_issuer)
 

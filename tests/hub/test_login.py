@@ -6,7 +6,10 @@ driving the IdP's own form), each well under a second.
 
 from __future__ import annotations
 
+import json
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -246,22 +249,6 @@ def test_next_never_leaves_the_hub(hub: HubProcess, idp: LocalIdP, start: str, r
         assert urlsplit(target).netloc in {urlsplit(hub.url).netloc, urlsplit(idp.issuer).netloc}
 
 
-def test_empty_allow_list_lets_nobody_in_and_warns(tmp_path: Path, idp: LocalIdP):
-    """A second hub with no allowed organisations: loud warning, and alice is refused."""
-    other = HubProcess(tmp_path / "hub2", "")
-    cfg = hub_auth_config(idp).replace(
-        'allowed_organisations = {"uni-a.example"}', "allowed_organisations = set()"
-    )
-    other.config_path.write_text(other.config_path.read_text() + cfg)
-    # This hub's callback is not registered at the IdP: check the start-up warning only, and
-    # the refusal through the pure mapping (tests/unit/test_claims.py).
-    other.start()
-    try:
-        assert "allowed_organisations is EMPTY: NOBODY CAN LOG IN" in other.log_text()
-    finally:
-        other.close()
-
-
 def test_instructor_reaches_own_students_only(hub: HubProcess, idp: LocalIdP):
     for login in ("alice", "bob"):
         assert oidc_login(hub.url, idp, login).response.status_code == 200
@@ -321,3 +308,65 @@ def test_student_gets_403_on_others_servers_and_privileged_routes(hub: HubProces
     }
     assert got == forbidden
     assert server_status(alice, hub, "bob@uni-a.example").status_code == 403
+
+
+def test_hub_waits_for_a_late_idp_and_empty_allow_list_lets_nobody_in(tmp_path: Path):
+    """Discovery is retried while the IdP starts; with no allowed organisation nobody gets in."""
+    hub2 = HubProcess(tmp_path / "hub")
+    late = LocalIdP(tmp_path / "idp", [f"{hub2.url}/hub/oauth_callback"])
+    cfg = hub_auth_config(late).replace(
+        'allowed_organisations = {"uni-a.example"}', "allowed_organisations = set()"
+    )
+    hub2.config_path.write_text(hub2.config_path.read_text() + cfg)
+    hub2.start()
+    try:
+        assert "allowed_organisations is EMPTY: NOBODY CAN LOG IN" in hub2.log_text()
+        starter = threading.Timer(1.5, late.start)
+        starter.start()
+        try:
+            result = oidc_login(hub2.url, late, "alice")  # blocks in discovery until the IdP is up
+        finally:
+            starter.join()
+        assert "not ready" in hub2.log_text()  # it did retry
+        assert result.response.status_code == 403
+        assert "Your institution (uni-a.example) is not connected" in result.response.text
+    finally:
+        late.stop()
+        hub2.close()
+        hub2.assert_no_egress()
+
+
+def test_key_rotation_and_idp_changes_apply_at_next_login(
+    hub: HubProcess, idp: LocalIdP, tmp_path: Path
+):
+    """Runs last: restarts the IdP with a new signing key and changed claims."""
+    assert oidc_login(hub.url, idp, "ivan").response.status_code == 200
+    assert "instructor-ml101" in user_model(hub, "ivan@uni-a.example")["roles"]
+    data = json.loads(idp.users_file.read_text())
+    for user in data["users"]:
+        if user["username"] == "ivan":  # now teaches cv202 instead of ml101
+            user["claims"]["eduPersonEntitlement"] = [
+                "urn:geant:uni-a.example:group:course:cv202:role=instructor#uni-a.example"
+            ]
+        if user["username"] == "olga":  # no longer an operator
+            user["claims"]["eduPersonEntitlement"] = []
+    changed = tmp_path / "users.json"
+    changed.write_text(json.dumps(data))
+    idp.stop()
+    new_kid = idp.rotate_keys()
+    idp.users_file = changed
+    idp.start()
+    time.sleep(1.1)  # jwks_refresh_cooldown = 1 s in the test config
+    # The hub has the old JWKS cached: the unknown kid makes it refetch, and the login works.
+    ivan = oidc_login(hub.url, idp, "ivan")
+    assert ivan.response.status_code == 200, hub.tail(8)
+    model = user_model(hub, "ivan@uni-a.example")
+    assert model["groups"] == ["instructors-cv202"]
+    assert set(model["roles"]) == {"user", "portal-instructor", "instructor-cv202"}
+    listed = ivan.session.get(f"{hub.url}/hub/api/users", timeout=10).json()
+    assert {u["name"] for u in listed} == {"bob@uni-a.example"}
+    olga = oidc_login(hub.url, idp, "olga")
+    assert olga.response.status_code == 200
+    model = user_model(hub, "olga@uni-a.example")
+    assert model["admin"] is False and set(model["roles"]) == {"user", "portal-researcher"}
+    assert json.loads(idp.jwks_file.read_text())["keys"][0]["kid"] == new_kid

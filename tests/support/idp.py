@@ -32,6 +32,7 @@ c.InstitutionalAuthenticator.client_secret_file = "{idp.client_secret_file}"
 c.InstitutionalAuthenticator.allowed_organisations = {{"{ALLOWED_ORG}"}}
 c.InstitutionalAuthenticator.support_contact = "{SUPPORT_CONTACT}"
 c.InstitutionalAuthenticator.auto_login = True
+c.InstitutionalAuthenticator.jwks_refresh_cooldown = 1.0
 {extra}
 """
 
