@@ -121,8 +121,7 @@ def test_derived_images_build_on_base() -> None:
 
 def test_base_image_ships_the_no_egress_settings() -> None:
     expected = {
-        ("images/config/jupyter_server_config.d/sovereign_portal_no_egress.json",
-         "etc/jupyter/jupyter_server_config.d/sovereign_portal_no_egress.json"),
+        ("images/config/jupyter_server_config.json", "etc/jupyter/jupyter_server_config.json"),
         ("images/config/overrides.json", "share/jupyter/lab/settings/overrides.json"),
     }  # fmt: skip
     assert expected <= set(venv_copies(IMAGES / "base" / "Dockerfile"))
@@ -137,9 +136,7 @@ def test_server_settings_name_real_jupyterlab_options() -> None:
     from jupyterlab.labapp import LabApp
     from traitlets.utils.importstring import import_item
 
-    data = json.loads(
-        (CONFIG / "jupyter_server_config.d" / "sovereign_portal_no_egress.json").read_text()
-    )
+    data = json.loads((CONFIG / "jupyter_server_config.json").read_text())
     lab = data["LabApp"]
     assert set(lab) == {"news_url", "check_for_updates_class", "extension_manager"}
     traits = LabApp.class_traits(config=True)
