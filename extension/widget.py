@@ -7,6 +7,7 @@ server's REST API, shows progress, and keeps the handle in ``.handle``.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import threading
 from typing import Any
@@ -181,7 +182,7 @@ class SessionForm(HasTraits):
         return req
 
 
-class GPUSessions(w.VBox):  # type: ignore[misc]
+class GPUSessions(w.VBox):
     """``GPUSessions()`` in a notebook cell: choose, see the cost, start, stop.
 
     After start-up ``.handle`` is a :class:`~.client.DaskSession` (``.client`` is a
@@ -323,10 +324,8 @@ class GPUSessions(w.VBox):  # type: ignore[misc]
             except PortalError as e:
                 self.error.value = _error(str(e))
         if self.session is not None:
-            try:
+            with contextlib.suppress(PortalError):
                 self._show(self.portal.get(self.session["id"]))
-            except PortalError:
-                pass
         self.stop_button.disabled = True
         self.start_button.disabled = False
 

@@ -172,7 +172,7 @@ def test_widget_start_progress_handle_and_stop() -> None:
 
 def test_widget_shows_refusals_in_plain_words() -> None:
     portal = FakePortal(catalog_for(SLURM, ALICE), fail="your role may not use 2 nodes")
-    g = GPUSessions(portal)  # type: ignore[arg-type]
+    g = GPUSessions(portal)
     g.start(wait=True)
     assert "your role may not use 2 nodes" in g.error.value and g.handle is None
     g.count.value = 5000  # beyond the bounded control: clamped by the widget
@@ -182,5 +182,5 @@ def test_widget_shows_refusals_in_plain_words() -> None:
 def test_widget_with_no_partition_says_why() -> None:
     cat = catalog_for(SLURM, ALICE)
     cat["partitions"] = []
-    g = GPUSessions(FakePortal(cat))  # type: ignore[arg-type]
+    g = GPUSessions(FakePortal(cat))
     assert "no partition is open to you" in g.error.value
