@@ -158,7 +158,7 @@ class FakePortal:
 
 def test_widget_start_progress_handle_and_stop() -> None:
     portal = FakePortal(catalog_for(SLURM, ALICE))
-    g = GPUSessions(portal)  # type: ignore[arg-type]
+    g = GPUSessions(portal)
     g.size.value = "h100x2"
     assert "2 workers" in g.cost.value and "Queue:" in g.queue.value
     g.start(wait=True)
