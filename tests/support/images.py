@@ -25,7 +25,8 @@ from .paths import REPO
 IMAGES = REPO / "images"
 VENV_PREFIX = "/opt/venv"
 FETCHERS = {"curl", "wget", "aria2c", "fetch", "scp", "rsync", "git", "svn", "hg"}
-SHELLS = {"sh", "bash", "dash", "zsh", "python", "python3", "perl"}
+#: The one index option allowed: an operator's mirror, passed at build time (hashes still hold).
+INDEX_ARG = "${PIP_INDEX_URL:+--index-url=$PIP_INDEX_URL}"
 
 
 @dataclass
@@ -164,7 +165,7 @@ def lint_script(script: str, where: str, copied: dict[str, str]) -> list[str]:
             problems.append(f"{where}: installs with {exe}; add the package to a lock instead")
         if not _is_pip_install(words):
             continue
-        args = _pip_install_args(words)
+        args = [a for a in _pip_install_args(words) if a != INDEX_ARG]
         if "--isolated" not in args:
             problems.append(f"{where}: pip install without --isolated (host pip config leaks in)")
         if any(

@@ -181,6 +181,7 @@ RUN pip install --isolated numpy
 RUN pip install --isolated -r /r.txt
 RUN python -m pip install --require-hashes -r /nowhere.txt
 RUN pip install --isolated --no-deps --no-index /not/copied
+RUN pip install --isolated --require-hashes --extra-index-url=https://m.example -r /r.txt
 """
 
 BAD_DEF = """\
@@ -215,6 +216,7 @@ def test_the_lint_catches_bad_definitions(tmp_path: Path) -> None:
             "pip install without --isolated",
             "installs /nowhere.txt, which no COPY",
             "installs '/not/copied', which is not a copied source tree",
+            "pip install names an index",
         ]:
             assert needle in text, f"{needle!r} not reported:\n{text}"
         text = "\n".join(lint_def(d / "bad.def"))
