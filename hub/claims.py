@@ -25,7 +25,7 @@ MAX_LIST_ITEMS = 200
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 ORG_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
-CANONICAL_USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,99}$")
+CANONICAL_USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(@[a-z0-9][a-z0-9.-]{0,99})?$")
 HASHED_SUFFIX_RE = re.compile(r"-[0-9a-f]{10}$")
 # AARC-G002: urn:geant:<namespace>:group:<group>[:<subgroup>...][:role=<role>][#<authority>]
 AARC_RE = re.compile(
@@ -157,18 +157,25 @@ def home_organisation(claims: Mapping[str, Any], policy: ClaimPolicy) -> str | N
 def normalise_username(raw: str, organisation: str, policy: ClaimPolicy) -> str:
     """A hub username that two different people can never share.
 
-    A value already in canonical form (lowercase ``[a-z0-9._@-]``, optionally scoped with
-    ``@organisation``) is kept as is. Any other value (capitals, accents, spaces, a name that looks
+    With ``scope_username_with_organisation`` the value is scoped with the home organisation:
+    ``alice`` and ``alice@<org>`` (an eduPersonPrincipalName) name the same account, and a value
+    scoped with any *other* organisation is scoped again, so one institution's IdP cannot claim
+    another institution's user. A value already in canonical form (lowercase ``[a-z0-9._-]``,
+    one ``@domain``) is kept as is. Any other value (capitals, accents, spaces, a name that looks
     like a hashed one) becomes ``<slug>-<10 hex of sha256(value)>``; canonical names never end in
     such a suffix, so the mapping is injective up to a 40-bit hash collision.
     """
     value = raw
-    if policy.scope_username_with_organisation and "@" not in value:
-        value = f"{value}@{organisation}"
+    if policy.scope_username_with_organisation:
+        scope = raw.rsplit("@", 1)[1].lower() if "@" in raw else None
+        if scope != organisation:
+            # 'alice' -> 'alice@org'; 'alice@other.org' from this org's IdP is not that other
+            # org's alice: it becomes 'alice@other.org@org', which is then hashed.
+            value = f"{raw}@{organisation}"
     if CANONICAL_USERNAME_RE.match(value) and not HASHED_SUFFIX_RE.search(value):
         return value
     folded = unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode().lower()
-    slug = re.sub(r"[^a-z0-9._@-]+", "-", folded).strip("-._@")[:60] or "user"
+    slug = re.sub(r"[^a-z0-9._-]+", "-", folded).strip("-._")[:60] or "user"
     digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:10]
     return f"{slug}-{digest}"
 
