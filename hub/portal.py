@@ -52,6 +52,16 @@ def configure(
     c.LocalGPUSpawner.home_dir_template = str(state / "home" / "{username}")
     c.LocalGPUSpawner.default_url = "/lab"
     c.Spawner.start_timeout = 120
+    # EGRESS_LOG: an egress audit guard's log (acceptance runs) reaches the servers too.
+    c.Spawner.env_keep = [
+        "PATH",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "LANG",
+        "LC_ALL",
+        "JUPYTERHUB_SINGLEUSER_APP",
+        "EGRESS_LOG",
+    ]
 
     if auth == "dev":
         c.JupyterHub.authenticator_class = "dummy"

@@ -157,6 +157,14 @@ def _run(args: argparse.Namespace) -> int:
     try:
         _wait_http(f"{url}/hub/health", hub, state / "jupyterhub.log", lambda: stopping)
         _banner(url, auth, state, idp_info)
+        _write_private_json(
+            state / "up.json",
+            {
+                "url": url,
+                "idp": idp_info and {"issuer": idp_info["issuer"]},
+                "pids": {"up": os.getpid(), "hub": hub.pid, "idp": idp and idp.pid},
+            },
+        )
         while not stopping and hub.poll() is None:
             time.sleep(0.5)
         if hub.poll() is not None and not stopping:
@@ -193,6 +201,14 @@ def _start_idp(state: Path, args: argparse.Namespace) -> tuple[Any, dict[str, An
         "client_secret_file": str(idp.client_secret_file),
     }
     return idp, info
+
+
+def _write_private_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, stopping: Any) -> None:

@@ -134,7 +134,10 @@ class Partition(_Strict):
             if acc is None:
                 raise ValueError(f"price key {key!r}: unknown accelerator {acc_name!r}")
             if prof:
-                acc.profile(prof)
+                try:
+                    acc.profile(prof)
+                except KeyError as e:
+                    raise ValueError(f"price key {key!r}: {e.args[0]}") from None
         return v
 
     @model_validator(mode="after")

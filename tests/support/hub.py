@@ -39,6 +39,10 @@ c.JupyterHub.load_roles = [{{"name": "admin", "services": ["test-admin"]}}]
 c.Spawner.start_timeout = 60
 c.Spawner.http_timeout = 60
 c.Spawner.poll_interval = {poll_interval}
+# The egress guard's log must reach the single-user servers too.
+c.Spawner.env_keep = [
+    "PATH", "PYTHONPATH", "VIRTUAL_ENV", "LANG", "LC_ALL", "JUPYTERHUB_SINGLEUSER_APP", "EGRESS_LOG"
+]
 """
 
 
