@@ -37,7 +37,8 @@ from tests.support.hub import HubProcess
 from tests.support.images import IMAGES, portal_sources, venv_copies
 from tests.support.paths import REPO, guarded_env
 
-pytestmark = pytest.mark.hub
+# Building the environment on a machine with a cold pip cache downloads ~100 MB.
+pytestmark = [pytest.mark.hub, pytest.mark.timeout(600)]
 
 DOCKERFILE = IMAGES / "base" / "Dockerfile"
 LOCK = IMAGES / "base" / "requirements.txt"
