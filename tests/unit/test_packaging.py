@@ -1,0 +1,85 @@
+"""The built wheel: import names, package data, the config.d file and the entry points."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.support.paths import REPO
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    build = tmp_path_factory.mktemp("build")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        check=True,
+        cwd=build,
+        capture_output=True,
+    )
+    (whl,) = out.glob("sovereign_portal-*.whl")
+    return zipfile.ZipFile(whl)
+
+
+def test_wheel_has_only_namespaced_packages(wheel: zipfile.ZipFile) -> None:
+    tops = {n.split("/")[0] for n in wheel.namelist()}
+    assert {t for t in tops if not t.endswith((".dist-info", ".data"))} == {"sovereign_portal"}
+    assert "sovereign_portal/__init__.py" not in wheel.namelist()  # a namespace package
+
+
+def test_wheel_carries_package_data(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    for must in [
+        "sovereign_portal/hub/cli.py",
+        "sovereign_portal/spawners/local.py",
+        "sovereign_portal/spawners/sites/example.toml",
+        "sovereign_portal/extension/app.py",
+        "sovereign_portal/hub/idp/server.js",
+        "sovereign_portal/hub/idp/package.json",
+        "sovereign_portal/hub/idp/users.json",
+    ]:
+        assert must in names, must
+    conf = [n for n in names if n.endswith("jupyter_server_config.d/sovereign_portal.json")]
+    assert conf and ".data/data/etc/jupyter/" in conf[0]
+    assert b'"sovereign_portal.extension": true' in wheel.read(conf[0])
+    assert not [n for n in names if "node_modules" in n]
+
+
+def test_wheel_declares_entry_points_and_dependencies(wheel: zipfile.ZipFile) -> None:
+    ep = next(n for n in wheel.namelist() if n.endswith("entry_points.txt"))
+    text = wheel.read(ep).decode()
+    assert "sovereign-portal = sovereign_portal.hub.cli:main" in text
+    assert "local-gpu = sovereign_portal.spawners.local:LocalGPUSpawner" in text
+    assert "institutional = sovereign_portal.hub.auth:InstitutionalAuthenticator" in text
+    meta = wheel.read(next(n for n in wheel.namelist() if n.endswith("METADATA"))).decode()
+    for dep in ("jupyterhub", "oauthenticator", "pydantic", "nvidia-ml-py"):
+        assert f"Requires-Dist: {dep}" in meta
+
+
+def test_no_bare_top_level_imports() -> None:
+    code = (
+        "import importlib.util as u; "
+        "print([m for m in ('hub', 'extension', 'spawners') if u.find_spec(m)])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path("/")
+    )
+    assert out.stdout.strip() == "[]"
