@@ -217,3 +217,15 @@ def test_progress_names_the_devices(tmp_path: Path) -> None:
     finally:
         hub.close()
     hub.assert_no_egress()
+
+
+def test_server_that_died_while_the_hub_was_down_is_cleaned_up(hub: HubProcess) -> None:
+    hub.spawn("jack", {"gpus": 4})
+    pid = server_pid(hub, "jack")
+    hub.stop()
+    os.kill(pid, 9)
+    hub.start()
+    # The hub's start-up poll finds the server dead: it is gone and its GPUs are free again.
+    assert not hub.api("GET", "/users/jack").json().get("servers")
+    hub.spawn("kate", {"gpus": 4})
+    hub.stop_server("kate")

@@ -273,3 +273,10 @@ def test_every_generated_size_renders_consistently(data: dict[str, Any]) -> None
             assert len(got) == size.devices_per_node
             assert all(d.slice == size.slice for d in got)
             alloc.release("probe")
+
+
+def test_up_names_a_missing_dependency() -> None:
+    from sovereign_portal.hub.up import UpError, find_tool
+
+    with pytest.raises(UpError, match=r"no-such-proxy is not installed\. Run scripts/install\.sh"):
+        find_tool("no-such-proxy")
