@@ -421,9 +421,17 @@ def configure_hub(c: Any, site_path: str | None = None, **kw: Any) -> dict[str, 
     svc = service_config(site_path, **kw)
     name = svc["name"]
     c.JupyterHub.services = [*list(c.JupyterHub.get("services", [])), svc]
-    c.JupyterHub.load_roles = [*list(c.JupyterHub.get("load_roles", [])), service_role(name)]
+    access = f"access:services!service={name}"
+    roles = [dict(r) for r in c.JupyterHub.get("load_roles", [])]
+    # users must hold the access scope, else their servers' tokens cannot carry it
+    user_role = next((r for r in roles if r.get("name") == "user"), None)
+    if user_role is None:
+        roles.append({"name": "user", "scopes": ["self", access]})
+    else:
+        user_role["scopes"] = [*user_role.get("scopes", ["self"]), access]
+    c.JupyterHub.load_roles = [*roles, service_role(name)]
     scopes = list(c.Spawner.get("server_token_scopes", SERVER_TOKEN_SCOPES))
-    scopes.append(f"access:services!service={name}")
+    scopes.append(access)
     c.Spawner.server_token_scopes = scopes
     env = dict(c.Spawner.get("environment", {}))
     env["SOVEREIGN_PORTAL_SERVICE_URL"] = f"{svc['url']}/services/{name}/"
