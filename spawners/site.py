@@ -33,28 +33,38 @@ class Jurisdiction(_Strict):
     """Where a partition runs, legally."""
 
     country: Annotated[str, Field(pattern=r"^[A-Z]{2}$", description="ISO 3166-1 alpha-2")]
-    operator: Annotated[str, Field(min_length=1, max_length=128)]
-    certifications: list[Annotated[str, Field(min_length=1, max_length=64)]] = []
+    operator: Annotated[str, Field(min_length=1, max_length=128)] = Field(
+        description="the legal entity that runs the hardware"
+    )
+    certifications: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        [], description="certifications held, e.g. ISO27001, HDS, SecNumCloud"
+    )
 
 
 class MigLayout(_Strict):
     """GPUs of a node type that run in MIG mode, and the instances on each of them."""
 
-    gpus: Annotated[list[Annotated[int, Field(ge=0, le=7)]], Field(min_length=1)]
-    profiles: Annotated[list[str], Field(min_length=1)]
+    gpus: Annotated[list[Annotated[int, Field(ge=0, le=7)]], Field(min_length=1)] = Field(
+        description="GPU indices on each node that carry this layout"
+    )
+    profiles: Annotated[list[str], Field(min_length=1)] = Field(
+        description="MIG profiles on each of those GPUs, e.g. ['3g.40gb', '3g.40gb']"
+    )
 
 
 class NodeType(_Strict):
     """A kind of node in a partition: one accelerator model, a GPU count, maybe MIG."""
 
-    name: Name
-    accelerator: AcceleratorName
-    gpus: Annotated[int, Field(ge=1, le=GPUS_PER_HGX_NODE)] = GPUS_PER_HGX_NODE
-    count: Annotated[int, Field(ge=1, le=100_000)] = 1
+    name: Name = Field(description="a short name for this kind of node")
+    accelerator: AcceleratorName = Field(description="the GPU model: h100, h200 or b200")
+    gpus: Annotated[int, Field(ge=1, le=GPUS_PER_HGX_NODE)] = Field(
+        GPUS_PER_HGX_NODE, description="GPUs per node"
+    )
+    count: Annotated[int, Field(ge=1, le=100_000)] = Field(1, description="nodes of this type")
     gres_type: SlurmWord | None = Field(
         None, description="Slurm GRES type of whole GPUs; defaults to the accelerator name"
     )
-    mig: list[MigLayout] = []
+    mig: list[MigLayout] = Field([], description="GPUs in MIG mode; the others are whole")
     features: list[SlurmWord] = Field(
         [], description="Slurm node features; a size on this node type adds --constraint"
     )
@@ -104,23 +114,39 @@ class NodeType(_Strict):
 class Partition(_Strict):
     """Where sizes run: a Slurm partition or the local box."""
 
-    name: Name
-    backend: Literal["local", "slurm"]
-    description: str = ""
-    jurisdiction: Jurisdiction
-    nodes: Annotated[list[NodeType], Field(min_length=1)]
+    name: Name = Field(description="the portal's name for this partition")
+    backend: Literal["local", "slurm"] = Field(
+        description="'local': one box run by LocalGPUSpawner; 'slurm': a Slurm partition"
+    )
+    description: str = Field("", description="one line shown to users")
+    jurisdiction: Jurisdiction = Field(description="where the hardware is, legally")
+    nodes: Annotated[list[NodeType], Field(min_length=1)] = Field(
+        description="the node types of this partition"
+    )
     price_eur_per_gpu_hour: dict[str, Annotated[float, Field(ge=0, le=10_000)]] = Field(
         description="€ per GPU-hour by accelerator ('h100'); a slice ('h100:3g.40gb') may "
         "have its own price, else it pays its share of compute slices (N/7)"
     )
-    carbon_g_per_kwh: Annotated[float, Field(ge=0, le=2000)]
-    pue: Annotated[float, Field(ge=1.0, le=3.0)] = 1.2
-    max_walltime_minutes: Annotated[int, Field(ge=1, le=43_200)] = 24 * 60
-    default_walltime_minutes: Annotated[int, Field(ge=1, le=43_200)] = 60
-    max_nodes: Annotated[int, Field(ge=1, le=100_000)] | None = None
-    slurm_partition: SlurmWord | None = None
-    account: SlurmWord | None = None
-    qos: SlurmWord | None = None
+    carbon_g_per_kwh: Annotated[float, Field(ge=0, le=2000)] = Field(
+        description="grid carbon intensity where the partition runs, in gCO₂/kWh"
+    )
+    pue: Annotated[float, Field(ge=1.0, le=3.0)] = Field(
+        1.2, description="the data centre's power usage effectiveness, for energy estimates"
+    )
+    max_walltime_minutes: Annotated[int, Field(ge=1, le=43_200)] = Field(
+        24 * 60, description="the longest walltime a request may ask for"
+    )
+    default_walltime_minutes: Annotated[int, Field(ge=1, le=43_200)] = Field(
+        60, description="the walltime of a request that names none"
+    )
+    max_nodes: Annotated[int, Field(ge=1, le=100_000)] | None = Field(
+        None, description="the most nodes one request may span (default: all of a type)"
+    )
+    slurm_partition: SlurmWord | None = Field(
+        None, description="the Slurm partition name, if it differs from name"
+    )
+    account: SlurmWord | None = Field(None, description="the Slurm account jobs are charged to")
+    qos: SlurmWord | None = Field(None, description="the Slurm QOS of jobs on this partition")
     allowed_groups: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         [], description="groups that may use this partition; empty means everyone"
     )
@@ -181,9 +207,13 @@ class Partition(_Strict):
 class Site(_Strict):
     """A whole deployment."""
 
-    name: Annotated[str, Field(min_length=1, max_length=128)]
-    description: str = ""
-    partitions: Annotated[list[Partition], Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1, max_length=128)] = Field(
+        description="the deployment's name, shown on pages"
+    )
+    description: str = Field("", description="one line about the deployment")
+    partitions: Annotated[list[Partition], Field(min_length=1)] = Field(
+        description="where sizes run"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> Site:
