@@ -42,6 +42,7 @@ const users = JSON.parse(
   fs.readFileSync(process.env.IDP_USERS_FILE || path.join(here, 'users.json'), 'utf8'),
 ).users;
 const tamperEnabled = process.env.IDP_TEST_TAMPER === '1';
+const redirectOrigins = [...new Set(redirectUris.map((u) => new URL(u).origin))].join(' ');
 
 if (clientSecret.length < 16) {
   console.error('idp: the client secret must be at least 16 characters');
@@ -201,8 +202,8 @@ function loginForm(uid, error) {
   return page('University sign-in', `
 ${error ? `<p class="error" role="alert">${esc(error)}</p>` : ''}
 <form method="post" action="/interaction/${esc(uid)}/login" autocomplete="off">
-  <label for="username">Username</label><input id="username" name="username" required autofocus>
-  <label for="password">Password</label><input id="password" name="password" type="password" required>
+  <label for="username">Username</label><input id="username" name="username" autocomplete="username" required autofocus>
+  <label for="password">Password</label><input id="password" name="password" type="password" autocomplete="current-password" required>
   <button type="submit" id="login">Sign in</button>
 </form>`);
 }
@@ -224,7 +225,8 @@ function send(res, status, html) {
   res.writeHead(status, {
     'content-type': 'text/html; charset=utf-8',
     'cache-control': 'no-store',
-    'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+    // form-action also governs the redirects after the POST: allow the hub's callback origins.
+    'content-security-policy': `default-src 'none'; style-src 'unsafe-inline'; form-action 'self' ${redirectOrigins}`,
   });
   res.end(html);
 }

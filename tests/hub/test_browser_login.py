@@ -1,0 +1,112 @@
+"""End to end in headless Chromium: IdP login -> spawn form -> JupyterLab, with no foreign request.
+
+Every request any page of the browser context makes is recorded; one to a host other than the
+hub's or the IdP's is aborted and fails the test (a sovereign deployment phones nobody: no CDN,
+no news, no update checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.sync_api import Route, sync_playwright
+
+from tests.support.hub import HubProcess
+from tests.support.idp import LocalIdP, hub_auth_config
+
+pytestmark = [pytest.mark.browser, pytest.mark.idp, pytest.mark.hub]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SPAWN = """
+c.JupyterHub.spawner_class = "local-gpu"
+c.LocalGPUSpawner.inventory_source = "declared"
+c.LocalGPUSpawner.home_dir_template = "{home}/{{username}}"
+c.LocalGPUSpawner.default_url = "/lab"
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess, LocalIdP]]:
+    hub = HubProcess(tmp_path_factory.mktemp("hub"))
+    idp = LocalIdP(tmp_path_factory.mktemp("idp"), [f"{hub.url}/hub/oauth_callback"])
+    idp.start()
+    try:
+        config = hub_auth_config(idp, SPAWN.format(home=hub.dir / "home"))
+        hub.config_path.write_text(hub.config_path.read_text() + config)
+        hub.start()
+        try:
+            yield hub, idp
+        finally:
+            hub.close()
+            hub.assert_no_egress()
+    finally:
+        idp.stop()
+
+
+def test_idp_login_spawn_jupyterlab_without_foreign_requests(
+    stack: tuple[HubProcess, LocalIdP],
+) -> None:
+    hub, idp = stack
+    own = {urlsplit(hub.url).netloc, urlsplit(idp.issuer).netloc}
+    seen: list[str] = []
+    foreign: list[str] = []
+
+    def guard(route: Route) -> None:
+        url = route.request.url
+        seen.append(url)
+        if urlsplit(url).scheme in ("data", "blob") or urlsplit(url).netloc in own:
+            route.continue_()
+        else:
+            foreign.append(url)
+            route.abort()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.route("**/*", guard)
+            context.on("websocket", lambda ws: seen.append(ws.url))
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+
+            page.goto(f"{hub.url}/hub/login")
+            # auto_login: straight to the university's sign-in form
+            page.wait_for_selector("#username")
+            assert urlsplit(page.url).netloc == urlsplit(idp.issuer).netloc
+            page.fill("#username", "alice")
+            page.fill("#password", "pass-alice")
+            page.click("#login")
+
+            # back at the hub, on the spawn form built from the catalog
+            page.wait_for_url(f"{hub.url}/hub/**")
+            page.wait_for_load_state()
+            assert page.locator("#sp-size").count() == 1, (page.url, page.content()[:1500])
+            assert page.url.startswith(f"{hub.url}/hub/spawn")
+            page.select_option("#sp-size", "lab/h100:1g.10gb")
+            page.click("form#spawn_form input[type=submit], form#spawn_form button[type=submit]")
+
+            page.wait_for_url("**/user/alice@uni-a.example/lab**", timeout=90_000)
+            page.wait_for_selector("#jp-main-dock-panel", timeout=90_000)
+            page.wait_for_selector(".jp-LauncherCard, .jp-NotebookPanel", timeout=60_000)
+            page.wait_for_timeout(3000)  # let late requests (news, update checks) happen
+        finally:
+            browser.close()
+
+    assert foreign == [], f"requests to hosts outside the deployment: {foreign}"
+    assert any("/user/alice@uni-a.example/lab" in u for u in seen)
+    assert any(u.startswith(idp.issuer) for u in seen)
+    model = hub.api("GET", "/users/alice@uni-a.example").json()
+    assert model["servers"][""]["ready"]
+    assert model["groups"] == ["course-ml101"]
