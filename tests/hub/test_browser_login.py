@@ -77,8 +77,10 @@ def test_idp_login_spawn_jupyterlab_without_foreign_requests(
         try:
             context = browser.new_context()
             context.route("**/*", guard)
-            context.on("websocket", lambda ws: seen.append(ws.url))
+            # every request of every page and worker, routed or not, is checked again at the end
+            context.on("request", lambda req: seen.append(req.url))
             page = context.new_page()
+            page.on("websocket", lambda ws: seen.append(ws.url))
             page.set_default_timeout(60_000)
 
             page.goto(f"{hub.url}/hub/login")
@@ -105,6 +107,9 @@ def test_idp_login_spawn_jupyterlab_without_foreign_requests(
             browser.close()
 
     assert foreign == [], f"requests to hosts outside the deployment: {foreign}"
+    offsite = [u for u in seen if urlsplit(u).netloc not in own and not u.startswith("data:")]
+    assert offsite == [], offsite
+    assert any(u.startswith("ws://") for u in seen), "no websocket seen: is JupyterLab up?"
     assert any("/user/alice@uni-a.example/lab" in u for u in seen)
     assert any(u.startswith(idp.issuer) for u in seen)
     model = hub.api("GET", "/users/alice@uni-a.example").json()
