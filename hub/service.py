@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sovereign_portal.spawners.inventory import AllocationError, Allocator, declared_devices
+from sovereign_portal.spawners.inventory import AllocationError, Allocator, box_devices
 from sovereign_portal.spawners.request import RequestError
 from sovereign_portal.spawners.site import Site, load_site
 from sovereign_portal.spawners.sizes import Size
@@ -103,6 +103,18 @@ class PortalService(Application):
         help="""Seconds a queue-state answer is reused. One squeue call serves every user and
         every partition in that window.""",
     )
+    lease_file = Unicode(
+        "",
+        config=True,
+        help="""JSON file of the local box's device leases, shared with LocalGPUSpawner's
+        lease_file so that notebook servers and compute sessions never get the same device.
+        Empty keeps a separate in-memory pool (only safe when no notebook runs on the box).""",
+    )
+    inventory_source = Unicode(
+        "auto",
+        config=True,
+        help='Where local devices come from: "auto", "nvml" or "declared" (as the spawner).',
+    )
     ip = Unicode("127.0.0.1", config=True, help="Address to listen on (default from the URL).")
     port = Int(0, config=True, help="Port to listen on (default from $JUPYTERHUB_SERVICE_URL).")
 
@@ -166,7 +178,8 @@ class PortalService(Application):
     def allocator(self, partition: str) -> Allocator:
         if partition not in self._allocators:
             part = self.site.partition(partition)
-            self._allocators[partition] = Allocator(declared_devices(part.nodes[0]))
+            devices = box_devices(part.nodes[0], self.inventory_source)
+            self._allocators[partition] = Allocator(devices, self.lease_file or None)
         return self._allocators[partition]
 
     def lease_devices(self, grant: Grant) -> list[str]:
@@ -178,7 +191,8 @@ class PortalService(Application):
             gpus_per_node=int(grant.size["gpus_per_node"]),
         )
         try:
-            got = a.allocate(f"session:{grant.id}", size)
+            end = time.time() + grant.walltime_minutes * 60
+            got = a.allocate(f"session:{grant.id}", size, until=end)
         except AllocationError as e:
             raise AdmissionError(str(e), reason="busy") from None
         self._leases[grant.id] = (grant.partition, time.time() + grant.walltime_minutes * 60)
@@ -205,7 +219,7 @@ class PortalService(Application):
             if p.backend == "local":
                 a = self.allocator(p.name)
                 out[p.name] = {
-                    "free_devices": sum(1 for d in a.devices if not a._owner.get(d.id)),
+                    "free_devices": len(a.free_ids()),
                     "devices": len(a.devices),
                 }
         slurm = [p.scheduler_partition for p in site.partitions if p.backend == "slurm"]
@@ -378,13 +392,21 @@ def service_config(
     default_role: str = "student",
     residency: dict[str, list[str]] | None = None,
     extra_env: dict[str, str] | None = None,
+    lease_file: str | None = None,
+    inventory_source: str = "auto",
 ) -> dict[str, Any]:
-    """The ``c.JupyterHub.services`` entry that runs the portal service under the hub."""
+    """The ``c.JupyterHub.services`` entry that runs the portal service under the hub.
+
+    Pass the spawner's ``lease_file`` when notebooks and sessions share a local box.
+    """
     if default_role not in ROLES:
         raise ValueError(f"default_role must be one of {', '.join(ROLES)}")
     cmd = [sys.executable, "-m", "sovereign_portal.hub.service", f"--port={port}"]
     cmd.append(f"--PortalService.ip={ip}")
     cmd.append(f"--PortalService.default_role={default_role}")
+    cmd.append(f"--PortalService.inventory_source={inventory_source}")
+    if lease_file:
+        cmd.append(f"--PortalService.lease_file={Path(lease_file).resolve()}")
     if site_path:
         cmd.append(f"--site-file={Path(site_path).resolve()}")
     if residency:

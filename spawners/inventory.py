@@ -7,10 +7,16 @@ one ``CUDA_VISIBLE_DEVICES`` token: a GPU index, or a MIG instance's UUID.
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import re
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .site import NodeType
@@ -95,51 +101,128 @@ class AllocationError(RuntimeError):
 
 
 class Allocator:
-    """Hands out devices exclusively: two owners never share one."""
+    """Hands out devices exclusively: two owners never share one.
 
-    def __init__(self, devices: Iterable[Device]) -> None:
+    With ``state_file``, the leases live in a JSON file under an exclusive ``flock``, so
+    several processes (the hub's spawner and the portal service) share one pool and a
+    restart forgets nothing. A lease may carry an end time (a session's walltime), after
+    which it lapses by itself.
+    """
+
+    def __init__(self, devices: Iterable[Device], state_file: str | Path | None = None) -> None:
         self.devices = list(devices)
+        self.state_file = Path(state_file) if state_file else None
         self._owner: dict[str, str] = {}
+        self._until: dict[str, float] = {}
+
+    @contextmanager
+    def _state(self, write: bool = True) -> Iterator[None]:
+        if self.state_file is None:
+            self._lapse()
+            yield
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.state_file.with_name(self.state_file.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._load()
+            self._lapse()
+            yield
+            if write:
+                self._save()
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _load(self) -> None:
+        assert self.state_file is not None
+        try:
+            data = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            data = {}
+        known = {d.id for d in self.devices}
+        leases = {k: v for k, v in data.get("leases", {}).items() if k in known}
+        self._owner = {k: v["owner"] for k, v in leases.items()}
+        self._until = {k: v["until"] for k, v in leases.items() if v.get("until")}
+
+    def _save(self) -> None:
+        assert self.state_file is not None
+        leases = {k: {"owner": o, "until": self._until.get(k)} for k, o in self._owner.items()}
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"leases": leases}, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.state_file)
+
+    def _lapse(self) -> None:
+        now = time.time()
+        for k, end in list(self._until.items()):
+            if end < now:
+                self._owner.pop(k, None)
+                del self._until[k]
 
     def _fits(self, d: Device, size: Size) -> bool:
         return d.accelerator == size.accelerator and d.slice == size.slice
 
     def free(self, size: Size) -> int:
-        return sum(1 for d in self.devices if self._fits(d, size) and d.id not in self._owner)
+        with self._state(write=False):
+            return sum(1 for d in self.devices if self._fits(d, size) and d.id not in self._owner)
 
-    def allocate(self, owner: str, size: Size) -> list[Device]:
-        if any(o == owner for o in self._owner.values()):
-            raise AllocationError(f"{owner} already holds devices")
-        want = size.devices_per_node
-        free = [d for d in self.devices if self._fits(d, size) and d.id not in self._owner]
-        if len(free) < want:
-            raise AllocationError(
-                f"{size.label}: {len(free)} of {want} device(s) free on this box right now; "
-                "try a smaller size or wait for a running server to stop"
-            )
-        got = free[:want]
-        for d in got:
-            self._owner[d.id] = owner
-        return got
+    def free_ids(self) -> list[str]:
+        with self._state(write=False):
+            return [d.id for d in self.devices if d.id not in self._owner]
+
+    def allocate(self, owner: str, size: Size, until: float | None = None) -> list[Device]:
+        """Lease devices for ``size`` to ``owner`` (until the epoch time ``until``, if given)."""
+        with self._state():
+            if any(o == owner for o in self._owner.values()):
+                raise AllocationError(f"{owner} already holds devices")
+            want = size.devices_per_node
+            free = [d for d in self.devices if self._fits(d, size) and d.id not in self._owner]
+            if len(free) < want:
+                raise AllocationError(
+                    f"{size.label}: {len(free)} of {want} device(s) free on this box right now; "
+                    "try a smaller size or wait for a running server or session to stop"
+                )
+            got = free[:want]
+            for d in got:
+                self._owner[d.id] = owner
+                if until is not None:
+                    self._until[d.id] = until
+            return got
 
     def claim(self, owner: str, ids: Iterable[str]) -> list[Device]:
         """Re-adopt devices recorded in a server's state (after a hub restart)."""
         by_id = {d.id: d for d in self.devices}
         ids = list(ids)
-        for i in ids:
-            if i not in by_id:
-                raise AllocationError(f"device {i} is not in this box's inventory")
-            if self._owner.get(i, owner) != owner:
-                raise AllocationError(f"device {i} is already held by {self._owner[i]}")
-        for i in ids:
-            self._owner[i] = owner
-        return [by_id[i] for i in ids]
+        with self._state():
+            for i in ids:
+                if i not in by_id:
+                    raise AllocationError(f"device {i} is not in this box's inventory")
+                if self._owner.get(i, owner) != owner:
+                    raise AllocationError(f"device {i} is already held by {self._owner[i]}")
+            for i in ids:
+                self._owner[i] = owner
+            return [by_id[i] for i in ids]
 
     def release(self, owner: str) -> list[str]:
-        gone = [i for i, o in self._owner.items() if o == owner]
-        for i in gone:
-            del self._owner[i]
-        return gone
+        with self._state():
+            gone = [i for i, o in self._owner.items() if o == owner]
+            for i in gone:
+                del self._owner[i]
+                self._until.pop(i, None)
+            return gone
 
     def held_by(self, owner: str) -> list[str]:
-        return [i for i, o in self._owner.items() if o == owner]
+        with self._state(write=False):
+            return [i for i, o in self._owner.items() if o == owner]
+
+
+def box_devices(nt: NodeType, source: str = "auto") -> list[Device]:
+    """The devices of the local box: NVML where a driver answers (unless ``declared``)."""
+    devices = None if source == "declared" else nvml_devices()
+    if devices is None:
+        if source == "nvml":
+            raise AllocationError("inventory source is 'nvml' but NVML found no GPU")
+        devices = declared_devices(nt)
+    return devices

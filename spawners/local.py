@@ -17,7 +17,7 @@ from tornado import web
 from traitlets import Bool, Enum, List, Unicode
 
 from .base import PortalSpawnerMixin
-from .inventory import AllocationError, Allocator, Device, declared_devices, nvml_devices
+from .inventory import AllocationError, Allocator, Device, box_devices
 from .site import Partition
 from .sizes import Size
 
@@ -29,7 +29,7 @@ SOVEREIGN_LAB_ARGS = (
     "--LabApp.extension_manager=readonly",
 )
 
-_ALLOCATORS: dict[tuple[str, str], Allocator] = {}
+_ALLOCATORS: dict[tuple[str, str, str], Allocator] = {}
 
 
 class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
@@ -60,6 +60,13 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
         help="Home directory of each user's server when switch_user is False; {username} "
         "is replaced by the (escaped) JupyterHub user name.",
     )
+    lease_file = Unicode(
+        "",
+        config=True,
+        help="""JSON file that holds the box's device leases, shared (under a file lock) with
+        the portal service, which leases devices to compute sessions. Empty keeps leases in
+        the hub's memory: then sessions must not run on this box.""",
+    )
     sovereign_args = List(
         Unicode(),
         list(SOVEREIGN_LAB_ARGS),
@@ -81,17 +88,16 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
     @property
     def allocator(self) -> Allocator:
         part = self._local_partition()
-        key = (self.site_file, part.name)
+        key = (self.site_file, part.name, self.lease_file)
         if key not in _ALLOCATORS:
-            devices = None if self.inventory_source == "declared" else nvml_devices()
-            if devices is None:
-                if self.inventory_source == "nvml":
-                    raise web.HTTPError(500, "inventory_source is 'nvml' but NVML found no GPU")
-                devices = declared_devices(part.nodes[0])
-                self.log.info("Local GPU inventory: %d declared devices", len(devices))
-            else:
-                self.log.info("Local GPU inventory: %d devices from NVML", len(devices))
-            _ALLOCATORS[key] = Allocator(devices)
+            try:
+                devices = box_devices(part.nodes[0], self.inventory_source)
+            except AllocationError as e:
+                raise web.HTTPError(500, str(e)) from None
+            self.log.info(
+                "Local GPU inventory: %d devices (%s)", len(devices), self.inventory_source
+            )
+            _ALLOCATORS[key] = Allocator(devices, self.lease_file or None)
         return _ALLOCATORS[key]
 
     @property
