@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import secrets
 import time
 from collections import OrderedDict
@@ -547,8 +546,3 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
     def build_auth_state_dict(self, token_info: Any, user_info: Any) -> dict[str, Any]:
         # Never persist tokens or the raw userinfo (unused by authenticate, kept safe anyway).
         return {}
-
-    @staticmethod
-    def describe_claims() -> str:
-        """The claims the portal reads, as JSON (used by the docs)."""
-        return json.dumps(DEFAULT_SCOPES)

@@ -336,6 +336,16 @@ def test_hub_waits_for_a_late_idp_and_empty_allow_list_lets_nobody_in(tmp_path: 
         hub2.assert_no_egress()
 
 
+def test_hub_log_holds_no_secrets(hub: HubProcess, idp: LocalIdP):
+    """After every login, refusal and attack above: no token, code, state or secret in the log."""
+    log = hub.log_text()
+    assert "login refused: reason=id_token_invalid" in log  # the attacks did run
+    assert idp.client_secret not in log
+    assert "eyJ" not in log  # JWTs and the base64-JSON state both start with eyJ
+    assert not re.search(r"[?&]code=(?!\[secret\])", log)
+    assert "access_token" not in log and "id_token=" not in log
+
+
 def test_key_rotation_and_idp_changes_apply_at_next_login(
     hub: HubProcess, idp: LocalIdP, tmp_path: Path
 ):

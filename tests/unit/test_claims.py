@@ -326,3 +326,28 @@ def test_entry_point_is_registered():
         ep.name == "institutional" and ep.value.endswith(":InstitutionalAuthenticator")
         for ep in eps
     )
+
+
+def test_discovery_must_announce_the_configured_issuer():
+    auth = InstitutionalAuthenticator(oidc_issuer="https://idp.uni-a.example/realms/u")
+    doc = {
+        "issuer": "https://evil.example/realms/u",
+        "authorization_endpoint": "https://idp.uni-a.example/auth",
+        "token_endpoint": "https://idp.uni-a.example/token",
+        "userinfo_endpoint": "https://idp.uni-a.example/userinfo",
+        "jwks_uri": "https://idp.uni-a.example/jwks",
+        "code_challenge_methods_supported": ["S256"],
+    }
+    with pytest.raises(RuntimeError, match="announces issuer"):
+        auth._apply_discovery(doc)
+    doc["issuer"] = auth.oidc_issuer
+    with pytest.raises(RuntimeError, match="PKCE"):
+        auth._apply_discovery(doc | {"code_challenge_methods_supported": ["plain"]})
+    auth._apply_discovery(doc)
+    assert auth.token_url == "https://idp.uni-a.example/token"
+
+
+def test_only_asymmetric_algorithms_are_accepted():
+    auth = InstitutionalAuthenticator(id_token_algorithms=["RS256", "HS256", "none"])
+    auth._discovery = {"id_token_signing_alg_values_supported": ["RS256", "HS256", "none"]}
+    assert auth._algorithms() == ["RS256"]
