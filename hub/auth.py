@@ -282,6 +282,24 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
         help="""Entitlement namespaces other than the user's own home organisation that may
         grant courses and projects (for example a federation-wide course catalogue).""",
     )
+    extra_role_scopes = Dict(
+        key_trait=Unicode(),
+        value_trait=List(Unicode()),
+        config=True,
+        help="""Extra JupyterHub scopes for the users of each portal role, added to the
+        `portal-<role>` role that the authenticator manages, e.g.
+        `{"instructor": ["read:users:activity"]}`. Because the authenticator manages roles
+        (`manage_roles`), `JupyterHub.load_roles` may define roles but not assign them to users
+        or groups: grant per-role permissions here.""",
+    )
+
+    @validate("extra_role_scopes")
+    def _check_extra_role_scopes(self, proposal: Any) -> dict[str, list[str]]:
+        bad = sorted(set(proposal.value) - set(ROLES))
+        if bad:
+            raise ValueError(f"extra_role_scopes has unknown roles {bad}; use one of {ROLES}")
+        return dict(proposal.value)
+
     support_contact = Unicode(
         "your institution's IT service desk",
         config=True,
@@ -527,7 +545,7 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
             "name": identity.username,
             "admin": admin,
             "groups": identity.groups,
-            "roles": roles_for(identity),
+            "roles": roles_for(identity, admin=admin, extra_scopes=self.extra_role_scopes),
             # Only the portal's view of the user: no tokens, no raw userinfo.
             "auth_state": {"portal": identity.as_dict()},
         }

@@ -12,6 +12,7 @@ strips any role the user no longer holds, so a change at the IdP takes effect at
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .claims import COURSE_GROUP, Identity
@@ -44,17 +45,27 @@ def instructor_role(course: str) -> dict[str, Any]:
     }
 
 
-def roles_for(identity: Identity) -> list[dict[str, Any]]:
-    """The complete list of roles the user must hold after this login."""
+def roles_for(
+    identity: Identity,
+    *,
+    admin: bool = False,
+    extra_scopes: Mapping[str, Sequence[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """The complete list of roles the user must hold after this login.
+
+    ``admin`` keeps JupyterHub's admin role for users made admins by config (``admin_users``);
+    ``extra_scopes`` adds scopes to the ``portal-<role>`` roles (``{"student": [...]}``).
+    """
     roles: list[dict[str, Any]] = [{"name": "user"}]
+    extra = list((extra_scopes or {}).get(identity.role, ()))
     roles.append(
         {
             "name": f"portal-{identity.role}",
             "description": ROLE_DESCRIPTIONS[identity.role],
-            "scopes": ["self"],
+            "scopes": ["self", *extra],
         }
     )
-    if identity.role == "operator":
+    if admin or identity.role == "operator":
         roles.append({"name": "admin"})
     roles.extend(instructor_role(course) for course in sorted(identity.teaching))
     return roles

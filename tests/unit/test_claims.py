@@ -285,6 +285,15 @@ def test_rbac_roles():
     operator = Identity("o@x", "x", "operator")
     assert {"name": "admin"} in roles_for(operator)
     assert {"name": "admin"} not in roles_for(teacher)
+    # an admin from admin_users keeps the admin role (manage_roles would strip it otherwise)
+    assert {"name": "admin"} in roles_for(student, admin=True)
+    extra = roles_for(teacher, extra_scopes={"instructor": ["read:users:activity"]})
+    assert extra[1]["scopes"] == ["self", "read:users:activity"]
+
+
+def test_extra_role_scopes_are_checked_at_config_time():
+    with pytest.raises(ValueError, match="unknown roles"):
+        InstitutionalAuthenticator(extra_role_scopes={"professor": ["list:users"]})
 
 
 # --- authenticator configuration ---------------------------------------------------------------
