@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,27 @@ class PortalExtension(ExtensionApp):
         self.settings["sovereign_portal_sessions"] = self.manager
         self._poller = PeriodicCallback(self._poll, self.poll_interval * 1000)
         self._poller.start()
+        self._stop_on_sigint()
+
+    def _stop_on_sigint(self) -> None:
+        """Make SIGINT a clean stop, so stopping the server releases every session.
+
+        JupyterHub's spawners stop a server with SIGINT first. Without a terminal, Jupyter
+        Server installs no SIGINT handler and Python's KeyboardInterrupt kills its event
+        loop without running any cleanup: sessions (their workers, ranks and Slurm jobs)
+        and their device leases would outlive the server. JupyterHub's legacy single-user
+        app maps SIGINT to the server's own stop; do the same in extension mode.
+        """
+        serverapp = self.serverapp
+        stop = getattr(serverapp, "_signal_stop", None)
+        if (
+            stop is None
+            or "JUPYTERHUB_API_URL" not in os.environ  # only a server a hub started
+            or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            return
+        signal.signal(signal.SIGINT, stop)
 
     def _kernel_alive(self, kernel_id: str) -> bool:
         return self.serverapp is None or kernel_id in self.serverapp.kernel_manager

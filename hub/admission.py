@@ -78,17 +78,33 @@ DEFAULT_LIMITS: dict[str, RoleLimits] = {
 }
 
 
+#: JupyterHub role that labels a portal role, as the institutional login assigns it
+#: (:mod:`.rbac`): ``portal-student``, ``portal-researcher``, ...
+PORTAL_ROLE_PREFIX = "portal-"
+
+
 def role_of(
     groups: Iterable[str],
     admin: bool = False,
     role_groups: Mapping[str, str] | None = None,
     default: str = "student",
+    hub_roles: Iterable[str] = (),
 ) -> str:
-    """The strongest role among a user's groups (``role_groups`` maps group → role)."""
+    """The strongest portal role a user holds.
+
+    Sources, strongest wins: the JupyterHub admin flag (operator); the user's JupyterHub
+    roles named ``portal-<role>`` (set at each institutional login from the IdP's
+    claims); and groups that confer a role (``role_groups`` maps group → role; by
+    default the groups named after the roles). Anything else gets ``default``.
+    """
     if admin:
         return "operator"
     mapping = dict(role_groups) if role_groups is not None else {r: r for r in ROLES}
     found = {mapping[g] for g in groups if g in mapping}
+    for name in hub_roles:
+        role = name.removeprefix(PORTAL_ROLE_PREFIX)
+        if name.startswith(PORTAL_ROLE_PREFIX) and role in ROLES:
+            found.add(role)
     for role in reversed(ROLES):
         if role in found:
             return role

@@ -6,8 +6,11 @@
     configure(c, state_dir="/srv/portal", site_file="/etc/sovereign-portal/site.toml")
 
 It sets the sovereign defaults (loopback binds, SQLite in the state directory, a 0600
-cookie secret, no outside requests from JupyterLab) and the local backend; an operator's
-own settings after the call win.
+cookie secret, no outside requests from JupyterLab), the local backend, and the portal
+service that admits compute sessions (Dask, torch) from notebooks. The spawner and the
+service share one device lease file, ``<state_dir>/device-leases.json``, so a notebook
+server and a compute session never get the same GPU or MIG slice. An operator's own
+settings after the call win.
 """
 
 from __future__ import annotations
@@ -35,8 +38,21 @@ def configure(
     proxy_api_port: int = 8001,
     auth: str = "idp",
     idp: dict[str, Any] | None = None,
+    service_port: int = 10101,
+    default_role: str = "student",
+    inventory_source: str = "auto",
 ) -> None:
+    """Configure JupyterHub's config object ``c`` as a sovereign portal.
+
+    ``service_port`` is the loopback port of the portal service (compute-session
+    admission); ``default_role`` is the portal role of a user whose login carries none;
+    ``inventory_source`` ("auto", "nvml" or "declared") is where the spawner and the
+    service both take the box's devices from.
+    """
+    from .service import configure_hub
+
     state = Path(state_dir)
+    leases = str(state / "device-leases.json")
     c.JupyterHub.ip = ip
     c.JupyterHub.port = port
     c.JupyterHub.hub_ip = "127.0.0.1"
@@ -51,6 +67,8 @@ def configure(
     c.LocalGPUSpawner.site_file = site_file
     c.LocalGPUSpawner.home_dir_template = str(state / "home" / "{username}")
     c.LocalGPUSpawner.default_url = "/lab"
+    c.LocalGPUSpawner.lease_file = leases
+    c.LocalGPUSpawner.inventory_source = inventory_source
     c.Spawner.start_timeout = 120
     # EGRESS_LOG: an egress audit guard's log (acceptance runs) reaches the servers too.
     c.Spawner.env_keep = [
@@ -62,6 +80,16 @@ def configure(
         "JUPYTERHUB_SINGLEUSER_APP",
         "EGRESS_LOG",
     ]
+
+    # The portal service: catalog and admission of compute sessions, on the same leases.
+    configure_hub(
+        c,
+        site_file or None,
+        port=service_port,
+        lease_file=leases,
+        default_role=default_role,
+        inventory_source=inventory_source,
+    )
 
     if auth == "dev":
         c.JupyterHub.authenticator_class = "dummy"

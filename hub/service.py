@@ -9,8 +9,11 @@ notebook extension calls it with the single-user server's own API token:
 ``DELETE {prefix}api/grants/<id>``  give a grant's local devices back (204)
 
 Callers are identified through :class:`jupyterhub.services.auth.HubAuth` (the token must
-carry ``access:services!service=<name>``); their groups come from the hub API with the
-service's own token. Tokens are never logged.
+carry ``access:services!service=<name>``); their groups, JupyterHub roles and admin flag
+come from the hub API with the service's own token (scopes ``read:users``,
+``read:roles:users``). The portal role is the strongest of: admin (operator), a JupyterHub
+role ``portal-<role>`` (what the institutional login assigns), a role group. Tokens are
+never logged.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from .admission import (
 SERVICE_NAME = "sovereign-portal"
 SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server"]
 
-#: A caller identity as the hub describes it: {"name", "groups", "admin"}.
+#: A caller identity as the hub describes it: {"name", "groups", "roles", "admin"}.
 UserModel = dict[str, Any]
 Authenticate = Callable[[str], Awaitable[UserModel | None]]
 
@@ -124,7 +127,8 @@ class PortalService(Application):
         super().__init__(**kw)
         self._authenticate: Authenticate | None = None
         self._allocators: dict[str, Allocator] = {}
-        self._leases: dict[str, tuple[str, float]] = {}  # grant id -> (partition, end time)
+        # grant id -> (partition, lease owner, end time)
+        self._leases: dict[str, tuple[str, str, float]] = {}
         self._queue: tuple[float, dict[str, dict[str, int]]] = (0.0, {})
 
     # -- site and identity ------------------------------------------------------------------
@@ -145,7 +149,11 @@ class PortalService(Application):
             return None
         groups = frozenset(model.get("groups") or [])
         role = role_of(
-            groups, bool(model.get("admin")), self.role_groups or None, self.default_role
+            groups,
+            bool(model.get("admin")),
+            self.role_groups or None,
+            self.default_role,
+            hub_roles=model.get("roles") or [],
         )
         return Caller(name=model["name"], groups=groups, role=role)
 
@@ -168,11 +176,24 @@ class PortalService(Application):
         )
         if resp.code != 200:
             self.log.error(
-                "Cannot read groups of %s from the hub: HTTP %s", model["name"], resp.code
+                "Cannot read groups and roles of %s from the hub: HTTP %s",
+                model["name"],
+                resp.code,
             )
-            return {"name": model["name"], "groups": [], "admin": False}
+            return {"name": model["name"], "groups": [], "roles": [], "admin": False}
         full = json.loads(resp.body)
-        return {"name": full["name"], "groups": full.get("groups", []), "admin": full.get("admin")}
+        if "roles" not in full:
+            self.log.warning(
+                "The hub did not return the roles of %s: give the service's role the "
+                "read:roles:users scope (see service_role()); falling back to groups",
+                full["name"],
+            )
+        return {
+            "name": full["name"],
+            "groups": full.get("groups", []),
+            "roles": full.get("roles", []),
+            "admin": full.get("admin"),
+        }
 
     # -- local devices --------------------------------------------------------------------
     def allocator(self, partition: str) -> Allocator:
@@ -190,23 +211,27 @@ class PortalService(Application):
             slice=grant.size["slice"],
             gpus_per_node=int(grant.size["gpus_per_node"]),
         )
+        # The owner names the user, so an operator reading the lease file sees whose it is.
+        owner = f"session:{grant.user}:{grant.id}"
+        end = time.time() + grant.walltime_minutes * 60
         try:
-            end = time.time() + grant.walltime_minutes * 60
-            got = a.allocate(f"session:{grant.id}", size, until=end)
+            got = a.allocate(owner, size, until=end)
         except AllocationError as e:
             raise AdmissionError(str(e), reason="busy") from None
-        self._leases[grant.id] = (grant.partition, time.time() + grant.walltime_minutes * 60)
+        self._leases[grant.id] = (grant.partition, owner, end)
         return [d.id for d in got]
 
-    def release(self, grant_id: str) -> list[str]:
-        part = self._leases.pop(grant_id, None)
-        if part is None:
+    def release(self, grant_id: str, user: str | None = None) -> list[str]:
+        """Give a grant's devices back; with ``user``, only if that user holds the grant."""
+        lease = self._leases.get(grant_id)
+        if lease is None or (user is not None and lease[1] != f"session:{user}:{grant_id}"):
             return []
-        return self.allocator(part[0]).release(f"session:{grant_id}")
+        del self._leases[grant_id]
+        return self.allocator(lease[0]).release(lease[1])
 
     def expire_leases(self) -> None:
         now = time.time()
-        for gid, (_, end) in list(self._leases.items()):
+        for gid, (_, _, end) in list(self._leases.items()):
             if end < now:
                 self.log.info("Walltime of grant %s is over: releasing its devices", gid)
                 self.release(gid)
@@ -375,7 +400,9 @@ class GrantsHandler(_Base):
 
 class GrantHandler(_Base):
     async def delete(self, grant_id: str) -> None:
-        gone = self.portal.release(grant_id)
+        assert self.caller is not None
+        # Another user's grant id answers like an unknown one: nothing is released.
+        gone = self.portal.release(grant_id, self.caller.name)
         if gone:
             self.portal.log.info("Released %s of grant %s", ",".join(gone), grant_id)
         self.set_status(204)
@@ -425,11 +452,12 @@ def service_config(
 
 
 def service_role(name: str = SERVICE_NAME) -> dict[str, Any]:
-    """The ``load_roles`` entry for the service's own token: read users' names and groups."""
+    """The ``load_roles`` entry for the service's own token: read users' names, groups,
+    admin flag and JupyterHub roles (``portal-<role>``), which decide admission."""
     return {
         "name": f"{name}-service",
-        "description": "sovereign-portal service: reads users' groups for admission",
-        "scopes": ["read:users:name", "read:users:groups", "read:users"],
+        "description": "sovereign-portal service: reads users' groups and roles for admission",
+        "scopes": ["read:users:name", "read:users:groups", "read:users", "read:roles:users"],
         "services": [name],
     }
 

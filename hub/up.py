@@ -80,6 +80,7 @@ configure(
     proxy_api_port={proxy_api_port},
     auth={auth!r},
     idp={idp!r},
+    service_port={service_port},
 )
 """
 
@@ -117,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.dev_login:
         idp, idp_info = _start_idp(state, args)
     auth = "dev" if args.dev_login else "idp"
-    hub_port, proxy_api_port = free_port(), free_port()
+    hub_port, proxy_api_port, service_port = free_port(), free_port(), free_port()
     cfg = state / "jupyterhub_config.py"
     cfg.write_text(
         CONFIG.format(
@@ -129,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
             proxy_api_port=proxy_api_port,
             auth=auth,
             idp=idp_info,
+            service_port=service_port,
         )
     )
     env = dict(os.environ)

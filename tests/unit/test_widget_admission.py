@@ -73,16 +73,23 @@ def test_residency_keeps_a_health_project_in_france() -> None:
 
 
 @pytest.mark.parametrize(
-    ("groups", "admin", "role"),
+    ("groups", "admin", "hub_roles", "role"),
     [
-        ([], False, "student"),
-        (["researcher", "student"], False, "researcher"),
-        (["instructor"], False, "instructor"),
-        ([], True, "operator"),
+        ([], False, [], "student"),
+        (["researcher", "student"], False, [], "researcher"),
+        (["instructor"], False, [], "instructor"),
+        ([], True, [], "operator"),
+        # the institutional login: JupyterHub roles portal-<role>, course/project groups
+        (["project-climate"], False, ["user", "portal-researcher"], "researcher"),
+        (["course-ml101"], False, ["user", "portal-student"], "student"),
+        ([], False, ["user", "portal-instructor", "instructor-ml101"], "instructor"),
+        ([], False, ["portal-student", "portal-researcher"], "researcher"),
+        # only portal-<known role> counts
+        ([], False, ["portal-superuser", "researcher", "portal-"], "student"),
     ],
 )
-def test_role_of(groups: list[str], admin: bool, role: str) -> None:
-    assert role_of(groups, admin) == role
+def test_role_of(groups: list[str], admin: bool, hub_roles: list[str], role: str) -> None:
+    assert role_of(groups, admin, hub_roles=hub_roles) == role
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,39 @@
+"""``hub.portal.configure()`` wires the portal service and one shared device lease file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sovereign_portal.hub.portal import configure
+from traitlets.config import Config
+
+pytestmark = pytest.mark.unit
+
+IDP = {"issuer": "http://127.0.0.1:1/", "client_id": "hub", "client_secret_file": "/dev/null"}
+
+
+def test_configure_runs_the_portal_service_on_the_spawners_leases(tmp_path: Path) -> None:
+    c = Config()
+    configure(c, str(tmp_path), port=8100, auth="idp", idp=IDP, service_port=10555)
+    leases = str(tmp_path / "device-leases.json")
+    assert c.LocalGPUSpawner.lease_file == leases
+    (svc,) = c.JupyterHub.services
+    assert svc["name"] == "sovereign-portal" and svc["url"] == "http://127.0.0.1:10555"
+    assert f"--PortalService.lease_file={leases}" in svc["command"]
+    assert "--PortalService.inventory_source=auto" in svc["command"]
+    access = "access:services!service=sovereign-portal"
+    roles = {r["name"]: r for r in c.JupyterHub.load_roles}
+    assert access in roles["user"]["scopes"]
+    # the service reads users' roles (portal-<role>) as well as their groups
+    assert "read:roles:users" in roles["sovereign-portal-service"]["scopes"]
+    assert access in c.Spawner.server_token_scopes
+    url = c.Spawner.environment["SOVEREIGN_PORTAL_SERVICE_URL"]
+    assert url == "http://127.0.0.1:10555/services/sovereign-portal/"
+
+
+def test_configure_passes_the_inventory_source_to_both(tmp_path: Path) -> None:
+    c = Config()
+    configure(c, str(tmp_path), auth="dev", inventory_source="declared")
+    assert c.LocalGPUSpawner.inventory_source == "declared"
+    assert "--PortalService.inventory_source=declared" in c.JupyterHub.services[0]["command"]
