@@ -1,0 +1,181 @@
+"""The GPUSessions widget in JupyterLab, in headless Chromium, in the real portal.
+
+IdP login -> spawn form -> JupyterLab -> a notebook -> run ``GPUSessions()`` -> click Start ->
+the widget shows the Dask session ready (2 of 2 workers) -> click Stop. The hub is configured by
+``hub.portal.configure()``. Every request of the browser context is recorded; one to a host other
+than the deployment's (the proxy and the IdP on 127.0.0.1) is aborted and fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.sync_api import Route, sync_playwright
+
+from tests.support.hub import HubProcess
+from tests.support.idp import LocalIdP
+from tests.support.portal import leases, portal_stack
+
+pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.idp, pytest.mark.timeout(180)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+USER = "carol@uni-a.example"
+CELL = (
+    "from sovereign_portal.extension import GPUSessions\n"
+    'w = GPUSessions(kind="dask", size_id="h100x2", walltime_minutes=30)\n'
+    "w"
+)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess, LocalIdP]]:
+    with portal_stack(tmp_path_factory.mktemp("portal-browser")) as (hub, idp):
+        yield hub, idp
+        hub.close()
+        hub.assert_no_egress()
+
+
+def notebook(source: str) -> str:
+    return json.dumps(
+        {
+            "cells": [
+                {
+                    "cell_type": "code",
+                    "execution_count": None,
+                    "id": "gpu-sessions",
+                    "metadata": {},
+                    "outputs": [],
+                    "source": source,
+                }
+            ],
+            "metadata": {
+                "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}
+            },
+            "nbformat": 4,
+            "nbformat_minor": 5,
+        }
+    )
+
+
+def test_widget_starts_a_dask_session_in_jupyterlab(
+    stack: tuple[HubProcess, LocalIdP],
+) -> None:
+    hub, idp = stack
+    own = {urlsplit(hub.url).netloc, urlsplit(idp.issuer).netloc}
+    seen: list[str] = []
+    foreign: list[str] = []
+
+    def guard(route: Route) -> None:
+        url = route.request.url
+        seen.append(url)
+        if urlsplit(url).scheme in ("data", "blob") or urlsplit(url).netloc in own:
+            route.continue_()
+        else:
+            foreign.append(url)
+            route.abort()
+
+    shot = Path(os.environ.get("TMP", tempfile.gettempdir())) / "gpu-sessions-widget.png"
+    t0 = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="chromium-") as profile,
+        sync_playwright() as pw,
+    ):
+        # a fresh profile (Playwright passes it as --user-data-dir)
+        context = pw.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            context.route("**/*", guard)
+            context.on("request", lambda req: seen.append(req.url))
+            page = context.pages[0] if context.pages else context.new_page()
+            page.on("websocket", lambda ws: seen.append(ws.url))
+            page.set_default_timeout(60_000)
+
+            # The university's sign-in form, then the spawn form built from the catalog.
+            page.goto(f"{hub.url}/hub/oauth_login")
+            page.wait_for_selector("#username")
+            assert urlsplit(page.url).netloc == urlsplit(idp.issuer).netloc
+            page.fill("#username", "carol")
+            page.fill("#password", "pass-carol")
+            page.click("#login")
+            page.wait_for_selector("#sp-size")
+            page.select_option("#sp-size", "lab/h100x1")
+            page.click("form#spawn_form input[type=submit], form#spawn_form button[type=submit]")
+            page.wait_for_url(f"**/user/{USER}/lab**", timeout=90_000)
+            page.wait_for_selector("#jp-main-dock-panel", timeout=90_000)
+
+            # A notebook through the contents API (with the server's XSRF cookie).
+            xsrf = next(
+                c["value"]
+                for c in context.cookies()
+                if c["name"] == "_xsrf" and c["path"].startswith("/user/")
+            )
+            r = page.request.put(
+                f"{hub.url}/user/{USER}/api/contents/x.ipynb",
+                data=json.dumps(
+                    {"type": "notebook", "format": "json", "content": json.loads(notebook(CELL))}
+                ),
+                headers={"X-XSRFToken": xsrf, "Content-Type": "application/json"},
+            )
+            assert r.status in (200, 201), r.text()
+            page.goto(f"{hub.url}/user/{USER}/lab/tree/x.ipynb")
+            page.wait_for_selector("#jp-main-dock-panel")
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content")
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+
+            # Run the cell: the widget renders with its controls.
+            page.click(".jp-NotebookPanel .jp-Cell .cm-content")
+            page.keyboard.press("Shift+Enter")
+            start = page.locator(".jp-OutputArea button.widget-button", has_text="Start")
+            start.wait_for()
+            out = page.locator(".jp-OutputArea-output").first
+            assert "Dask cluster" in out.inner_text()
+            assert "2 × 2 H100 GPUs" not in out.inner_text()  # count 1: one job of two GPUs
+            assert "→ 2 workers" in out.inner_text(), out.inner_text()
+
+            # Start a session through the widget: it reports progress, then ready.
+            start.click()
+            page.wait_for_selector(".jp-OutputArea >> text=2 of 2 workers up", timeout=90_000)
+            assert "ready" in out.inner_text()
+            page.screenshot(path=str(shot), full_page=True)
+            owners = set(leases(hub).values())
+            assert USER in owners and any(o.startswith(f"session:{USER}:") for o in owners)
+
+            # Stop: the widget releases every worker and the devices go back to the pool.
+            page.locator(".jp-OutputArea button.widget-button", has_text="Stop").click()
+            page.wait_for_selector(".jp-OutputArea >> text=stopped", timeout=60_000)
+            hub.wait_for(
+                lambda: not any(o.startswith("session:") for o in leases(hub).values()),
+                30,
+                "session devices released",
+            )
+        finally:
+            context.close()
+    elapsed = time.monotonic() - t0
+
+    assert foreign == [], f"requests to hosts outside the deployment: {foreign}"
+    offsite = [u for u in seen if urlsplit(u).netloc not in own and not u.startswith("data:")]
+    assert offsite == [], offsite
+    assert any(u.startswith("ws://") and "/api/kernels/" in u for u in seen)
+    assert shot.stat().st_size > 10_000
+    assert elapsed < 90, f"the browser flow took {elapsed:.0f} s"
