@@ -61,6 +61,7 @@ export JUPYTERHUB_API_URL=http://127.0.0.1:{hub.hub_port}/hub/api
 export JUPYTERHUB_SERVICE_PREFIX={prefix} JUPYTERHUB_USER={USER}
 export JUPYTERHUB_CLIENT_ID=jupyterhub-user-{USER}
 export JUPYTERHUB_OAUTH_CALLBACK_URL={prefix}oauth_callback
+export JUPYTERHUB_SERVICE_URL=http://127.0.0.1:{port}{prefix}
 exec {python} -m jupyterhub.singleuser --ip=127.0.0.1 --port={port}
 """
     t0 = time.monotonic()
@@ -72,7 +73,7 @@ exec {python} -m jupyterhub.singleuser --ip=127.0.0.1 --port={port}
             "gpu-fr",
             "--gres=gpu:h100:1",
             "-o",
-            "/dev/null",
+            f"/home/{USER}/.bench-bare.log",
             f"--chdir=/home/{USER}",
         ],
         user=USER,
