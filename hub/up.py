@@ -81,6 +81,7 @@ configure(
     auth={auth!r},
     idp={idp!r},
     service_port={service_port},
+    default_role={default_role!r},
 )
 """
 
@@ -131,6 +132,8 @@ def _run(args: argparse.Namespace) -> int:
             auth=auth,
             idp=idp_info,
             service_port=service_port,
+            # The development login carries no roles: let its users try every session kind.
+            default_role="researcher" if auth == "dev" else "student",
         )
     )
     env = dict(os.environ)

@@ -61,6 +61,12 @@ if [[ ! -f .venv/etc/jupyter/jupyter_server_config.d/sovereign_portal.json ]]; t
   cp extension/etc/sovereign_portal.json .venv/etc/jupyter/jupyter_server_config.d/
 fi
 
+# JupyterLab settings that keep the browser side quiet: no news prompt, no update checks,
+# no extension manager (the wheel ships the same file as a data file).
+mkdir -p .venv/share/jupyter/lab/settings
+cmp -s images/config/overrides.json .venv/share/jupyter/lab/settings/overrides.json ||
+  cp images/config/overrides.json .venv/share/jupyter/lab/settings/overrides.json
+
 if [[ ! -x node_modules/.bin/configurable-http-proxy ]]; then
   log "npm install configurable-http-proxy"
   npm install --no-audit --no-fund --loglevel=error >/dev/null

@@ -213,6 +213,15 @@ class Allocator:
                 self._until.pop(i, None)
             return gone
 
+    def release_prefix(self, prefix: str) -> list[str]:
+        """Release every lease whose owner starts with ``prefix`` (a user's sessions)."""
+        with self._state():
+            gone = [i for i, o in self._owner.items() if o.startswith(prefix)]
+            for i in gone:
+                del self._owner[i]
+                self._until.pop(i, None)
+            return gone
+
     def held_by(self, owner: str) -> list[str]:
         with self._state(write=False):
             return [i for i, o in self._owner.items() if o == owner]

@@ -29,6 +29,9 @@ SOVEREIGN_LAB_ARGS = (
     "--LabApp.extension_manager=readonly",
 )
 
+#: Owner prefix of the portal service's session leases: ``session:<user>:<grant>``.
+SESSION_OWNER_PREFIX = "session:"
+
 _ALLOCATORS: dict[tuple[str, str, str], Allocator] = {}
 
 
@@ -129,6 +132,15 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
 
     def _release(self) -> None:
         gone = self.allocator.release(self.owner)
+        # Compute sessions die with the server that started them (even on kill -9): when
+        # the user has no other server running, their session leases go back too.
+        others = [
+            s
+            for s in getattr(self.user, "spawners", {}).values()
+            if s is not self and getattr(s, "active", False)
+        ]
+        if not others:
+            gone += self.allocator.release_prefix(f"{SESSION_OWNER_PREFIX}{self.user.name}:")
         if gone:
             self.log.info("Released %s for %s", ",".join(gone), self.owner)
         self.devices = []

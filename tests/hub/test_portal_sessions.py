@@ -118,3 +118,25 @@ def test_student_is_refused_torch_with_the_reason(stack: tuple[HubProcess, Local
     assert not [o for o in leases(hub).values() if o.startswith("session:")]
     hub.stop_server(alice.name)
     assert leases(hub) == {}
+
+
+def test_killed_server_gives_back_its_sessions_devices(
+    stack: tuple[HubProcess, LocalIdP],
+) -> None:
+    """kill -9 of a notebook server: the hub's poll notices, and the notebook's devices and
+    its compute sessions' leases all return to the pool (no wait for the walltime)."""
+    import os
+    import signal
+
+    hub, idp = stack
+    bob = UserBrowser(hub, idp, "bob")
+    bob.spawn("lab/h100x1")
+    r = bob.api("POST", "sessions", {"request": {"kind": "dask", "gpus": 1}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    wait(lambda: bob.api("GET", f"sessions/{sid}").json()["state"] == "ready", 90, "ready")
+    assert len([o for o in leases(hub).values() if bob.name in o]) == 2
+    pid = hub.api("GET", f"/users/{bob.name}").json()["servers"][""]["state"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait(lambda: not hub.api("GET", f"/users/{bob.name}").json()["servers"], 60, "noticed")
+    assert not [o for o in leases(hub).values() if bob.name in o], leases(hub)

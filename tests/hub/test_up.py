@@ -100,8 +100,18 @@ def test_up_login_spawn_jupyterlab_and_ctrl_c(tmp_path: Path) -> None:
             120,
             "JupyterLab page",
         )
-        # JupyterLab's news feed is off (and so is its prompt to turn it on).
+        # JupyterLab's news feed is off, and so are its prompt and update checks.
         assert '"news": {"disabled": true}' in lab.text
+        notif = s.get(
+            f"{url}/user/alice@uni-a.example/lab/api/settings/"
+            "@jupyterlab/apputils-extension:notification",
+            timeout=30,
+        )
+        assert notif.status_code == 200, notif.text[:300]
+        # The shipped overrides.json turns the defaults to "never ask, never fetch".
+        props = notif.json()["schema"]["properties"]
+        assert props["fetchNews"]["default"] == "false"
+        assert props["checkForUpdates"]["default"] is False
         server_pids = server_pids_from_db(state / "jupyterhub.sqlite")
         assert len(server_pids) == 1 and alive(server_pids[0])
         # A second `up` on the same port refuses at once, with the reason.
