@@ -163,3 +163,35 @@ async def test_torch_session_released_when_its_kernel_goes(jp_fetch: Any) -> Non
     await jp_fetch("api", "kernels", kid, method="DELETE")
     info = await wait_state(jp_fetch, info["id"], ("stopped",), t=20)
     assert info["message"] == "its kernel shut down"
+
+
+async def test_walltime_expiry_is_reported_and_releases_everything(
+    jp_fetch: Any, jp_serverapp: Any, service: PortalServiceThread
+) -> None:
+    """A session past its walltime ends as 'expired' with the reason, and its workers and
+    devices go. The clock is moved, not waited for: the smallest walltime is a minute."""
+    import time
+
+    code, info = await call(
+        jp_fetch,
+        "POST",
+        "sessions",
+        body={"request": {"kind": "dask", "gpus": 1, "walltime_minutes": 1}},
+    )
+    assert code == 201, info
+    sid = info["id"]
+    info = await wait_state(jp_fetch, sid, ("ready", "failed"))
+    assert info["state"] == "ready", info["message"]
+    apps = jp_serverapp.extension_manager.extension_apps
+    app = next(iter(apps["sovereign_portal.extension"]))
+    session = app.manager.sessions[sid]
+    launcher = session.launcher
+    session.started = time.time() - 61  # the minute is over
+    info = await wait_state(jp_fetch, sid, ("expired",), t=20)
+    assert info["message"] == "the walltime of 1 min ended"
+    assert launcher.local_alive() is not True
+    for _ in range(50):
+        if not service.service._leases:
+            break
+        await asyncio.sleep(0.1)
+    assert not service.service._leases
