@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sovereign_portal.spawners.inventory import AllocationError, Allocator, box_devices
+from sovereign_portal.spawners.inventory import (
+    AllocationError,
+    Allocator,
+    box_devices,
+    session_owner,
+)
 from sovereign_portal.spawners.request import RequestError
 from sovereign_portal.spawners.site import Site, load_site
 from sovereign_portal.spawners.sizes import Size
@@ -50,6 +55,8 @@ from .admission import (
 )
 
 SERVICE_NAME = "sovereign-portal"
+#: Largest request body the service reads (a Request is a few hundred bytes).
+MAX_BODY_BYTES = 64 * 1024
 SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server"]
 
 #: A caller identity as the hub describes it: {"name", "groups", "roles", "admin"}.
@@ -212,7 +219,7 @@ class PortalService(Application):
             gpus_per_node=int(grant.size["gpus_per_node"]),
         )
         # The owner names the user, so an operator reading the lease file sees whose it is.
-        owner = f"session:{grant.user}:{grant.id}"
+        owner = session_owner(grant.user, grant.id)
         end = time.time() + grant.walltime_minutes * 60
         try:
             got = a.allocate(owner, size, until=end)
@@ -224,7 +231,7 @@ class PortalService(Application):
     def release(self, grant_id: str, user: str | None = None) -> list[str]:
         """Give a grant's devices back; with ``user``, only if that user holds the grant."""
         lease = self._leases.get(grant_id)
-        if lease is None or (user is not None and lease[1] != f"session:{user}:{grant_id}"):
+        if lease is None or (user is not None and lease[1] != session_owner(user, grant_id)):
             return []
         del self._leases[grant_id]
         return self.allocator(lease[0]).release(lease[1])
@@ -308,7 +315,8 @@ class PortalService(Application):
             port = urlparse(url).port or 80
         if not port:
             raise SystemExit("no port: set --port or run as a hub-managed service with a url")
-        server = HTTPServer(self.make_app(prefix))
+        # Bodies over 1 MiB are cut at the connection; the handlers answer 413 above 64 KiB.
+        server = HTTPServer(self.make_app(prefix), max_body_size=16 * MAX_BODY_BYTES)
         server.listen(port, self.ip)
         self.log.info("sovereign-portal service on %s:%s%s", self.ip, port, prefix)
         PeriodicCallback(self.expire_leases, 30_000).start()
@@ -365,9 +373,12 @@ class CatalogHandler(_Base):
 class GrantsHandler(_Base):
     async def post(self) -> None:
         assert self.caller is not None
+        if len(self.request.body) > MAX_BODY_BYTES:
+            self.fail(413, RequestError(f"the body is over {MAX_BODY_BYTES} bytes", "too_large"))
+            return
         try:
             raw = json.loads(self.request.body or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
             self.fail(400, RequestError("the body must be a JSON object (a request)"))
             return
         p = self.portal

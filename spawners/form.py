@@ -72,7 +72,8 @@ def parse_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """Turn the posted form into request fields; the Request model validates them next."""
     unknown = sorted(set(formdata) - set(FORM_FIELDS) - {"_xsrf"})
     if unknown:
-        raise RequestError(f"unknown form field(s): {', '.join(unknown)}")
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])  # untrusted: cut short
+        raise RequestError(f"unknown form field(s): {shown}; allowed: {', '.join(FORM_FIELDS)}")
 
     def one(key: str) -> str | None:
         values = formdata.get(key) or []

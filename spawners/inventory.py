@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .site import NodeType
 from .sizes import Size
@@ -94,6 +95,34 @@ def _walk_nvml(nv: Any) -> Iterable[Device]:
                 continue
             match = _MIG_NAME.search(_text(nv.nvmlDeviceGetName(m)))
             yield Device(_text(nv.nvmlDeviceGetUUID(m)), i, acc, match.group(1) if match else None)
+
+
+#: Owner prefix of the portal service's session leases: ``session:<user>:<grant id>``.
+SESSION_OWNER_PREFIX = "session:"
+
+
+def _owner_part(name: str) -> str:
+    """A user or server name inside a lease owner, with ``:``, ``/`` and ``%`` escaped."""
+    return quote(name, safe="@._-~")
+
+
+def server_owner(user: str, server: str = "") -> str:
+    """Lease owner of a notebook server: ``alice`` or ``alice/<server name>``.
+
+    Names are escaped, so an owner never contains ``:`` and no user name (even one such as
+    ``session:bob:1f``) can look like another user's server or any user's session.
+    """
+    return f"{_owner_part(user)}/{_owner_part(server)}" if server else _owner_part(user)
+
+
+def session_owner_prefix(user: str) -> str:
+    """``session:<escaped user>:``: starts the owners of ``user``'s sessions and no one else's."""
+    return f"{SESSION_OWNER_PREFIX}{_owner_part(user)}:"
+
+
+def session_owner(user: str, grant_id: str) -> str:
+    """Lease owner of a compute session's devices."""
+    return session_owner_prefix(user) + grant_id
 
 
 class AllocationError(RuntimeError):

@@ -17,7 +17,14 @@ from tornado import web
 from traitlets import Bool, Enum, List, Unicode
 
 from .base import PortalSpawnerMixin
-from .inventory import AllocationError, Allocator, Device, box_devices
+from .inventory import (
+    AllocationError,
+    Allocator,
+    Device,
+    box_devices,
+    server_owner,
+    session_owner_prefix,
+)
 from .site import Partition
 from .sizes import Size
 
@@ -28,9 +35,6 @@ SOVEREIGN_LAB_ARGS = (
     "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
     "--LabApp.extension_manager=readonly",
 )
-
-#: Owner prefix of the portal service's session leases: ``session:<user>:<grant>``.
-SESSION_OWNER_PREFIX = "session:"
 
 _ALLOCATORS: dict[tuple[str, str, str], Allocator] = {}
 
@@ -105,7 +109,7 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
 
     @property
     def owner(self) -> str:
-        return f"{self.user.name}/{self.name}" if self.name else self.user.name
+        return server_owner(self.user.name, self.name)
 
     def free_devices(self, partition: Partition, size: Size) -> int | None:
         return self.allocator.free(size) // size.devices_per_node
@@ -140,7 +144,7 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
             if s is not self and getattr(s, "active", False)
         ]
         if not others:
-            gone += self.allocator.release_prefix(f"{SESSION_OWNER_PREFIX}{self.user.name}:")
+            gone += self.allocator.release_prefix(session_owner_prefix(self.user.name))
         if gone:
             self.log.info("Released %s for %s", ",".join(gone), self.owner)
         self.devices = []

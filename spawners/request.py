@@ -22,6 +22,8 @@ Word = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.:-]{0,63}$")]
 MAX_COUNT = 256
 MAX_NODES = 1024
 MAX_WALLTIME_MINUTES = 30 * 24 * 60
+#: At most this many problems are listed in one RequestError message.
+MAX_PROBLEMS = 5
 
 
 class RequestError(ValueError):
@@ -62,14 +64,23 @@ def parse_request(data: Any) -> Request:
         return Request.model_validate(data)
     except ValidationError as e:
         msgs = []
-        for err in e.errors():
-            key = ".".join(str(x) for x in err["loc"]) or "request"
+        # Untrusted keys are shown cut short, and only the first few problems: the message
+        # reaches logs and pages, so its size must not depend on the input's.
+        for err in e.errors()[:MAX_PROBLEMS]:
+            key = _short(".".join(str(x) for x in err["loc"]) or "request")
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(Request.model_fields)
                 msgs.append(f"unknown field {key!r} (allowed: {allowed})")
             else:
-                msgs.append(f"{key}: {err['msg']}")
+                msgs.append(f"{key}: {_short(err['msg'], 200)}")
+        if e.error_count() > MAX_PROBLEMS:
+            msgs.append(f"and {e.error_count() - MAX_PROBLEMS} more problem(s)")
         raise RequestError("; ".join(msgs)) from None
+
+
+def _short(value: str, limit: int = 40) -> str:
+    """An untrusted string cut to ``limit`` characters, for an error message."""
+    return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -190,10 +201,10 @@ def request_from_size_id(size_id: str, **extra: Any) -> dict[str, Any]:
         return {"accelerator": acc, "slice": rest, **extra}
     parts = size_id.split("x")
     if len(parts) not in (2, 3) or not parts[1].isdigit():
-        raise RequestError(f"unknown size {size_id!r}")
+        raise RequestError(f"unknown size {_short(size_id)!r}")
     out: dict[str, Any] = {"accelerator": parts[0], "gpus": int(parts[1]), **extra}
     if len(parts) == 3:
         if not (parts[2].endswith("n") and parts[2][:-1].isdigit()):
-            raise RequestError(f"unknown size {size_id!r}")
+            raise RequestError(f"unknown size {_short(size_id)!r}")
         out["nodes"] = int(parts[2][:-1])
     return out
