@@ -14,6 +14,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,9 @@ class TorchSession(SessionHandle):
             while len(self._conns) < self.world_size:
                 try:
                     conn = listener.accept()
-                except OSError as e:  # includes AuthenticationError and timeouts
+                except (OSError, EOFError, AuthenticationError) as e:
+                    # AuthenticationError is not an OSError: a peer without the session
+                    # secret (anyone on the host can connect) must not end the attach.
                     if "timed out" in str(e):
                         raise PortalError(
                             f"only {len(self._conns)} of {self.world_size} ranks connected "

@@ -25,6 +25,8 @@ from tornado import web
 from .sessions import SessionError, SessionManager
 
 AUTH_RESOURCE = "sovereign_portal"
+#: Largest request body a handler reads (a session request is a few hundred bytes).
+MAX_BODY_BYTES = 64 * 1024
 
 
 class _Base(APIHandler):
@@ -40,9 +42,11 @@ class _Base(APIHandler):
         self.finish(json.dumps({"error": str(e), "reason": e.reason}))
 
     def body(self) -> Any:
+        if len(self.request.body) > MAX_BODY_BYTES:
+            raise web.HTTPError(413, f"the body is over {MAX_BODY_BYTES} bytes")
         try:
             return json.loads(self.request.body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
             raise web.HTTPError(400, "the body must be JSON") from None
 
 

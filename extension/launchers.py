@@ -20,6 +20,16 @@ from typing import Any
 
 FORBIDDEN_ENV = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
+#: Dask's HTTP servers take no credentials: anyone who can reach the port could read worker
+#: logs, call stacks and task names (``/info``, ``/json``, ``/metrics``) or, with
+#: jupyter-server-proxy installed, use ``/proxy`` as an open proxy. Sessions serve only
+#: ``/health``; the client and the workers talk to the scheduler over mutual TLS.
+HTTP_ROUTES = ["distributed.http.health"]
+QUIET_HTTP = {
+    "distributed.scheduler.http.routes": HTTP_ROUTES,
+    "distributed.worker.http.routes": HTTP_ROUTES,
+}
+
 
 def safe_env_names(names: list[str]) -> list[str]:
     """The names of ``names`` that are set here and cannot carry a secret."""
@@ -174,27 +184,33 @@ class LocalDask(_DaskLauncher):
             }
             for i, dev in enumerate(self.grant["devices"])
         }
-        self.cluster = await SpecCluster(
-            workers=self._spec,
-            scheduler={
-                "cls": Scheduler,
-                "options": {
-                    "security": sec,
-                    "protocol": "tls://",
-                    "host": "127.0.0.1",
-                    "dashboard": False,
-                    "dashboard_address": "127.0.0.1:0",
+        import dask
+
+        with dask.config.set(QUIET_HTTP):  # read when the scheduler and Nannies are made
+            self.cluster = await SpecCluster(
+                workers=self._spec,
+                scheduler={
+                    "cls": Scheduler,
+                    "options": {
+                        "security": sec,
+                        "protocol": "tls://",
+                        "host": "127.0.0.1",
+                        "dashboard": False,
+                        "dashboard_address": "127.0.0.1:0",
+                    },
                 },
-            },
-            security=sec,
-            asynchronous=True,
-            name=f"portal-{self.sid}",
-        )
+                security=sec,
+                asynchronous=True,
+                name=f"portal-{self.sid}",
+            )
 
     async def scale(self, workers: int) -> None:
         keep = dict(list(self._spec.items())[:workers])
         self.cluster.worker_spec = keep
-        await self.cluster._correct_state()
+        import dask
+
+        with dask.config.set(QUIET_HTTP):
+            await self.cluster._correct_state()
 
 
 class SlurmDask(_DaskLauncher):
@@ -218,12 +234,19 @@ class SlurmDask(_DaskLauncher):
         return ["--host", self.cfg.host, "--dashboard-address", f"{self.cfg.host}:0"]
 
     async def start(self) -> None:
+        import dask
         from dask_jobqueue import SLURMCluster
 
         per_job = int(self.grant["devices_per_node"])
         sec = self._security()
         (self.dir / "logs").mkdir(exist_ok=True)
-        self.cluster = await SLURMCluster(
+        with dask.config.set(QUIET_HTTP):  # the scheduler runs here, in this process
+            self.cluster = await self._slurm_cluster(SLURMCluster, per_job, sec)
+        self.cluster.scale(jobs=int(self.grant["jobs"]))
+
+    async def _slurm_cluster(self, cls: Any, per_job: int, sec: Any) -> Any:
+        routes = json.dumps(HTTP_ROUTES)  # the workers' own HTTP servers, on the nodes
+        return await cls(
             queue=self.grant["scheduler_partition"],
             account=self.grant.get("account"),
             walltime=_minutes_hms(int(self.grant["walltime_minutes"])),
@@ -233,7 +256,10 @@ class SlurmDask(_DaskLauncher):
             job_directives_skip=["--mem"],
             job_extra_directives=self._extra(),
             job_name=f"portal-dask-{self.sid}",
-            job_script_prologue=[f"export SOVEREIGN_PORTAL_WORKERS_PER_JOB={per_job}"],
+            job_script_prologue=[
+                f"export SOVEREIGN_PORTAL_WORKERS_PER_JOB={per_job}",
+                f"export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES={shlex.quote(routes)}",
+            ],
             worker_extra_args=[
                 "--preload",
                 "sovereign_portal.extension.gpu_pin",
@@ -255,7 +281,6 @@ class SlurmDask(_DaskLauncher):
             asynchronous=True,
             name=f"portal-{self.sid}",
         )
-        self.cluster.scale(jobs=int(self.grant["jobs"]))
 
     def job_ids(self) -> list[str]:
         if self.cluster is None:
