@@ -274,6 +274,12 @@ def render_config(
         "This page is generated from the help strings in the code; options a class inherits "
         "from JupyterHub or Jupyter Server are documented upstream and are not repeated here.",
         "",
+        "`PortalService` is the exception: it runs as a separate process that the hub starts "
+        "(a managed service), so its options are command-line arguments, "
+        "`--PortalService.<option>=<value>`. `configure_hub()` and `configure()` "
+        "(`sovereign_portal.hub.service`, `sovereign_portal.hub.portal`) write them for you; "
+        "add one by appending to the service's `command` in `c.JupyterHub.services`.",
+        "",
     ]
     if problems:
         out += [
