@@ -171,6 +171,9 @@ async def test_dask_ports_need_client_certificates_and_serve_no_pages(
     ports = {s.getsockname()[1] for s in sched.http_server._sockets.values()}
     workers = [ws.services.get("dashboard") for ws in sched.workers.values()]
     assert ports and all(workers), workers
+    for ws in sched.workers.values():  # worker processes: no key material or token in ps/env
+        argv, environ = _proc_text(ws.pid, "cmdline"), _proc_text(ws.pid, "environ")
+        assert "PRIVATE KEY" not in argv + environ and TOKEN not in argv + environ
 
     def http() -> dict[str, int]:
         got = {}
@@ -254,3 +257,39 @@ async def test_torch_rank_channel_keeps_its_secret_and_shrugs_off_strangers(
         assert len(ranks) == 2
     finally:
         await asyncio.to_thread(session.close)
+
+
+async def test_slurm_dask_job_script_holds_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch script dask-jobqueue would submit: certificate paths (0600 files in the 0700
+    session directory), never key material or a token; an allow-listed job environment; the
+    workers' HTTP servers limited to /health. Nothing is submitted."""
+    import dask
+    from dask_jobqueue import SLURMCluster
+    from sovereign_portal.extension.launchers import QUIET_HTTP, LaunchConfig, SlurmDask
+
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", TOKEN)
+    sdir = tmp_path / "0123456789ab"
+    sdir.mkdir(mode=0o700)
+    grant = {
+        "scheduler_partition": "gpu",
+        "walltime_minutes": 30,
+        "devices_per_node": 2,
+        "scheduler_args": ["--nodes=1", "--gres=gpu:h100:2", "--partition=gpu", "--time=30"],
+        "workers": 2,
+        "jobs": 1,
+    }
+    launcher = SlurmDask(grant, sdir, LaunchConfig(env_names=["PATH", "HOME"]))
+    sec = launcher._security()
+    with dask.config.set(QUIET_HTTP):
+        cluster = await launcher._slurm_cluster(SLURMCluster, 2, sec)
+    try:
+        script = cluster.job_script()
+        assert TOKEN not in script and "PRIVATE KEY" not in script
+        assert "--export=PATH,HOME" in script
+        assert "DASK_DISTRIBUTED__WORKER__HTTP__ROUTES" in script
+        keys = re.findall(r"--tls-key (\S+)", script)
+        assert keys and all(_mode(Path(k)) == 0o600 and Path(k).parent == sdir for k in keys)
+    finally:
+        await cluster.close()

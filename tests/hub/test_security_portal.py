@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.support.hub import HubProcess
-from tests.support.idp import browser_resolve
+from tests.support.idp import LocalIdP, browser_resolve, hub_auth_config, oidc_login
 from tests.support.paths import free_port
 
 pytestmark = [pytest.mark.hub, pytest.mark.timeout(180)]
@@ -317,3 +317,31 @@ def test_debug_log_holds_no_secret(hub: HubProcess, sib: Any) -> None:
     assert "[D " in log  # debug level was on
     leaked = [name for name, value in secrets.items() if value and value in log]
     assert not leaked, leaked
+
+
+def test_institutional_login_at_debug_level_logs_no_secret(tmp_path: Path) -> None:
+    """The IdP client secret, codes, state and tokens stay out of a debug-level hub log, out
+    of the hub's argv, and out of every URL of the login (one good and one forged login)."""
+    h = HubProcess(tmp_path / "hub", debug=True)
+    idp = LocalIdP(tmp_path / "idp", [f"{h.url}/hub/oauth_callback"], tamper=True).start()
+    try:
+        h.config_path.write_text(h.config_path.read_text() + hub_auth_config(idp))
+        h.start()
+        good = oidc_login(h.url, idp, "carol")
+        me = good.session.get(f"{h.url}/hub/api/user", timeout=10)
+        assert me.status_code == 200 and me.json()["name"] == "carol@uni-a.example", me.text
+        idp.tamper("other_key")
+        assert oidc_login(h.url, idp, "carol").response.status_code == 403
+        assert h.hub is not None
+        argv = proc_of(h.hub.pid)[0]
+        log = h.log_text()
+        assert "[D " in log and "login refused: reason=id_token_invalid" in log
+        assert idp.client_secret not in log and idp.client_secret not in argv
+        assert idp.client_secret not in " ".join(good.hops)
+        assert "eyJ" not in log  # JWTs and the base64-JSON state
+        assert not re.search(r"[?&](code|state)=(?!\[secret\])", log)
+        assert "access_token" not in log and "id_token=" not in log
+    finally:
+        h.close()
+        idp.stop()
+    h.assert_no_egress()
