@@ -329,3 +329,56 @@ def test_course_image_allow_list_gives_the_command_shown(tmp_path: Path) -> None
     shown = ast.literal_eval(console.strip().splitlines()[-1])
     assert allow.argv(None, {"course-ml101"}, course="course-ml101") == shown
     assert tomllib.loads(toml_text)["images"][1]["courses"] == ["course-ml101", "instructors-ml101"]
+
+
+# -- the researcher tutorial calls what exists -------------------------------------------------
+TUTORIAL = DOCS / "tutorials" / "one-notebook-to-16-gpus.md"
+
+
+def test_tutorial_calls_exist_with_those_signatures() -> None:
+    import inspect
+
+    from sovereign_portal.extension import GPUSessions, request_session
+    from sovereign_portal.extension.client import DaskSession, SessionHandle, TorchSession
+    from sovereign_portal.spawners.request import parse_request
+
+    known = {
+        "GPUSessions": GPUSessions,
+        "request_session": request_session,
+        "scale": DaskSession.scale,
+        "run": TorchSession.run,
+        "run_script": TorchSession.run_script,
+        "close": SessionHandle.close,
+    }
+    methods = {"scale", "run", "run_script", "close"}
+    checked: set[str] = set()
+    for lang, line, body in _blocks(TUTORIAL.read_text()):
+        if lang != "python":
+            continue
+        for node in ast.walk(ast.parse(body)):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = (
+                f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            )
+            if name not in known:
+                continue
+            args: list[object] = [object()] * len(node.args)
+            kwargs = {k.arg: object() for k in node.keywords if k.arg}
+            if name in methods:
+                args = [object(), *args]
+            try:
+                inspect.signature(known[name]).bind(*args, **kwargs)
+            except TypeError as e:
+                raise AssertionError(f"{TUTORIAL.name}:{line}: {ast.unparse(node)}: {e}") from None
+            if name == "request_session":
+                kind = ast.literal_eval(node.args[0]) if node.args else "dask"
+                fields = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+                parse_request({"kind": kind, **fields})  # the fields are real request fields
+            checked.add(name)
+    assert checked == set(known), f"the tutorial no longer shows {set(known) - checked}"
+    for attr in ("client", "scale", "status", "close"):
+        assert hasattr(DaskSession, attr)
+    for attr in ("run", "run_script", "close"):
+        assert hasattr(TorchSession, attr)
