@@ -14,6 +14,7 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..request import Resolved
 
@@ -27,12 +28,19 @@ _ENV_KEY = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:@%+=,{}\-]*$")
 _PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]*$")
 _PATH = re.compile(r"^/[A-Za-z0-9_./+@%-]*$")
+#: The in-job launcher, run by path (it imports only the standard library).
+LAUNCHER = str(Path(__file__).resolve().with_name("launch.py"))
 #: Environment variables a job script may never set, whatever the configuration says.
 FORBIDDEN_ENV = frozenset({"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "CONFIGPROXY_AUTH_TOKEN"})
 
 
 class JobScriptError(ValueError):
     """A value that must not go into a job script."""
+
+
+def valid_unix_user(name: str) -> bool:
+    """A plain Unix user name (what may follow ``runuser -u``)."""
+    return bool(_USER.match(name))
 
 
 def make_tag(key: bytes, nonce: str) -> str:
@@ -81,13 +89,14 @@ class JobSpec:
     account: str | None = None
     qos: str | None = None
     extra_sbatch: Sequence[str] = ()
+    launcher: str = LAUNCHER
 
     def __post_init__(self) -> None:
         if not _USER.match(self.unix_user):
             raise JobScriptError(f"not a valid Unix user name: {self.unix_user!r}")
         if not _TAG.match(self.tag):
             raise JobScriptError(f"not a valid job tag: {self.tag!r}")
-        for name in ("home", "python", "token_file", "output"):
+        for name in ("home", "python", "token_file", "output", "launcher"):
             value = getattr(self, name)
             if not _PATH.match(value) or "/../" in value + "/":
                 raise JobScriptError(f"{name} must be a plain absolute path, got {value!r}")
@@ -150,8 +159,8 @@ def render_script(spec: JobSpec) -> str:
         lines.append(f"export {key}={shlex.quote(value)}")
     launch = [
         spec.python,
-        "-m",
-        "sovereign_portal.spawners.slurm.launch",
+        "-I",  # the launcher needs only the standard library: start fast, run by path
+        spec.launcher,
         f"--token-file={spec.token_file}",
         f"--tag={spec.tag}",
         f"--ip={spec.ip}",

@@ -7,24 +7,31 @@
    comment to ``sovereign-portal:<tag>:port=<n>`` (``scontrol update``; the job's owner may
    change its own job's comment). The hub reads it in its single batched ``squeue`` and takes
    the host from Slurm's node address, so the job can tell the hub one port and nothing else.
+   The report runs in a detached child while the server starts (it needs ~2 s to import);
+   if Slurm refuses it, the child stops the server, so the job ends visibly.
 3. ``exec`` ``jupyterhub-singleuser`` with ``--ip`` and ``--port``.
+
+This file is run by path with ``python -I`` and imports only the standard library: the
+package's ``__init__`` (pydantic, the site schema) would add a quarter of a second to every
+spawn. :data:`COMMENT_PREFIX` must equal ``jobscript.COMMENT_PREFIX`` (a unit test checks).
 
 Usage (rendered by :mod:`.jobscript`)::
 
-    python -m sovereign_portal.spawners.slurm.launch --token-file F --tag T --ip IP -- CMD...
+    python -I .../slurm/launch.py --token-file F --tag T --ip IP -- CMD...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
-from .jobscript import COMMENT_PREFIX
+COMMENT_PREFIX = "sovereign-portal:"
 
 
 def take_token(path: str) -> str:
@@ -61,6 +68,29 @@ def report_port(job_id: str, tag: str, port: int) -> None:
     raise SystemExit(f"launch: cannot report the port to Slurm: {r.stderr.strip()}")
 
 
+def report_in_background(job_id: str, tag: str, port: int) -> None:
+    """Report the port from a detached grandchild; stop the server if that fails."""
+    server = os.getpid()  # exec keeps the pid: this is the server's
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)  # the child exits at once; the grandchild is reparented
+        return
+    code = 0
+    try:
+        if os.fork() == 0:
+            try:
+                report_port(job_id, tag, port)
+            except SystemExit as e:
+                print(e, file=sys.stderr, flush=True)
+                os.kill(server, signal.SIGTERM)
+                code = 1
+    except BaseException:
+        code = 1
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="sovereign-portal-launch")
     ap.add_argument("--token-file", required=True)
@@ -75,12 +105,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not job_id.isdigit():
         raise SystemExit("launch: not inside a Slurm job (SLURM_JOB_ID is not set)")
     token = take_token(a.token_file)
-    os.environ["JUPYTERHUB_API_TOKEN"] = token
     port = free_port(a.ip)
+    report_in_background(job_id, a.tag, port)  # before the token enters the environment
+    os.environ["JUPYTERHUB_API_TOKEN"] = token
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
     os.environ["JUPYTERHUB_SERVICE_URL"] = f"http://{a.ip}:{port}{prefix}"
-    report_port(job_id, a.tag, port)
-    sys.stdout.flush()
     os.execv(cmd[0], [*cmd, f"--ip={a.ip}", f"--port={port}"])  # noqa: S606 - argv, no shell
 
 

@@ -5,6 +5,8 @@
 - :class:`JobPoller` keeps one ``squeue`` per interval (with jitter) for all tracked jobs.
   A failed or timed-out query leaves every job *unknown*; only an authoritative answer (the
   job is listed in a final state, or ``squeue`` succeeded and no longer lists it) ends one.
+  The poll that sees a job end calls that job's watcher at once, so a spawner tells the hub
+  within one scheduler interval, without waiting for JupyterHub's own poll.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 log = logging.getLogger("sovereign_portal.slurm")
@@ -192,6 +194,7 @@ class JobPoller:
         self.jobs: dict[str, JobInfo] = {}
         self.tracked: set[str] = set()
         self.hurry: set[str] = set()  # jobs being started or stopped: poll them fast
+        self.watchers: dict[str, Callable[[JobInfo], None]] = {}
         self.last_ok = 0.0
         self.last_error: str | None = None
         self.polls = 0
@@ -212,6 +215,11 @@ class JobPoller:
         self.tracked.discard(job_id)
         self.hurry.discard(job_id)
         self.jobs.pop(job_id, None)
+        self.watchers.pop(job_id, None)
+
+    def watch(self, job_id: str, on_end: Callable[[JobInfo], None]) -> None:
+        """Call ``on_end(info)`` from the poll that first sees ``job_id`` end (once)."""
+        self.watchers[job_id] = on_end
 
     def calm(self, job_id: str) -> None:
         self.hurry.discard(job_id)
@@ -269,10 +277,18 @@ class JobPoller:
         except (TimeoutError, OSError) as e:
             return self._unknown(f"squeue did not answer: {e!r}")
         now = time.monotonic()
+        ended: list[tuple[Callable[[JobInfo], None], JobInfo]] = []
         for job_id in ids:
-            self.jobs[job_id] = found.get(job_id, GONE)
+            info = self.jobs[job_id] = found.get(job_id, GONE)
+            if not info.active and job_id in self.watchers:
+                ended.append((self.watchers.pop(job_id), info))
         self.last_ok = now
         self.last_error = None
+        for on_end, info in ended:
+            try:
+                on_end(info)
+            except Exception:
+                log.exception("A watcher of Slurm job %s failed", info.job_id or "?")
         async with self._changed:
             self._changed.notify_all()
         return True

@@ -9,10 +9,14 @@ Lifecycle, in short (docs/explanation/security.md has the why):
   Slurm's reason and start estimate), starting on node N, and the port the job reported in
   its own comment. The host is Slurm's address of the node, never what the job says.
 - ``poll``: answers from the shared poller's last *authoritative* answer; a failing or
-  silent ``squeue`` keeps the server running (unknown is not stopped).
+  silent ``squeue`` keeps the server running (unknown is not stopped). The poll that sees
+  the job end also tells the hub at once (``poll_and_notify``), so a job cancelled behind
+  the hub's back shows as stopped within one scheduler interval, which is also the default
+  JupyterHub ``poll_interval``.
 - ``stop``: ``scancel`` as the user, then wait until Slurm says the job is gone.
-- hub restart: ``load_state`` re-tracks the job id and tag; portal jobs whose tag is ours
-  but that no spawner tracks are cancelled after a grace period. Nothing else is touched.
+- hub restart: ``load_state`` re-tracks the job id and tag; after every hub start
+  (:func:`.sweep.sweep_on_hub_start`), portal jobs whose tag is ours but that no spawner
+  tracks are reported and cancelled after a grace period. Nothing else is touched.
 """
 
 from __future__ import annotations
@@ -30,11 +34,20 @@ from typing import Any
 
 from jupyterhub.spawner import Spawner, SpawnException
 from tornado import web
-from traitlets import Dict, Float, List, Unicode
+from traitlets import Dict, Float, List, Unicode, default
 
 from ..base import PortalSpawnerMixin
 from ..request import Resolved
-from .jobscript import JobSpec, comment_port, comment_tag, render_script, sbatch_argv, tag_is_ours
+from .jobscript import (
+    JOB_NAME,
+    JobSpec,
+    comment_port,
+    comment_tag,
+    render_script,
+    sbatch_argv,
+    tag_is_ours,
+    valid_unix_user,
+)
 from .jobscript import make_tag as _make_tag
 from .scheduler import (
     FINAL_STATES,
@@ -51,7 +64,6 @@ from .scheduler import (
 #: Tags of every job a spawner in this process tracks (submitted or re-adopted).
 TRACKED_TAGS: set[str] = set()
 _NODE_ADDR: dict[str, str] = {}
-_SWEEP: dict[str, asyncio.Task[None]] = {}
 
 
 def _unlink(path: str) -> None:
@@ -116,7 +128,9 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         30.0,
         config=True,
         help="""Seconds between the shared squeue calls that cover every server's job. One
-        call per interval, whatever the number of servers.""",
+        call per interval, whatever the number of servers. The poll that sees a job end
+        tells the hub at once, so a server whose job ends shows as stopped within one
+        interval; JupyterHub's own Spawner.poll_interval defaults to the same value.""",
     )
     scheduler_poll_jitter = Float(
         0.1,
@@ -128,7 +142,14 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         0.5,
         config=True,
         help="Poll interval while some job is being started or stopped (still one squeue "
-        "for all jobs).",
+        "for all jobs). It bounds how late the hub learns a starting job's port.",
+    )
+    connect_poll_interval = Float(
+        0.05,
+        config=True,
+        help="""Once the job reports its port, start() tries a TCP connection to the server
+        this often (up to http_timeout) and returns when it listens, so JupyterHub's HTTP
+        check, which backs off exponentially, succeeds on its first try.""",
     )
     tag_key_file = Unicode(
         "sovereign-portal-slurm.key",
@@ -140,8 +161,11 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     orphan_grace_seconds = Float(
         120.0,
         config=True,
-        help="""After the first job is tracked, wait this long (for the hub to re-adopt
-        its servers), then cancel portal jobs that no server tracks. 0 disables the sweep.""",
+        help="""Seconds to wait after the hub has started (and re-adopted the servers in
+        its database) before portal jobs that carry this hub's tag but that no server
+        tracks are reported and cancelled. The sweep runs after every hub start when
+        jupyterhub_config.py calls sweep_on_hub_start() (see the Slurm deployment how-to),
+        and otherwise once the first server is loaded. 0 disables it.""",
     )
     stop_wait_timeout = Float(
         60.0,
@@ -168,6 +192,11 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     stop_reason: str = ""
     _events: list[dict[str, Any]]
     _starting = False
+    _notify: asyncio.Future[Any] | None = None
+
+    @default("poll_interval")
+    def _default_poll_interval(self) -> int:
+        return max(1, round(self.scheduler_poll_interval))
 
     # -- shared machinery ---------------------------------------------------------------------
     @property
@@ -221,6 +250,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         if self.job_id:
             TRACKED_TAGS.add(self.job_tag)
             self.poller.track(self.job_id)
+            self.poller.watch(self.job_id, self._job_ended)
             self._schedule_sweep()
 
     def get_state(self) -> dict[str, Any]:
@@ -373,14 +403,38 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         self._event(20, f"Submitted as Slurm job {self.job_id}; waiting in the queue")
         try:
             host, port = await self._wait_running(resolved)
+            self.job_host = host
+            await self._wait_listening(host, port)
         except BaseException:
             await self._cancel()
             _unlink(spec.token_file)
             raise
         finally:
             self.poller.calm(self.job_id)
-        self.job_host = host
+        self.poller.watch(self.job_id, self._job_ended)
         return host, port
+
+    async def _wait_listening(self, host: str, port: int) -> None:
+        """Return once the server accepts TCP connections (or the job ends, or timeout).
+
+        JupyterHub's HTTP check backs off 0.2, 0.4, 0.8, 1.6 s...; a server that starts
+        listening just after one try waits for the next. Probing here every
+        ``connect_poll_interval`` lets the hub's first try succeed.
+        """
+        deadline = time.monotonic() + self.http_timeout
+        while time.monotonic() < deadline:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+            except (OSError, TimeoutError):
+                info = self.poller.info(self.job_id)
+                if info is not None and not info.active:
+                    return  # _wait_running's checks did not see it end; the hub's will
+                await asyncio.sleep(self.connect_poll_interval)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
 
     async def _wait_running(self, resolved: Resolved) -> tuple[str, int]:
         last = ""
@@ -417,6 +471,9 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             if info.nodes and info.nodes != node_seen:
                 node_seen = info.nodes
                 self._event(60, f"Starting on node {info.nodes}")
+                # Look the node's address up while the job starts, not after.
+                addr = asyncio.ensure_future(self._node_addr(info.nodes.split(",")[0]))
+                addr.add_done_callback(lambda f: f.cancelled() or f.exception())
             port = comment_port(info.comment, self.job_tag)
             if port is not None and info.state == "RUNNING":
                 host = await self._node_addr(info.nodes.split(",")[0])
@@ -430,6 +487,16 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                 name, _, addr = line.partition(" ")
                 _NODE_ADDR[name] = addr.strip() or name
         return _NODE_ADDR.get(node, node)
+
+    def _job_ended(self, info: JobInfo) -> None:
+        """The shared poll saw this server's job end: tell the hub now, not at its next poll.
+
+        Only while the hub polls this server (its poll callbacks are set) and no start or
+        stop is in progress: those handle the end themselves.
+        """
+        self._note_end(info)
+        if self._poll_callback is not None and not self.pending:
+            self._notify = asyncio.ensure_future(self.poll_and_notify())
 
     # -- running ---------------------------------------------------------------------------------
     async def poll(self) -> int | None:
@@ -464,6 +531,9 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     async def stop(self, now: bool = False) -> None:
         if not self.job_id:
             return
+        known = self.poller.info(self.job_id)
+        if known is not None and not known.active:
+            return  # Slurm already said the job ended: nothing to cancel or wait for
         self.poller.track(self.job_id, hurry=True)
         await self._cancel()
         deadline = time.monotonic() + self.stop_wait_timeout
@@ -490,36 +560,48 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
 
     # -- untracked portal jobs ------------------------------------------------------------------
     def _schedule_sweep(self) -> None:
-        if self.orphan_grace_seconds <= 0 or "sweep" in _SWEEP:
-            return
-        _SWEEP["sweep"] = asyncio.ensure_future(self._sweep_later())
+        from .sweep import schedule_sweep
 
-    async def _sweep_later(self) -> None:
-        await asyncio.sleep(self.orphan_grace_seconds)
-        try:
-            await self.sweep_orphans()
-        except Exception:
-            self.log.exception("Sweeping untracked portal jobs failed")
+        schedule_sweep(self)
 
     async def sweep_orphans(self) -> list[str]:
-        """Cancel active jobs tagged by this hub that no server tracks; return their ids."""
-        out = await call(
-            ["squeue", "-h", "--name=sovereign-portal", "-o", "%i|%u|%k"], env=slurm_env()
-        )
+        """Report and cancel active jobs tagged by this hub that no server tracks.
+
+        A job is cancelled only if its comment carries a tag signed with this hub's key,
+        no spawner in this process tracks that tag or job id (re-adopted, running, or being
+        started right now), and its owner is a plain Unix user name. Returns the ids.
+        """
+        out = await call(["squeue", "-h", f"--name={JOB_NAME}", "-o", "%i|%u|%k"], env=slurm_env())
         key = self._key()
-        cancelled = []
+        seen, cancelled = 0, []
         for line in out.splitlines():
             job_id, user, comment = [*line.split("|", 2), "", ""][:3]
             tag = comment_tag(comment)
-            if tag is None or not tag_is_ours(key, tag) or tag in TRACKED_TAGS:
+            if tag is None or not tag_is_ours(key, tag):
                 continue
-            if job_id in self.poller.tracked:
+            seen += 1
+            if tag in TRACKED_TAGS or job_id in self.poller.tracked:
                 continue
-            self.log.warning("Cancelling untracked portal job %s of %s (tag %s)", job_id, user, tag)
+            if not job_id.isdigit() or not valid_unix_user(user):
+                self.log.warning("Not touching portal job %r of %r: odd id or user", job_id, user)
+                continue
+            self.log.warning(
+                "Untracked portal job %s of %s (tag %s): no server of this hub tracks it; "
+                "cancelling it",
+                job_id,
+                user,
+                tag,
+            )
             prefix = [a.format(unix_user=user) for a in self.submit_prefix]
             try:
                 await call([*prefix, "scancel", job_id], env=slurm_env())
                 cancelled.append(job_id)
             except SlurmError as e:
                 self.log.warning("scancel of untracked job %s failed: %s", job_id, e)
+        self.log.info(
+            "Orphan sweep: %d active portal job(s) of this hub, %d untracked, cancelled %s",
+            seen,
+            len(cancelled),
+            cancelled or "none",
+        )
         return cancelled

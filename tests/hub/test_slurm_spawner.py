@@ -18,14 +18,20 @@ from typing import Any
 
 import pytest
 import requests
+from sovereign_portal.spawners.slurm.jobscript import make_tag
 
 from tests.support.hub import HubProcess
 from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
 pytestmark = pytest.mark.slurm
 
-POLL = 2  # JupyterHub's Spawner.poll_interval, seconds
 SCHED_POLL = 1.0  # the shared squeue interval, seconds
+POLL = 1  # JupyterHub's Spawner.poll_interval: the same interval (the spawner's default)
+JITTER = 0.1  # scheduler_poll_jitter's default: each interval is 0.9-1.1 x SCHED_POLL
+# What "stopped" takes beyond the poll that sees it: squeue's own run time, the hub's stop
+# (no scancel: Slurm already said the job ended), and this test's API polling.
+HTTP_SLACK = 1.0
+GRACE = 3  # orphan_grace_seconds
 OUTAGE_S = float(os.environ.get("SOVEREIGN_SLURM_OUTAGE_S", "60"))
 
 # A partition that validates against the site file but that Slurm can never satisfy.
@@ -51,11 +57,13 @@ c.JupyterHub.log_level = "DEBUG"
 c.SlurmGPUSpawner.site_file = {site!r}
 c.SlurmGPUSpawner.server_ip = "127.0.0.1"
 c.SlurmGPUSpawner.scheduler_poll_interval = {sched}
-c.SlurmGPUSpawner.orphan_grace_seconds = 8
+c.SlurmGPUSpawner.orphan_grace_seconds = {grace}
 c.SlurmGPUSpawner.residency = {{"proj-fr": ["FR"]}}
 c.SlurmGPUSpawner.tag_key_file = {key!r}
 c.Spawner.environment = {{"EGRESS_LOG": {job_egress!r}}}
 c.Spawner.start_timeout = 90
+from sovereign_portal.spawners.slurm import sweep_on_hub_start
+sweep_on_hub_start()
 """
 
 
@@ -74,6 +82,7 @@ def hub(
     config = CONFIG.format(
         site=str(site),
         sched=SCHED_POLL,
+        grace=GRACE,
         key=str(d / "tag.key"),
         job_egress=str(job_egress),
     )
@@ -98,12 +107,23 @@ def portal_jobs(cluster: SlurmCluster, active: bool = True) -> list[dict[str, st
 def placement(hub: HubProcess, user: str) -> dict[str, Any]:
     r = hub.server_get(user, "sovereign-portal/api/placement")
     assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return r.json()
+
+
+def sweep_line(hub: HubProcess, timeout: float) -> str:
+    """Wait for the orphan sweep of the hub's latest start; return its summary line."""
+    log = hub.dir / f"hub-{hub.starts}.log"
+
+    def line() -> str | None:
+        found = [x for x in log.read_text().splitlines() if "Orphan sweep:" in x]
+        return found[-1] if found else None
+
+    return str(hub.wait_for(line, timeout, "the orphan sweep after this hub start"))
 
 
 def server(hub: HubProcess, user: str) -> dict[str, Any] | None:
     model = hub.api("GET", f"/users/{user}").json()
-    return model.get("servers", {}).get("")  # type: ignore[no-any-return]
+    return model.get("servers", {}).get("")
 
 
 SIZES = {
@@ -148,7 +168,7 @@ def test_token_never_reaches_slurm_or_logs(hub: HubProcess, slurm_cluster: Slurm
     assert len(token) >= 32
     show = slurm_cluster.run(["scontrol", "show", "job", "-d", job["id"]]).stdout
     script = slurm_cluster.run(["scontrol", "write", "batch_script", job["id"], "-"]).stdout
-    assert "sovereign_portal.spawners.slurm.launch" in script  # we read the right thing
+    assert "slurm/launch.py --token-file=" in script  # we read the right thing
     assert token not in show and token not in script
     assert "TOKEN" not in script
     for root in (slurm_cluster.spool_root, slurm_cluster.base / "state"):
@@ -247,39 +267,10 @@ def test_kill9_hub_restart_readopts_without_duplicates(
     for user in SIZES:
         hub.wait_ready(user, timeout=30)
         assert placement(hub, user)["env"]["SLURM_JOB_ID"] == dict(before)[user]
-    time.sleep(10)  # past orphan_grace_seconds: the sweep must not touch adopted jobs
+    # The sweep after this start must leave every adopted job alone.
+    assert "cancelled none" in sweep_line(hub, GRACE + 15)
     after = sorted((j["user"], j["id"]) for j in portal_jobs(slurm_cluster))
     assert after == before
-
-
-def test_untracked_portal_job_is_cancelled_and_others_untouched(
-    hub: HubProcess, slurm_cluster: SlurmCluster
-) -> None:
-    """A job with a forged-looking tag and a plain user job are never touched."""
-    user = "spdave"
-    foreign = slurm_cluster.run(
-        [
-            "sbatch",
-            "--parsable",
-            "-p",
-            "gpu-fr",
-            "--job-name=sovereign-portal",
-            "--comment=sovereign-portal:0123456789ab.0123456789abcdef",
-            "-o",
-            "/dev/null",
-            "--wrap=sleep 300",
-        ],
-        user=user,
-    ).stdout.strip()
-    # The hub's own sweep ran after its restart; trigger another by restarting again.
-    hub.stop()
-    hub.start()
-    for u in SIZES:
-        hub.wait_ready(u, timeout=30)
-    time.sleep(10)
-    states = {j["id"]: j["state"] for j in slurm_cluster.jobs()}
-    assert states[foreign] == "RUNNING"  # a tag we did not sign is not ours
-    slurm_cluster.run(["scancel", foreign])
 
 
 def test_slurmctld_outage_marks_nothing_stopped(
@@ -308,10 +299,11 @@ def test_scancel_behind_the_hubs_back_stops_within_one_poll(
     job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spcarol")
     slurm_cluster.run(["scancel", job["id"]])
     t0 = time.monotonic()
-    hub.wait_for(lambda: server(hub, "spcarol") is None, 30, "spcarol stopped")
+    hub.wait_for(lambda: server(hub, "spcarol") is None, 30, "spcarol stopped", interval=0.05)
     took = time.monotonic() - t0
-    # JupyterHub polls every POLL s (+10% jitter), reading a squeue at most SCHED_POLL old.
-    assert took <= POLL * 1.1 + SCHED_POLL * 1.1 + 1.0, took
+    # The next shared squeue (at most one jittered interval away) sees the job end and
+    # tells the hub at once; JupyterHub's own poll interval is the same interval.
+    assert took <= SCHED_POLL * (1 + JITTER) + HTTP_SLACK, took
     assert f"Slurm job {job['id']}: cancelled" in hub.log_text()
 
 
@@ -330,3 +322,41 @@ def test_stop_cancels_and_waits_until_gone(hub: HubProcess, slurm_cluster: Slurm
     for user in ("spalice", "spbob"):
         hub.stop_server(user)
     assert portal_jobs(slurm_cluster) == []
+
+
+def test_untracked_portal_job_is_reported_and_cancelled_after_restart(
+    hub: HubProcess, slurm_cluster: SlurmCluster
+) -> None:
+    """A hub with no servers still sweeps after it starts. Of three jobs of one user, only
+    the one whose tag this hub signed (and that no server tracks) is cancelled."""
+    assert not any(u.get("servers") for u in hub.api("GET", "/users").json())
+    key = (hub.dir / "tag.key").read_text().strip().encode()
+    tag = make_tag(key, "feedc0ffee00")  # as a spawner whose hub row was since deleted
+
+    def submit(*opts: str) -> str:
+        argv = ["sbatch", "--parsable", "-p", "gpu-fr", "-o", "/dev/null", *opts]
+        return slurm_cluster.run([*argv, "--wrap=sleep 300"], user="spdave").stdout.strip()
+
+    ours = submit("--job-name=sovereign-portal", f"--comment=sovereign-portal:{tag}")
+    forged = submit(
+        "--job-name=sovereign-portal", "--comment=sovereign-portal:0123456789ab.0123456789abcdef"
+    )
+    plain = submit("--job-name=training")
+    try:
+        for job in (ours, forged, plain):
+            slurm_cluster.wait_job_state(job, ["RUNNING"])
+        hub.stop()
+        hub.start()
+        t0 = time.monotonic()
+        assert slurm_cluster.wait_job_state(ours, ["RUNNING"], timeout=1)  # not before grace
+        line = sweep_line(hub, GRACE + 15)
+        assert time.monotonic() - t0 >= GRACE - 1
+        assert f"cancelled ['{ours}']" in line, line
+        log = (hub.dir / f"hub-{hub.starts}.log").read_text()
+        assert f"Untracked portal job {ours} of spdave (tag {tag})" in log
+        slurm_cluster.wait_job_state(ours, ["CANCELLED", "COMPLETING"], timeout=10)
+        states = {j["id"]: j["state"] for j in slurm_cluster.jobs()}
+        assert states[forged] == "RUNNING"  # a tag this hub did not sign is not its job
+        assert states[plain] == "RUNNING"  # a non-portal job of the same user
+    finally:
+        slurm_cluster.run(["scancel", ours, forged, plain], check=False)

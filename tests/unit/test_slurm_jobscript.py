@@ -5,7 +5,11 @@ The real-Slurm counterparts are in tests/hub/test_slurm_spawner.py.
 
 from __future__ import annotations
 
+import asyncio
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +18,8 @@ from sovereign_portal.spawners.policy import allowed_partitions
 from sovereign_portal.spawners.request import parse_request, resolve
 from sovereign_portal.spawners.site import load_site, parse_site
 from sovereign_portal.spawners.slurm.jobscript import (
+    COMMENT_PREFIX,
+    LAUNCHER,
     JobScriptError,
     JobSpec,
     comment_port,
@@ -21,7 +27,7 @@ from sovereign_portal.spawners.slurm.jobscript import (
     render_script,
     tag_is_ours,
 )
-from sovereign_portal.spawners.slurm.scheduler import GONE, parse_squeue
+from sovereign_portal.spawners.slurm.scheduler import GONE, JobPoller, parse_squeue
 
 from tests.support.slurm_cluster import SITE_FILE
 
@@ -43,7 +49,7 @@ def spec(**kw: object) -> JobSpec:
         "env": {"JUPYTERHUB_USER": "spalice", "JUPYTERHUB_OAUTH_SCOPES": '["access:servers"]'},
     }
     base.update(kw)
-    return JobSpec(**base)  # type: ignore[arg-type]
+    return JobSpec(**base)
 
 
 def test_script_has_partition_gres_and_no_secret() -> None:
@@ -82,6 +88,53 @@ def test_tags_are_signed() -> None:
     assert comment_port(f"sovereign-portal:{TAG}:port=4242", TAG) == 4242
     assert comment_port(f"sovereign-portal:{TAG}:port=22", TAG) is None
     assert comment_port(f"sovereign-portal:{TAG}:port=4242;host=evil", TAG) is None
+
+
+def test_launcher_is_standalone_and_agrees_on_the_comment_format() -> None:
+    """The job runs launch.py by path with ``python -I``: standard library only."""
+    script = render_script(spec())
+    assert f"/opt/venv/bin/python -I {LAUNCHER} " in script
+    src = Path(LAUNCHER).read_text()
+    assert "from ." not in src and "sovereign_portal" not in src.split('"""', 2)[2]
+    r = subprocess.run(
+        [sys.executable, "-I", LAUNCHER, "--help"], capture_output=True, text=True, timeout=10
+    )
+    assert r.returncode == 0 and "--token-file" in r.stdout
+    ns: dict[str, object] = {}
+    exec(compile(src, LAUNCHER, "exec"), ns)  # noqa: S102 - our own file, as the job runs it
+    assert ns["COMMENT_PREFIX"] == COMMENT_PREFIX
+
+
+def _fake_squeue(tmp_path: Path, answer: str) -> dict[str, str]:
+    """A ``squeue`` on PATH that prints ``tmp_path/answer`` (or fails if it says FAIL)."""
+    (tmp_path / "answer").write_text(answer)
+    exe = tmp_path / "squeue"
+    exe.write_text(f'#!/bin/sh\nA=$(cat {tmp_path}/answer)\n[ "$A" = FAIL ] && exit 1\necho "$A"\n')
+    exe.chmod(0o755)
+    return {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+
+
+def test_poller_tells_a_watcher_once_when_the_job_ends_and_never_on_errors(
+    tmp_path: Path,
+) -> None:
+    """Fast inner layer of the real-Slurm scancel test: the poll that sees the end calls
+    the watcher; a failing squeue (unknown) never does."""
+
+    async def run() -> list[str]:
+        seen: list[str] = []
+        env = _fake_squeue(tmp_path, "5|RUNNING|None|h100-a|N/A|u|")
+        poller = JobPoller(interval=60, env=env)
+        poller.tracked.add("5")
+        poller.watch("5", lambda info: seen.append(info.state))
+        assert await poller.refresh() and seen == []
+        (tmp_path / "answer").write_text("FAIL")
+        assert not await poller.refresh() and seen == []
+        (tmp_path / "answer").write_text("")  # squeue answered: the job is gone
+        assert await poller.refresh() and seen == ["GONE"]
+        assert await poller.refresh() and seen == ["GONE"]  # once
+        return seen
+
+    assert asyncio.run(run()) == ["GONE"]
 
 
 def test_parse_squeue() -> None:
