@@ -64,8 +64,8 @@ fi
 # JupyterLab settings that keep the browser side quiet: no news prompt, no update checks,
 # no extension manager (the wheel ships the same file as a data file).
 mkdir -p .venv/share/jupyter/lab/settings
-cmp -s images/config/overrides.json .venv/share/jupyter/lab/settings/overrides.json ||
-  cp images/config/overrides.json .venv/share/jupyter/lab/settings/overrides.json
+cmp -s extension/etc/overrides.json .venv/share/jupyter/lab/settings/overrides.json ||
+  cp extension/etc/overrides.json .venv/share/jupyter/lab/settings/overrides.json
 
 if [[ ! -x node_modules/.bin/configurable-http-proxy ]]; then
   log "npm install configurable-http-proxy"

@@ -122,7 +122,7 @@ def test_derived_images_build_on_base() -> None:
 def test_base_image_ships_the_no_egress_settings() -> None:
     expected = {
         ("images/config/jupyter_server_config.json", "etc/jupyter/jupyter_server_config.json"),
-        ("images/config/overrides.json", "share/jupyter/lab/settings/overrides.json"),
+        ("extension/etc/overrides.json", "share/jupyter/lab/settings/overrides.json"),
     }  # fmt: skip
     assert expected <= set(venv_copies(IMAGES / "base" / "Dockerfile"))
     post = "\n".join(parse_def(IMAGES / "base" / "base.def").sections["post"])
@@ -152,7 +152,7 @@ def test_lab_overrides_match_the_installed_schemas() -> None:
 
     schemas = Path(jupyterlab.__file__).parents[4] / "share" / "jupyter" / "lab" / "schemas"
     assert importlib.metadata.version("jupyterlab").startswith("4.")
-    overrides = json.loads((CONFIG / "overrides.json").read_text())
+    overrides = json.loads((REPO / "extension" / "etc" / "overrides.json").read_text())
     assert overrides["@jupyterlab/apputils-extension:notification"] == {
         "fetchNews": "false",
         "checkForUpdates": False,

@@ -60,6 +60,8 @@ def test_wheel_carries_package_data(wheel: zipfile.ZipFile) -> None:
     conf = [n for n in names if n.endswith("jupyter_server_config.d/sovereign_portal.json")]
     assert conf and ".data/data/etc/jupyter/" in conf[0]
     assert b'"sovereign_portal.extension": true' in wheel.read(conf[0])
+    lab = [n for n in names if n.endswith("share/jupyter/lab/settings/overrides.json")]
+    assert lab and b'"fetchNews": "false"' in wheel.read(lab[0])
     assert not [n for n in names if "node_modules" in n]
 
 
