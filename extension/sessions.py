@@ -291,7 +291,7 @@ class SessionManager:
                 s.queue = {"position": p["position"], "reason": p["reason"]}
                 s.state = "queued"
                 s.message = (
-                    f"queued: {len(pending)} of {len(mine)} job(s) waiting "
+                    f"{len(pending)} of {len(mine)} job(s) waiting "
                     f"({p['reason']}, position {p['position']})"
                 )
                 return
