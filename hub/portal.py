@@ -41,13 +41,15 @@ def configure(
     service_port: int = 10101,
     default_role: str = "student",
     inventory_source: str = "auto",
+    residency: dict[str, list[str]] | None = None,
 ) -> None:
     """Configure JupyterHub's config object ``c`` as a sovereign portal.
 
     ``service_port`` is the loopback port of the portal service (compute-session
     admission); ``default_role`` is the portal role of a user whose login carries none;
     ``inventory_source`` ("auto", "nvml" or "declared") is where the spawner and the
-    service both take the box's devices from.
+    service both take the box's devices from; ``residency`` maps a group to the countries
+    its work may run in, for notebooks and sessions alike.
     """
     from .service import configure_hub
 
@@ -69,6 +71,7 @@ def configure(
     c.LocalGPUSpawner.default_url = "/lab"
     c.LocalGPUSpawner.lease_file = leases
     c.LocalGPUSpawner.inventory_source = inventory_source
+    c.LocalGPUSpawner.residency = dict(residency or {})
     c.Spawner.start_timeout = 120
     # EGRESS_LOG: an egress audit guard's log (acceptance runs) reaches the servers too.
     c.Spawner.env_keep = [
@@ -89,6 +92,7 @@ def configure(
         lease_file=leases,
         default_role=default_role,
         inventory_source=inventory_source,
+        residency=residency,
     )
 
     if auth == "dev":

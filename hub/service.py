@@ -40,7 +40,7 @@ from sovereign_portal.spawners.sizes import Size
 from tornado import httpclient, web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
-from traitlets import Dict, Float, Int, List, Unicode
+from traitlets import Dict, Float, Int, List, Unicode, default
 from traitlets.config import Application
 
 from .admission import (
@@ -55,6 +55,7 @@ from .admission import (
 )
 
 SERVICE_NAME = "sovereign-portal"
+RESIDENCY_ENV = "SOVEREIGN_PORTAL_RESIDENCY"
 #: Largest request body the service reads (a Request is a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
 SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server"]
@@ -83,6 +84,19 @@ class PortalService(Application):
         help="""Residency rules: a group mapped to the ISO country codes its work may run in,
         e.g. {"proj-health": ["FR"]}. Same meaning as the spawner's residency option.""",
     )
+
+    @default("residency")
+    def _residency_from_env(self) -> dict[str, list[str]]:
+        raw = os.environ.get(RESIDENCY_ENV)
+        if not raw:
+            return {}
+        rules = json.loads(raw)
+        if not isinstance(rules, dict) or not all(
+            isinstance(v, list) and all(isinstance(c, str) for c in v) for v in rules.values()
+        ):
+            raise ValueError(f"{RESIDENCY_ENV} must be a JSON object of group -> [countries]")
+        return rules
+
     role_groups = Dict(
         key_trait=Unicode(),
         value_trait=Unicode(),
@@ -447,9 +461,10 @@ def service_config(
         cmd.append(f"--PortalService.lease_file={Path(lease_file).resolve()}")
     if site_path:
         cmd.append(f"--site-file={Path(site_path).resolve()}")
-    if residency:
-        cmd.append(f"--PortalService.residency={json.dumps(residency)}")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(extra_env or {})}
+    if residency:
+        # A Dict trait does not travel well as a command-line flag: use the environment.
+        env[RESIDENCY_ENV] = json.dumps(residency)
     for key in ("PYTHONPATH", "EGRESS_LOG"):
         if key in os.environ and key not in env:
             env[key] = os.environ[key]

@@ -9,6 +9,7 @@ a hub restart, running servers are re-adopted with their devices.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -84,6 +85,7 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
     )
 
     devices: list[Device] = []
+    ends_at: float = 0.0  # epoch seconds at which the walltime ends
 
     # -- inventory ----------------------------------------------------------------------
     def _local_partition(self) -> Partition:
@@ -117,6 +119,7 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
     # -- state: re-adoption after a hub restart -----------------------------------------
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
+        self.ends_at = float(state.get("ends_at") or 0)
         ids = state.get("devices") or []
         if ids and self.pid:
             try:
@@ -128,6 +131,8 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
         state = super().get_state()
         if self.devices:
             state["devices"] = [d.id for d in self.devices]
+        if self.ends_at:
+            state["ends_at"] = self.ends_at
         return state
 
     def clear_state(self) -> None:
@@ -204,6 +209,7 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
             resolved.size.id,
             ",".join(d.id for d in self.devices),
         )
+        self.ends_at = time.time() + resolved.walltime_minutes * 60
         try:
             return await super().start()
         except BaseException:
@@ -212,6 +218,13 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
 
     async def poll(self) -> int | None:
         status: int | None = await super().poll()
+        if status is None and self.ends_at and time.time() >= self.ends_at:
+            # The walltime is a promise to everyone else waiting for this box's GPUs.
+            self.log.warning("Server of %s reached its walltime: stopping it", self.owner)
+            self.ends_at = 0.0  # stop() polls again
+            await super().stop()
+            self._release()
+            return 0
         if status is not None and self.devices:
             self.log.warning("Server of %s has died (status %s)", self.owner, status)
             self._release()

@@ -229,3 +229,29 @@ def test_server_that_died_while_the_hub_was_down_is_cleaned_up(hub: HubProcess) 
     assert not hub.api("GET", "/users/jack").json().get("servers")
     hub.spawn("kate", {"gpus": 4})
     hub.stop_server("kate")
+
+
+def test_walltime_ends_a_local_server(hub: HubProcess) -> None:
+    """The walltime is enforced on the local box too. The clock is moved in the hub's
+    database while the hub is down (the smallest walltime is a minute)."""
+    import json
+    import sqlite3
+
+    hub.spawn("lena", {"gpus": 4, "walltime_minutes": 1})
+    pid = server_pid(hub, "lena")
+    hub.stop()
+    with sqlite3.connect(hub.dir / "jupyterhub.sqlite") as db:
+        (sid, raw) = db.execute(
+            "SELECT spawners.id, spawners.state FROM spawners JOIN users "
+            "ON users.id = spawners.user_id WHERE users.name = 'lena'"
+        ).fetchone()
+        state = json.loads(raw)
+        assert state["ends_at"] > 0
+        state["ends_at"] -= 61
+        db.execute("UPDATE spawners SET state = ? WHERE id = ?", (json.dumps(state), sid))
+    hub.start()
+    hub.wait_for(lambda: not alive(pid), 30, "the server process to end")
+    assert not hub.api("GET", "/users/lena").json().get("servers")
+    assert "reached its walltime" in hub.log_text()
+    hub.spawn("mia", {"gpus": 4})  # lena's four GPUs are free again
+    hub.stop_server("mia")

@@ -39,7 +39,7 @@ def allow_list(**overrides: Any) -> ImageAllowList:
 def test_example_file_loads_and_builds_argv() -> None:
     allow = load_image_allow_list(EXAMPLE)
     assert [i.name for i in allow.images] == ["base", "gpu", "ml101"]
-    assert allow.argv("gpu", {"researchers"}) == [
+    assert allow.argv("gpu", {"project-climate"}) == [
         "apptainer", "exec", "--nv", "--cleanenv",
         "--bind", "/scratch", "--bind", "/datasets:/datasets:ro",
         "/shared/images/sovereign-portal/gpu-2026.11.sif",

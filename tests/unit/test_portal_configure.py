@@ -37,3 +37,21 @@ def test_configure_passes_the_inventory_source_to_both(tmp_path: Path) -> None:
     configure(c, str(tmp_path), auth="dev", inventory_source="declared")
     assert c.LocalGPUSpawner.inventory_source == "declared"
     assert "--PortalService.inventory_source=declared" in c.JupyterHub.services[0]["command"]
+
+
+def test_residency_reaches_the_spawner_and_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sovereign_portal.hub.service import RESIDENCY_ENV, PortalService
+
+    rules = {"project-health": ["FR"], "project-eu": ["FR", "DE"]}
+    c = Config()
+    configure(c, str(tmp_path), auth="dev", residency=rules)
+    assert c.LocalGPUSpawner.residency == rules
+    env = c.JupyterHub.services[0]["environment"]
+    # The service reads the rules the hub hands it, exactly (a dict flag would not parse).
+    monkeypatch.setenv(RESIDENCY_ENV, env[RESIDENCY_ENV])
+    assert PortalService().residency == rules
+    monkeypatch.setenv(RESIDENCY_ENV, '{"project-x": "FR"}')
+    with pytest.raises(ValueError, match="JSON object of group -> \\[countries\\]"):
+        PortalService().residency  # noqa: B018
