@@ -24,7 +24,6 @@ import shlex
 import subprocess
 import sys
 import tomllib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -294,27 +293,20 @@ def test_the_key_check_can_fail() -> None:
 COURSE = DOCS / "how-to" / "run-a-course.md"
 
 
-def test_residency_recipe_reaches_spawner_and_service(tmp_path: Path) -> None:
-    from sovereign_portal.hub.portal import configure
-    from sovereign_portal.hub.service import PortalService
+def test_residency_recipe_reaches_spawner_and_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sovereign_portal.hub.service import RESIDENCY_ENV, PortalService
 
     (recipe,) = [b for lang, _, b in _blocks(COURSE.read_text()) if "RESIDENCY =" in b]
     c = Config()
-    configure(c, str(tmp_path), auth="dev")
     scope: dict[str, object] = {"c": c}
     exec(compile(recipe, str(COURSE), "exec"), scope)  # noqa: S102 - our own docs
     rules = scope["RESIDENCY"]
-    assert c.SlurmGPUSpawner.residency == rules
+    assert c.LocalGPUSpawner.residency == rules
     (svc,) = c.JupyterHub.services
-    flags = [a for a in svc["command"] if a.startswith("--PortalService.residency=")]
-    assert len(flags) == 1
-    app = PortalService()
-    with warnings.catch_warnings():
-        # traitlets 5 deprecates JSON for dict options on the command line; it still works,
-        # and service_config() writes the same form.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        app.parse_command_line(flags)
-    assert app.residency == rules
+    monkeypatch.setenv(RESIDENCY_ENV, svc["environment"][RESIDENCY_ENV])
+    assert PortalService().residency == rules
 
 
 def test_course_image_allow_list_gives_the_command_shown(tmp_path: Path) -> None:
