@@ -78,7 +78,9 @@ fi
 # Jobs run as unprivileged test users: the checkout and .venv must be traversable.
 d=$ROOT
 while [[ "$d" != "/" ]]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
-chmod -R o+rX "$ROOT" 2>/dev/null || true
+# Never the portal's state (.run: cookie secret, tokens, IdP keys) nor git's objects.
+find "$ROOT" \( -path "$ROOT/.run" -o -path "$ROOT/.git" \) -prune -o \
+  -exec chmod o+rX {} + 2>/dev/null || true
 # --- Slurm spawner (issue 4): the venv's base interpreter may live under a 0700 home
 # (pyenv in /root/.pyenv): make its parents traversable (o+x only) so jobs can exec it.
 base_py=$(readlink -f .venv/bin/python)
