@@ -434,6 +434,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+            self.log.info("Server %s: accepting connections on %s:%d", self._log_name, host, port)
             return
 
     async def _wait_running(self, resolved: Resolved) -> tuple[str, int]:

@@ -318,9 +318,23 @@ def test_node_failure_is_noticed_with_reason(hub: HubProcess, slurm_cluster: Slu
         slurm_cluster.run(["scontrol", "update", "NodeName=mig-a", "State=RESUME"], check=False)
 
 
+def test_walltime_expiry_is_noticed_with_reason(
+    hub: HubProcess, slurm_cluster: SlurmCluster
+) -> None:
+    """spbob's job has run for over a minute: a 1-minute limit (Slurm's smallest) is already
+    spent, and slurmctld ends the job at its next time-limit check. slurmctld checks every
+    30 s from its start, and the outage test restarted it, so this test comes late."""
+    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spbob")
+    elapsed = slurm_cluster.run(["squeue", "-h", "-j", job["id"], "-o", "%M"]).stdout.strip()
+    ran = sum(int(x) * 60**i for i, x in enumerate(reversed(elapsed.split(":"))))
+    slurm_cluster.run(["scontrol", "update", f"JobId={job['id']}", "TimeLimit=1"])
+    wait = max(0, 60 - ran) + 30 + 15  # until the limit, one check period, slack
+    hub.wait_for(lambda: server(hub, "spbob") is None, wait, "spbob stopped at its walltime")
+    assert f"Slurm job {job['id']}: timeout (the walltime ran out)" in hub.log_text()
+
+
 def test_stop_cancels_and_waits_until_gone(hub: HubProcess, slurm_cluster: SlurmCluster):
-    for user in ("spalice", "spbob"):
-        hub.stop_server(user)
+    hub.stop_server("spalice")
     assert portal_jobs(slurm_cluster) == []
 
 
