@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
+import random
 import re
 import shutil
 import statistics
@@ -43,8 +44,16 @@ from tests.support.slurm_cluster import SITE_FILE, TEST_USERS, Node, SlurmCluste
 USER = "spalice"
 SCHED_INTERVAL = 2.0  # the hub's scheduler_poll_interval in this benchmark
 # Pause before each spawn: Slurm places a job submitted right after another ended ~2 s
-# later (LAB.md), which would penalise whichever case comes second.
+# later (LAB.md), which would penalise whichever case comes second. slurmctld also starts
+# submitted jobs on a 1 s tick of its background thread: a fixed pause would give each case
+# a fixed phase against that tick (a systematic 0-1 s bias), so the pause is random.
 SETTLE = 2.0
+
+
+def settle() -> None:
+    time.sleep(SETTLE + random.uniform(0, 1))
+
+
 BENCH_NODES = tuple(Node(f"h100-{c}", (("h100", 8),), features=("h100", "fr")) for c in "abcdefg")
 
 
@@ -85,7 +94,13 @@ def bare_sbatch(cluster: SlurmCluster, hub: HubProcess, python: str) -> float:
     os.chown(tok, pw.pw_uid, pw.pw_gid)
     tok.chmod(0o600)
     prefix = f"/user/{USER}/bare/"
+    # --export=NONE and the environment a portal job gets (not the bench's own), including
+    # the egress guard on PYTHONPATH (an audit hook: it slows a server's imports).
+    guard = hub.env()
     script = f"""#!/bin/bash
+export HOME=/home/{USER} USER={USER} LOGNAME={USER} SHELL=/bin/bash
+export PATH={Path(python).parent}:/usr/local/bin:/usr/bin:/bin SLURM_CONF={cluster.conf}
+export PYTHONPATH={guard["PYTHONPATH"]} EGRESS_LOG={guard["EGRESS_LOG"]}
 export JUPYTERHUB_API_TOKEN=$(cat {tok}); rm -f {tok}
 export JUPYTERHUB_API_URL=http://127.0.0.1:{hub.hub_port}/hub/api
 export JUPYTERHUB_SERVICE_PREFIX={prefix} JUPYTERHUB_USER={USER}
@@ -102,6 +117,7 @@ exec {python} -m jupyterhub.singleuser {" ".join(SOVEREIGN_LAB_ARGS)} --ip=127.0
             "-p",
             "gpu-fr",
             "--gres=gpu:h100:1",
+            "--export=NONE",
             "-o",
             f"/home/{USER}/.bench-bare.log",
             f"--chdir=/home/{USER}",
@@ -172,9 +188,9 @@ def spawn_case(cluster: SlurmCluster, hub: HubProcess, runs: int) -> None:
     bare: list[float] = []
     phases: list[dict[str, float]] = []
     for _ in range(runs):  # interleaved, so load changes hit both alike
-        time.sleep(SETTLE)
+        settle()
         portal.append(portal_spawn(hub, phases))
-        time.sleep(SETTLE)
+        settle()
         bare.append(bare_sbatch(cluster, hub, sys.executable))
     mp, mb = statistics.median(portal), statistics.median(bare)
     print(f"spawn POST->ready  median {mp:.2f}s  runs {[round(x, 2) for x in portal]}")
