@@ -5,8 +5,9 @@
 - :class:`JobPoller` keeps one ``squeue`` per interval (with jitter) for all tracked jobs.
   A failed or timed-out query leaves every job *unknown*; only an authoritative answer (the
   job is listed in a final state, or ``squeue`` succeeded and no longer lists it) ends one.
-  The poll that sees a job end calls that job's watcher at once, so a spawner tells the hub
-  within one scheduler interval, without waiting for JupyterHub's own poll.
+  The poll that sees a job end (final, or COMPLETING) calls that job's watcher at once, so
+  a spawner tells the hub within one scheduler interval, without waiting for JupyterHub's
+  own poll. A job can be *followed* to its final state after its server is forgotten.
 """
 
 from __future__ import annotations
@@ -150,7 +151,17 @@ class JobInfo:
 
     @property
     def active(self) -> bool:
+        """The job holds, or will hold, resources."""
         return self.state in ACTIVE_STATES
+
+    @property
+    def ended(self) -> bool:
+        """The job's processes are gone or being stopped: final, or COMPLETING.
+
+        squeue shows COMPLETING (not the final state) while Slurm stops the processes of a
+        cancelled, timed-out or finished job, which can take a server's whole shutdown.
+        """
+        return not self.active or self.state == "COMPLETING"
 
     @property
     def start_estimate(self) -> str | None:
@@ -195,6 +206,7 @@ class JobPoller:
         self.tracked: set[str] = set()
         self.hurry: set[str] = set()  # jobs being started or stopped: poll them fast
         self.watchers: dict[str, Callable[[JobInfo], None]] = {}
+        self.following: dict[str, tuple[float, Callable[[JobInfo], object]]] = {}
         self.last_ok = 0.0
         self.last_error: str | None = None
         self.polls = 0
@@ -216,10 +228,21 @@ class JobPoller:
         self.hurry.discard(job_id)
         self.jobs.pop(job_id, None)
         self.watchers.pop(job_id, None)
+        self.following.pop(job_id, None)
 
     def watch(self, job_id: str, on_end: Callable[[JobInfo], None]) -> None:
         """Call ``on_end(info)`` from the poll that first sees ``job_id`` end (once)."""
         self.watchers[job_id] = on_end
+
+    def follow(
+        self, job_id: str, on_final: Callable[[JobInfo], object], timeout: float = 600
+    ) -> None:
+        """Keep polling an ending job only to call ``on_final(info)`` with its final state,
+        then forget it (or forget it after ``timeout`` seconds)."""
+        self.watchers.pop(job_id, None)
+        self.hurry.discard(job_id)
+        self.following[job_id] = (time.monotonic() + timeout, on_final)
+        self.track(job_id)
 
     def calm(self, job_id: str) -> None:
         self.hurry.discard(job_id)
@@ -277,11 +300,17 @@ class JobPoller:
         except (TimeoutError, OSError) as e:
             return self._unknown(f"squeue did not answer: {e!r}")
         now = time.monotonic()
-        ended: list[tuple[Callable[[JobInfo], None], JobInfo]] = []
+        ended: list[tuple[Callable[[JobInfo], object], JobInfo]] = []
         for job_id in ids:
             info = self.jobs[job_id] = found.get(job_id, GONE)
-            if not info.active and job_id in self.watchers:
+            if info.ended and job_id in self.watchers:
                 ended.append((self.watchers.pop(job_id), info))
+            if job_id in self.following:
+                deadline, on_final = self.following[job_id]
+                if not info.active:
+                    ended.append((on_final, info))
+                if not info.active or now > deadline:
+                    self.untrack(job_id)
         self.last_ok = now
         self.last_error = None
         for on_end, info in ended:

@@ -262,7 +262,12 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     def clear_state(self) -> None:
         super().clear_state()
         if self.job_id:
-            self.poller.untrack(self.job_id)
+            last = self.poller.info(self.job_id)
+            if last is not None and last.active:  # COMPLETING: log its final state later
+                job_id, name = self.job_id, self._log_name
+                self.poller.follow(job_id, lambda info: self._log_end(name, job_id, info))
+            else:
+                self.poller.untrack(self.job_id)
         TRACKED_TAGS.discard(self.job_tag)
         self.job_id = self.job_tag = self.job_host = ""
 
@@ -427,7 +432,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
             except (OSError, TimeoutError):
                 info = self.poller.info(self.job_id)
-                if info is not None and not info.active:
+                if info is not None and info.ended:
                     return  # _wait_running's checks did not see it end; the hub's will
                 await asyncio.sleep(self.connect_poll_interval)
                 continue
@@ -445,8 +450,10 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             info = self.poller.info(self.job_id)
             if info is None:
                 continue
-            if not info.active:
-                why = FINAL_STATES.get(info.state, info.reason)
+            if info.ended:
+                why = FINAL_STATES.get(info.state) or (
+                    "its processes are being stopped" if info.active else info.reason
+                )
                 raise _user_error(
                     f"Your Slurm job {self.job_id} ended before the server started: {why}. "
                     f"Its log is in {self.output_template.format(home=self._pw().pw_dir)}.",
@@ -495,6 +502,8 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         Only while the hub polls this server (its poll callbacks are set) and no start or
         stop is in progress: those handle the end themselves.
         """
+        if self._stop_pending:
+            return  # a stop in progress: stop() waits for the job itself
         self._note_end(info)
         if self._poll_callback is not None and not self.pending:
             self._notify = asyncio.ensure_future(self.poll_and_notify())
@@ -508,17 +517,25 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             # Not known yet (a hub restart): one shared query, joined by every spawner.
             await self.poller.refresh()
             info = self.poller.info(self.job_id)
-        if info is None or info.active:
+        if info is None or not info.ended:
             return None  # running, or unknown: never "stopped" without an answer
         self._note_end(info)
         return 1
 
     def _note_end(self, info: JobInfo) -> None:
-        why = "the job no longer exists" if info is GONE else FINAL_STATES.get(info.state, "")
-        reason = f"Slurm job {self.job_id}: {info.state.lower()} ({why or info.reason})"
-        if reason != self.stop_reason:
-            self.stop_reason = reason
-            self.log.warning("Server %s stopped: %s", self._log_name, reason)
+        reason = self._log_end(self._log_name, self.job_id, info, self.stop_reason)
+        self.stop_reason = reason
+
+    def _log_end(self, name: str, job_id: str, info: JobInfo, last: str = "") -> str:
+        """Log why a server's job ended (once per reason); COMPLETING is not final yet."""
+        if info.active:  # COMPLETING: Slurm is stopping its processes; the state comes later
+            reason = f"Slurm job {job_id}: completing (its processes are being stopped)"
+        else:
+            why = "the job no longer exists" if info is GONE else FINAL_STATES.get(info.state)
+            reason = f"Slurm job {job_id}: {info.state.lower()} ({why or info.reason})"
+        if reason != last:
+            self.log.warning("Server %s stopped: %s", name, reason)
+        return reason
 
     async def _cancel(self) -> None:
         if not self.job_id:
@@ -533,8 +550,10 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         if not self.job_id:
             return
         known = self.poller.info(self.job_id)
-        if known is not None and not known.active:
-            return  # Slurm already said the job ended: nothing to cancel or wait for
+        if known is not None and known.ended:
+            # Slurm already said the job ended or is ending: nothing to cancel. A COMPLETING
+            # job is followed to its final state (clear_state), which is logged.
+            return
         self.poller.track(self.job_id, hurry=True)
         await self._cancel()
         deadline = time.monotonic() + self.stop_wait_timeout

@@ -29,7 +29,8 @@ SCHED_POLL = 1.0  # the shared squeue interval, seconds
 POLL = 1  # JupyterHub's Spawner.poll_interval: the same interval (the spawner's default)
 JITTER = 0.1  # scheduler_poll_jitter's default: each interval is 0.9-1.1 x SCHED_POLL
 # What "stopped" takes beyond the poll that sees it: squeue's own run time, the hub's stop
-# (no scancel: Slurm already said the job ended), and this test's API polling.
+# (no scancel: Slurm already said the job is ending; COMPLETING counts), and this test's
+# API polling.
 HTTP_SLACK = 1.0
 GRACE = 3  # orphan_grace_seconds
 OUTAGE_S = float(os.environ.get("SOVEREIGN_SLURM_OUTAGE_S", "60"))
@@ -119,6 +120,11 @@ def sweep_line(hub: HubProcess, timeout: float) -> str:
         return found[-1] if found else None
 
     return str(hub.wait_for(line, timeout, "the orphan sweep after this hub start"))
+
+
+def wait_logged(hub: HubProcess, text: str, timeout: float = 10) -> None:
+    """The final state of an ending job is logged once Slurm reports it (after COMPLETING)."""
+    hub.wait_for(lambda: text in hub.log_text(), timeout, f"{text!r} in the hub log")
 
 
 def server(hub: HubProcess, user: str) -> dict[str, Any] | None:
@@ -304,7 +310,7 @@ def test_scancel_behind_the_hubs_back_stops_within_one_poll(
     # The next shared squeue (at most one jittered interval away) sees the job end and
     # tells the hub at once; JupyterHub's own poll interval is the same interval.
     assert took <= SCHED_POLL * (1 + JITTER) + HTTP_SLACK, took
-    assert f"Slurm job {job['id']}: cancelled" in hub.log_text()
+    wait_logged(hub, f"Slurm job {job['id']}: cancelled (the job was cancelled)")
 
 
 def test_node_failure_is_noticed_with_reason(hub: HubProcess, slurm_cluster: SlurmCluster) -> None:
@@ -313,7 +319,7 @@ def test_node_failure_is_noticed_with_reason(hub: HubProcess, slurm_cluster: Slu
     slurm_cluster.run(["scontrol", "update", "NodeName=mig-a", "State=DOWN", "Reason=test"])
     try:
         hub.wait_for(lambda: server(hub, "spdave") is None, 30, "spdave stopped")
-        assert f"Slurm job {job['id']}: node_fail" in hub.log_text()
+        wait_logged(hub, f"Slurm job {job['id']}: node_fail")
     finally:
         slurm_cluster.run(["scontrol", "update", "NodeName=mig-a", "State=RESUME"], check=False)
 
@@ -330,7 +336,7 @@ def test_walltime_expiry_is_noticed_with_reason(
     slurm_cluster.run(["scontrol", "update", f"JobId={job['id']}", "TimeLimit=1"])
     wait = max(0, 60 - ran) + 30 + 15  # until the limit, one check period, slack
     hub.wait_for(lambda: server(hub, "spbob") is None, wait, "spbob stopped at its walltime")
-    assert f"Slurm job {job['id']}: timeout (the walltime ran out)" in hub.log_text()
+    wait_logged(hub, f"Slurm job {job['id']}: timeout (the walltime ran out)")
 
 
 def test_stop_cancels_and_waits_until_gone(hub: HubProcess, slurm_cluster: SlurmCluster):

@@ -137,6 +137,30 @@ def test_poller_tells_a_watcher_once_when_the_job_ends_and_never_on_errors(
     assert asyncio.run(run()) == ["GONE"]
 
 
+def test_completing_counts_as_ended_and_is_followed_to_its_final_state(tmp_path: Path) -> None:
+    """squeue says COMPLETING while Slurm stops a cancelled server: the watcher fires then
+    (the server is going away), and a follower gets the final state, then the job is
+    forgotten."""
+
+    async def run() -> tuple[list[str], list[str], set[str]]:
+        seen: list[str] = []
+        final: list[str] = []
+        env = _fake_squeue(tmp_path, "5|COMPLETING|None|h100-a|N/A|u|")
+        poller = JobPoller(interval=60, env=env)
+        poller.tracked.add("5")
+        poller.watch("5", lambda info: seen.append(info.state))
+        assert await poller.refresh()
+        info = poller.info("5")
+        assert info is not None and info.ended and info.active
+        poller.follow("5", lambda info: final.append(info.state))
+        assert await poller.refresh() and final == []  # still completing
+        (tmp_path / "answer").write_text("5|CANCELLED|None|h100-a|N/A|u|")
+        assert await poller.refresh()
+        return seen, final, poller.tracked
+
+    assert asyncio.run(run()) == (["COMPLETING"], ["CANCELLED"], set())
+
+
 def test_parse_squeue() -> None:
     jobs = parse_squeue("7|PENDING|Resources|||spalice|c|x\n8|RUNNING|None|h100-a|N/A|spbob|\n")
     assert jobs["7"].reason == "Resources" and jobs["7"].comment == "c|x"
