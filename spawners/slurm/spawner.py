@@ -60,15 +60,11 @@ from .scheduler import (
     shared_poller,
     slurm_env,
 )
+from .userfiles import UserFileError, below_home, remove_file, user_dir, write_secret
 
 #: Tags of every job a spawner in this process tracks (submitted or re-adopted).
 TRACKED_TAGS: set[str] = set()
 _NODE_ADDR: dict[str, str] = {}
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def _user_error(
@@ -320,29 +316,42 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             raise ValueError("no request: pass a Resolved request")
         return render_script(self.job_spec(r, _make_tag(b"preview", "0" * 12)))
 
-    def _user_dir(self, d: Path) -> None:
-        """Create ``d`` owned by the user, mode 0700 (the hub runs as root)."""
+    def _user_dir(self, d: str) -> None:
+        """Make ``d`` (below the home) a 0700 directory of the user; never follows a link.
+
+        A directory outside the home is the operator's to create: it is left alone.
+        """
         pw = self._pw()
-        d.mkdir(mode=0o700, exist_ok=True)
-        st = d.lstat()
-        if not d.is_dir() or d.is_symlink():
-            raise _user_error(f"{d} is not a directory", reason="bad_home")
-        if st.st_uid != pw.pw_uid:
-            os.chown(d, pw.pw_uid, pw.pw_gid)
-        os.chmod(d, 0o700)
+        try:
+            parts = below_home(pw.pw_dir, d)
+        except ValueError:
+            return
+        try:
+            with user_dir(pw.pw_dir, parts, pw.pw_uid, pw.pw_gid):
+                pass
+        except UserFileError as e:
+            raise _user_error(str(e), reason="unsafe_user_dir", status=409) from None
 
     def _write_token(self, path: str) -> None:
-        """Write the API token to ``path``: 0600, owned by the user, in a 0700 directory."""
+        """Write the API token to ``path``: new, 0600, owned by the user, in a 0700 directory
+        below the home, each directory opened without following links (:mod:`.userfiles`)."""
         pw = self._pw()
-        d = Path(path).parent
-        self._user_dir(d.parent)
-        self._user_dir(d)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        directory, _, name = path.rpartition("/")
         try:
-            os.fchown(fd, pw.pw_uid, pw.pw_gid)
-            os.write(fd, self.api_token.encode())
-        finally:
-            os.close(fd)
+            write_secret(pw.pw_dir, directory, name, self.api_token.encode(), pw.pw_uid, pw.pw_gid)
+        except ValueError:
+            raise _user_error(
+                "The portal is misconfigured: the token directory is not below your home.",
+                reason="bad_config",
+                log_message=f"token_dir_template gives {directory!r}, not below {pw.pw_dir!r}",
+            ) from None
+        except UserFileError as e:
+            raise _user_error(str(e), reason="unsafe_user_dir", status=409) from None
+
+    def _remove_token(self, path: str) -> None:
+        directory, _, name = path.rpartition("/")
+        with contextlib.suppress(OSError, KeyError):
+            remove_file(pwd.getpwnam(self.unix_user).pw_dir, directory, name)
 
     async def _available(self, resolved: Resolved) -> str:
         part = resolved.partition.scheduler_partition
@@ -370,9 +379,9 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         tag = _make_tag(self._key(), secrets.token_hex(6))
         spec = self.job_spec(resolved, tag)
         script = render_script(spec)
-        TRACKED_TAGS.add(tag)
+        self._user_dir(str(Path(spec.output).parent))
         self._write_token(spec.token_file)
-        self._user_dir(Path(spec.output).parent)
+        TRACKED_TAGS.add(tag)
         self._event(
             10,
             f"Submitting {resolved.size.label} on {resolved.partition.name} "
@@ -387,7 +396,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             )
         except SlurmError as e:
             TRACKED_TAGS.discard(tag)
-            _unlink(spec.token_file)
+            self._remove_token(spec.token_file)
             self.log.error("sbatch for %s failed: %s", self._log_name, e)
             if "configuration is not available" in e.stderr or "Invalid" in e.stderr:
                 have = await self._available(resolved)
@@ -412,7 +421,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             await self._wait_listening(host, port)
         except BaseException:
             await self._cancel()
-            _unlink(spec.token_file)
+            self._remove_token(spec.token_file)
             raise
         finally:
             self.poller.calm(self.job_id)

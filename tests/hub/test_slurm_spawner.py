@@ -233,6 +233,44 @@ def test_bad_input_is_4xx_and_submits_nothing(
     assert {j["id"] for j in slurm_cluster.jobs()} == before
 
 
+def test_symlinked_portal_dir_fails_the_spawn_and_touches_nothing(
+    hub: HubProcess, slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """The hub runs as root: a user's ~/.sovereign-portal that is a link to a root-owned
+    directory (standing in for /etc) fails the spawn with a message saying what to do, and
+    nothing there changes owner or mode or gains a file. The race (a swap between check and
+    use) is tested deterministically in tests/unit/test_slurm_userfiles.py."""
+    etc = tmp_path / "etc"
+    etc.mkdir(mode=0o755)
+    (etc / "passwd").write_text("root:x:0:0::/root:/bin/bash\n")
+
+    def snapshot() -> list[tuple[str, int, int]]:
+        return [(str(p), p.lstat().st_uid, p.lstat().st_mode) for p in [etc, *etc.rglob("*")]]
+
+    before_etc = snapshot()
+    hub.ensure_user("spdave")
+    portal = Path("/home/spdave/.sovereign-portal")
+    aside = portal.with_name(".sovereign-portal.aside")
+    if portal.exists() or portal.is_symlink():
+        portal.rename(aside)
+    portal.symlink_to(etc)
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    try:
+        r = hub.api("POST", "/users/spdave/server", json={"partition": "gpu-fr", "gpus": 1})
+        if r.status_code == 202:  # failed after the API answered: read the spawn's outcome
+            hub.wait_for(lambda: not hub.api("GET", "/users/spdave").json()["pending"], 30, "fail")
+        text = r.text + hub.log_text()
+        assert "~/.sovereign-portal is a symbolic link or not a directory" in text, r.text
+        assert "remove or rename ~/.sovereign-portal" in text
+        assert server(hub, "spdave") is None
+        assert {j["id"] for j in slurm_cluster.jobs()} == before
+        assert snapshot() == before_etc
+    finally:
+        portal.unlink()
+        if aside.exists():
+            aside.rename(portal)
+
+
 def test_residency_fr_only_project_never_lands_in_de(hub: HubProcess) -> None:
     hub.ensure_user("spdave")
     hub.api("POST", "/groups/proj-fr")
