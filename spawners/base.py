@@ -83,6 +83,13 @@ class PortalSpawnerMixin(LoggingConfigurable):
         """How many of ``size`` are free now; ``None`` when the backend cannot tell."""
         return None
 
+    def image_choices(self) -> list[str]:
+        """The image names this user may choose (the form's order; the first is preselected).
+
+        ``allowed_images`` here; a backend with a per-user allow-list overrides this.
+        """
+        return list(self.allowed_images)
+
     # -- the form -------------------------------------------------------------------------
     @default("options_form")
     def _default_options_form(self) -> Any:
@@ -93,7 +100,7 @@ class PortalSpawnerMixin(LoggingConfigurable):
                     "<p>No partition of this site is open to you. Ask your course instructor "
                     "or the operators to add you to a project.</p>"
                 )
-            return render_form(parts, spawner.free_devices, spawner.allowed_images)
+            return render_form(parts, spawner.free_devices, spawner.image_choices())
 
         return form
 
@@ -123,8 +130,9 @@ class PortalSpawnerMixin(LoggingConfigurable):
                 )
             if req.kind != "notebook":
                 raise RequestError("a server is a notebook: kind must be 'notebook'")
-            if req.image is not None and req.image not in self.allowed_images:
-                allowed = ", ".join(self.allowed_images) or "none"
+            images = self.image_choices()
+            if req.image is not None and req.image not in images:
+                allowed = ", ".join(images) or "none"
                 raise RequestError(f"image {req.image!r} is not offered; allowed: {allowed}")
             resolved = resolve(self.site, req, default_partition=names[0])
         except RequestError as e:

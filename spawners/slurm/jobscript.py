@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..images import JOB_ENV
 from ..request import Resolved
 
 #: The job name of every portal server job; the comment carries the signed tag.
@@ -32,6 +33,12 @@ _PATH = re.compile(r"^/[A-Za-z0-9_./+@%-]*$")
 LAUNCHER = str(Path(__file__).resolve().with_name("launch.py"))
 #: Environment variables a job script may never set, whatever the configuration says.
 FORBIDDEN_ENV = frozenset({"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "CONFIGPROXY_AUTH_TOKEN"})
+#: Job variables that describe the host, not the server: never forwarded into an image
+#: (Apptainer sets HOME and the image's own PATH itself).
+HOST_ONLY_ENV = frozenset(
+    {"PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_ROOT", "CONDA_DEFAULT_ENV", "SLURM_CONF"}
+    | {"SHELL", "HOME"}
+)
 
 
 class JobScriptError(ValueError):
@@ -90,6 +97,11 @@ class JobSpec:
     qos: str | None = None
     extra_sbatch: Sequence[str] = ()
     launcher: str = LAUNCHER
+    #: ``apptainer exec [--nv] [--cleanenv] [--bind B]... IMAGE``: run the server in an
+    #: image (from the operator's allow-list, :mod:`..images`); empty runs it on the host.
+    image_argv: Sequence[str] = ()
+    #: The server command inside an image (found on the image's PATH).
+    image_command: Sequence[str] = ("jupyterhub-singleuser",)
 
     def __post_init__(self) -> None:
         if not _USER.match(self.unix_user):
@@ -108,7 +120,7 @@ class JobSpec:
             # Values are shell-quoted when written; control characters never get that far.
             if not _PRINTABLE.match(value) or len(value) > 4096:
                 raise JobScriptError(f"environment value of {key} has unsafe characters")
-        for arg in (*self.server_args, *self.extra_sbatch):
+        for arg in (*self.server_args, *self.extra_sbatch, *self.image_argv, *self.image_command):
             if not _SAFE_VALUE.match(arg.removeprefix("--")) or len(arg) > 256:
                 raise JobScriptError(f"unsafe argument {arg!r}")
         for word in (self.account, self.qos):
@@ -150,8 +162,31 @@ def sbatch_argv(spec: JobSpec) -> list[str]:
     return ["sbatch", "--parsable"]
 
 
+def forwarded_env(spec: JobSpec) -> list[str]:
+    """Names the launcher passes into the image as ``APPTAINERENV_<NAME>``.
+
+    The job's own variables except the host's (:data:`HOST_ONLY_ENV`), then the device
+    variables Slurm sets at run time (:data:`..images.JOB_ENV`). JupyterHub's per-server
+    ``JUPYTERHUB_*`` variables are not named: the launcher forwards that prefix, and with it
+    the API token it read from its 0600 file (in the environment, never on argv).
+    """
+    own = sorted(k for k in spec.env if k not in HOST_ONLY_ENV and not k.startswith("JUPYTERHUB_"))
+    return own + [n for n in JOB_ENV if n not in own]
+
+
+def server_command(spec: JobSpec) -> list[str]:
+    """The server's argv (the launcher appends ``--ip`` and ``--port``)."""
+    if spec.image_argv:
+        return [*spec.image_argv, *spec.image_command, *spec.server_args]
+    return [spec.python, "-m", "jupyterhub.singleuser", *spec.server_args]
+
+
 def render_script(spec: JobSpec) -> str:
-    """The batch script, with every sbatch option as an ``#SBATCH`` line."""
+    """The batch script, with every sbatch option as an ``#SBATCH`` line.
+
+    The one renderer of server jobs: ``SlurmGPUSpawner.start`` submits its output and
+    ``sovereign-portal job-script`` prints it.
+    """
     lines = ["#!/bin/bash", "# A sovereign-portal notebook server. Contains no secrets."]
     lines += [f"#SBATCH {d}" for d in sbatch_directives(spec)]
     lines += ["set -eu", "umask 077"]
@@ -164,11 +199,9 @@ def render_script(spec: JobSpec) -> str:
         f"--token-file={spec.token_file}",
         f"--tag={spec.tag}",
         f"--ip={spec.ip}",
-        "--",
-        spec.python,
-        "-m",
-        "jupyterhub.singleuser",
-        *spec.server_args,
     ]
+    if spec.image_argv:
+        launch.append("--forward-env=" + ",".join(forwarded_env(spec)))
+    launch += ["--", *server_command(spec)]
     lines.append("exec " + " ".join(shlex.quote(a) for a in launch))
     return "\n".join(lines) + "\n"

@@ -9,7 +9,11 @@
    the host from Slurm's node address, so the job can tell the hub one port and nothing else.
    The report runs in a detached child while the server starts (it needs ~2 s to import);
    if Slurm refuses it, the child stops the server, so the job ends visibly.
-3. ``exec`` ``jupyterhub-singleuser`` with ``--ip`` and ``--port``.
+3. ``exec`` ``jupyterhub-singleuser`` with ``--ip`` and ``--port``. In an image
+   (``--forward-env=NAMES``, the command is ``apptainer exec ... IMAGE jupyterhub-singleuser``)
+   each named variable that is set, the device variables Slurm set for this job included,
+   goes in as ``APPTAINERENV_<NAME>`` (``--cleanenv`` keeps the rest of the host out), and
+   so do the token and the service URL: in the environment, never on argv.
 
 This file is run by path with ``python -I`` and imports only the standard library: the
 package's ``__init__`` (pydantic, the site schema) would add a quarter of a second to every
@@ -17,13 +21,15 @@ spawn. :data:`COMMENT_PREFIX` must equal ``jobscript.COMMENT_PREFIX`` (a unit te
 
 Usage (rendered by :mod:`.jobscript`)::
 
-    python -I .../slurm/launch.py --token-file F --tag T --ip IP -- CMD...
+    python -I .../slurm/launch.py --token-file F --tag T --ip IP [--forward-env A,B] -- CMD...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,11 +97,26 @@ def report_in_background(job_id: str, tag: str, port: int) -> None:
     os._exit(code)
 
 
+def forward_into_image(names: str, extra: dict[str, str]) -> None:
+    """Set ``APPTAINERENV_<NAME>`` for each set variable in ``names``, every ``JUPYTERHUB_*``
+    variable (JupyterHub's, per server), and ``extra``."""
+    wanted = set(filter(None, names.split(",")))
+    for name in wanted:
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]{0,63}", name):
+            raise SystemExit(f"launch: {name!r} is not a variable name")
+    for name, value in list(os.environ.items()):
+        if name in wanted or name.startswith("JUPYTERHUB_"):
+            os.environ[f"APPTAINERENV_{name}"] = value
+    for name, value in extra.items():
+        os.environ[f"APPTAINERENV_{name}"] = value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="sovereign-portal-launch")
     ap.add_argument("--token-file", required=True)
     ap.add_argument("--tag", required=True)
     ap.add_argument("--ip", default="0.0.0.0")  # noqa: S104
+    ap.add_argument("--forward-env", default=None, help="comma-separated names (image)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
     cmd = [c for c in a.cmd if c != "--"] if a.cmd[:1] == ["--"] else a.cmd
@@ -104,13 +125,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     job_id = os.environ.get("SLURM_JOB_ID", "")
     if not job_id.isdigit():
         raise SystemExit("launch: not inside a Slurm job (SLURM_JOB_ID is not set)")
+    program = shutil.which(cmd[0])
+    if program is None:
+        raise SystemExit(f"launch: {cmd[0]!r} not found (PATH={os.environ.get('PATH', '')})")
     token = take_token(a.token_file)
     port = free_port(a.ip)
     report_in_background(job_id, a.tag, port)  # before the token enters the environment
-    os.environ["JUPYTERHUB_API_TOKEN"] = token
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
-    os.environ["JUPYTERHUB_SERVICE_URL"] = f"http://{a.ip}:{port}{prefix}"
-    os.execv(cmd[0], [*cmd, f"--ip={a.ip}", f"--port={port}"])  # noqa: S606 - argv, no shell
+    url = f"http://{a.ip}:{port}{prefix}"
+    os.environ["JUPYTERHUB_SERVICE_URL"] = url
+    if a.forward_env is None:
+        os.environ["JUPYTERHUB_API_TOKEN"] = token
+    else:
+        forward_into_image(a.forward_env, {"JUPYTERHUB_API_TOKEN": token})
+    os.execv(program, [*cmd, f"--ip={a.ip}", f"--port={port}"])  # noqa: S606 - argv, no shell
 
 
 if __name__ == "__main__":

@@ -28,15 +28,16 @@ import pwd
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from jupyterhub.spawner import Spawner, SpawnException
 from tornado import web
-from traitlets import Dict, Float, List, Unicode, default
+from traitlets import Dict, Float, List, TraitError, Unicode, default, validate
 
 from ..base import PortalSpawnerMixin
+from ..images import ImageAllowList, ImageError, NotebookImage, load_image_allow_list
 from ..request import Resolved
 from .jobscript import (
     JOB_NAME,
@@ -61,6 +62,22 @@ from .scheduler import (
     slurm_env,
 )
 from .userfiles import UserFileError, below_home, remove_file, user_dir, write_secret
+
+#: The tag of previews (``job_script``, ``sovereign-portal job-script``): never submitted.
+PREVIEW_TAG = _make_tag(b"preview", "0" * 12)
+_ALLOW_LISTS: dict[tuple[str, float], ImageAllowList] = {}
+
+
+def _load_allow_list(path: str) -> ImageAllowList:
+    """Read an image allow-list once per process (again when the file changes)."""
+    try:
+        key = (str(Path(path).resolve()), os.stat(path).st_mtime)
+    except OSError as e:
+        raise ImageError(f"{path}: {e.strerror}", "bad_config") from None
+    if key not in _ALLOW_LISTS:
+        _ALLOW_LISTS[key] = load_image_allow_list(path)
+    return _ALLOW_LISTS[key]
+
 
 #: Tags of every job a spawner in this process tracks (submitted or re-adopted).
 TRACKED_TAGS: set[str] = set()
@@ -181,6 +198,24 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         help="Extra non-secret environment of every server job (names and values are "
         "checked; tokens are refused).",
     )
+    image_allow_list = Unicode(
+        "",
+        config=True,
+        help="""Image allow-list (TOML, see images/allow-list.example.toml): when set, servers
+        can run inside an Apptainer image from it (``apptainer exec [--nv] [--cleanenv]
+        [--bind ...] IMAGE jupyterhub-singleuser``). The form offers the images open to the
+        user's groups; a request naming another image is refused (HTTP 400, naming the
+        allowed ones). A user who names none gets their course's image, else the list's
+        ``default``; with neither, the server runs on the host. The file is read when set
+        (a broken list stops the hub) and again whenever it changes.""",
+    )
+    image_command = List(
+        Unicode(),
+        ["jupyterhub-singleuser"],
+        config=True,
+        help="The server command inside an image, found on the image's PATH; the portal's "
+        "server arguments and the launcher's --ip/--port follow it.",
+    )
 
     job_id: str = ""
     job_tag: str = ""
@@ -189,6 +224,16 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     _events: list[dict[str, Any]]
     _starting = False
     _notify: asyncio.Future[Any] | None = None
+
+    @validate("image_allow_list")
+    def _check_image_allow_list(self, proposal: Any) -> str:
+        path = str(proposal["value"])
+        if path:
+            try:
+                _load_allow_list(path)
+            except ImageError as e:
+                raise TraitError(f"SlurmGPUSpawner.image_allow_list: {e}") from None
+        return path
 
     @default("poll_interval")
     def _default_poll_interval(self) -> int:
@@ -268,11 +313,13 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         self.job_id = self.job_tag = self.job_host = ""
 
     # -- the job --------------------------------------------------------------------------------
-    def job_env(self) -> dict[str, str]:
-        """The job's environment: JupyterHub's, minus every secret, plus the portal's."""
+    def job_env(self, hub_env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The job's environment: JupyterHub's (``get_env()``), minus every secret, plus the
+        portal's. ``hub_env=None`` previews it without a hub (:meth:`preview_hub_env`)."""
+        hub_env = self.preview_hub_env() if hub_env is None else hub_env
         env = {
             k: v
-            for k, v in self.get_env().items()
+            for k, v in hub_env.items()
             if k not in ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN") and "TOKEN" not in k
         }
         pw = self._pw()
@@ -288,7 +335,20 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         env.update(self.job_environment)
         return env
 
-    def job_spec(self, resolved: Resolved, tag: str, env: dict[str, str] | None = None) -> JobSpec:
+    def preview_hub_env(self) -> dict[str, str]:
+        """What ``get_env()`` gives without a hub: ``env_keep`` and static ``environment``.
+
+        JupyterHub's per-server ``JUPYTERHUB_*`` variables (user, URLs, OAuth client id)
+        and callable ``environment`` values exist only at spawn time.
+        """
+        env = {k: os.environ[k] for k in self.env_keep if k in os.environ}
+        env.update({k: v for k, v in self.environment.items() if not callable(v)})
+        return env
+
+    def job_spec(
+        self, resolved: Resolved, tag: str, hub_env: Mapping[str, str] | None = None
+    ) -> JobSpec:
+        """Everything the job is made of. ``start`` passes ``get_env()``; ``None`` previews."""
         pw = self._pw()
         home = pw.pw_dir
         token_dir = self.token_dir_template.format(home=home)
@@ -304,17 +364,80 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             token_file=f"{token_dir}/{tag}",
             output=self.output_template.format(home=home),
             server_args=args,
-            env={**self.job_env(), **self.portal_env(resolved)} if env is None else env,
+            env={**self.job_env(hub_env), **self.portal_env(resolved)},
             ip=self.server_ip,
             extra_sbatch=list(self.extra_sbatch_args),
+            image_argv=self.image_argv(resolved),
+            image_command=list(self.image_command),
         )
 
+    def render_job(
+        self, resolved: Resolved, tag: str, hub_env: Mapping[str, str] | None = None
+    ) -> tuple[JobSpec, list[str], str]:
+        """The job ``start`` submits: its spec, the submit argv and the script (stdin).
+
+        ``sovereign-portal job-script`` prints the output of this same method.
+        """
+        spec = self.job_spec(resolved, tag, hub_env)
+        return spec, self._as_user(sbatch_argv(spec)), render_script(spec)
+
     def job_script(self, resolved: Resolved | None = None) -> str:
-        """The exact script ``start`` would submit for ``resolved`` (or the last request)."""
+        """The script ``start`` would submit for ``resolved`` (or the last request), with
+        the preview tag and without JupyterHub's per-server ``JUPYTERHUB_*`` variables."""
         r = resolved or self.resolved
         if r is None:
             raise ValueError("no request: pass a Resolved request")
-        return render_script(self.job_spec(r, _make_tag(b"preview", "0" * 12)))
+        return self.render_job(r, PREVIEW_TAG)[2]
+
+    # -- images -----------------------------------------------------------------------------
+    def allow_list(self) -> ImageAllowList | None:
+        return _load_allow_list(self.image_allow_list) if self.image_allow_list else None
+
+    def _default_image(self, allow: ImageAllowList, groups: set[str]) -> NotebookImage | None:
+        """The image of the user's course (first in the list's order), else the default."""
+        for image in allow.images:
+            if set(image.courses) & groups and image.allows(groups):
+                return image
+        default = allow.get(allow.default) if allow.default else None
+        return default if default is not None and default.allows(groups) else None
+
+    def image_choices(self) -> list[str]:
+        """The images open to this user's groups; their course's (or the default) first."""
+        allow = self.allow_list()
+        if allow is None:
+            return super().image_choices()
+        groups = set(self.user_groups())
+        names = [i.name for i in allow.available_to(groups)]
+        first = self._default_image(allow, groups)
+        if first is not None and first.name in names:
+            names.remove(first.name)
+            names.insert(0, first.name)
+        return names
+
+    def image_argv(self, resolved: Resolved) -> list[str]:
+        """``apptainer exec ... IMAGE`` for this request, or [] to run on the host.
+
+        Raises HTTP 400 (naming the allowed images) for an image not open to the user.
+        """
+        allow = self.allow_list()
+        if allow is None:
+            return []
+        groups = set(self.user_groups())
+        name = resolved.request.image
+        if name is None:
+            image = self._default_image(allow, groups)
+            if image is None:
+                return []
+            name = image.name
+        try:
+            return allow.argv(name, groups)
+        except ImageError as e:
+            raise web.HTTPError(400, str(e)) from None
+
+    def validate_request(self, options: Any) -> Resolved:
+        resolved = super().validate_request(options)
+        self.image_argv(resolved)  # an image that cannot run is refused now, not in start
+        return resolved
 
     def _user_dir(self, d: str) -> None:
         """Make ``d`` (below the home) a 0700 directory of the user; never follows a link.
@@ -377,8 +500,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     async def _start(self, resolved: Resolved) -> tuple[str, int]:
         pw = self._pw()
         tag = _make_tag(self._key(), secrets.token_hex(6))
-        spec = self.job_spec(resolved, tag)
-        script = render_script(spec)
+        spec, argv, script = self.render_job(resolved, tag, self.get_env())
         self._user_dir(str(Path(spec.output).parent))
         self._write_token(spec.token_file)
         TRACKED_TAGS.add(tag)
@@ -389,7 +511,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         )
         try:
             out = await call(
-                self._as_user(sbatch_argv(spec)),
+                argv,
                 env=slurm_env(),
                 input=script,
                 cwd=pw.pw_dir,

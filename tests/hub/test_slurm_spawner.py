@@ -9,8 +9,12 @@ tests run in file order and share the servers they start, to keep the module sho
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +22,12 @@ from typing import Any
 
 import pytest
 import requests
+from sovereign_portal.spawners.local import SOVEREIGN_LAB_ARGS
 from sovereign_portal.spawners.slurm.jobscript import make_tag
+from sovereign_portal.spawners.slurm.spawner import PREVIEW_TAG
 
 from tests.support.hub import HubProcess
+from tests.support.paths import VENV_BIN
 from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
 pytestmark = pytest.mark.slurm
@@ -62,9 +69,54 @@ c.SlurmGPUSpawner.orphan_grace_seconds = {grace}
 c.SlurmGPUSpawner.residency = {{"proj-fr": ["FR"]}}
 c.SlurmGPUSpawner.tag_key_file = {key!r}
 c.Spawner.environment = {{"EGRESS_LOG": {job_egress!r}}}
+c.SlurmGPUSpawner.image_allow_list = {allow!r}
+c.SlurmGPUSpawner.job_environment = {{"PATH": {job_path!r}}}
 c.Spawner.start_timeout = 90
 from sovereign_portal.spawners.slurm import sweep_on_hub_start
 sweep_on_hub_start()
+"""
+
+
+# The image allow-list of this hub: no default, so servers run on the host unless the user
+# names an image or is in the course.
+ALLOW_LIST = """
+apptainer = "apptainer"
+cleanenv = true
+binds = ["{shared}"]
+[[images]]
+name = "base"
+location = "/images/base.sif"
+gpu = false
+[[images]]
+name = "gpu"
+location = "/images/gpu.sif"
+groups = ["proj-gpu"]
+[[images]]
+name = "ml101"
+location = "/images/ml101.sif"
+courses = ["course-ml101"]
+"""
+
+# Apptainer is not installable here (no Debian package): this stand-in, first on the job's
+# PATH, records its argv and the names (never the values) of the APPTAINERENV_* variables,
+# then runs the command after the image the way `apptainer exec --cleanenv` would: only the
+# APPTAINERENV_* variables, mapped back, plus HOME (Apptainer sets it) and PATH/PYTHONPATH
+# standing in for the image's own environment and the test's egress guard.
+STAND_IN = """#!{python} -I
+import json, os, pwd, sys
+args = sys.argv[1:]
+with open({record!r}, "a") as f:
+    names = sorted(k for k in os.environ if k.startswith("APPTAINERENV_"))
+    f.write(json.dumps({{"argv": args, "env": names}}) + "\\n")
+assert args[0] == "exec", args
+i = 1
+while args[i].startswith("-"):
+    i += 2 if args[i] in ("--bind", "-B", "--env-file") else 1
+cmd = args[i + 1 :]
+env = {{k[13:]: v for k, v in os.environ.items() if k.startswith("APPTAINERENV_")}}
+env["HOME"] = pwd.getpwuid(os.getuid()).pw_dir
+env.update({{k: os.environ[k] for k in ("PATH", "PYTHONPATH") if k in os.environ}})
+os.execvpe(cmd[0], cmd, env)
 """
 
 
@@ -75,27 +127,45 @@ def hub(
     d = tmp_path_factory.mktemp("slurm-hub")
     site = d / "site.toml"
     site.write_text(SITE_FILE.read_text() + IMPOSSIBLE)
-    shared = Path(tmp_path_factory.mktemp("slurm-shared"))
+    # Jobs run as the test users: what they read or write must be outside pytest's 0700
+    # temporary tree.
+    shared = Path(tempfile.mkdtemp(prefix="sp-slurm-shared-", dir="/tmp"))
     shared.chmod(0o777)
     job_egress = shared / "job-egress.log"
     job_egress.touch(0o666)
     job_egress.chmod(0o666)
+    bin_dir = shared / "bin"
+    bin_dir.mkdir(mode=0o755)
+    record = shared / "apptainer-record.jsonl"
+    record.touch(0o666)
+    record.chmod(0o666)
+    stand_in = bin_dir / "apptainer"
+    stand_in.write_text(STAND_IN.format(python=VENV_BIN / "python", record=str(record)))
+    stand_in.chmod(0o755)
+    allow = shared / "images.toml"
+    allow.write_text(ALLOW_LIST.format(shared=shared))
     config = CONFIG.format(
         site=str(site),
         sched=SCHED_POLL,
         grace=GRACE,
         key=str(d / "tag.key"),
         job_egress=str(job_egress),
+        allow=str(allow),
+        job_path=f"{bin_dir}:{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
     )
     h = HubProcess(d, config, env={"SLURM_CONF": str(slurm_cluster.conf)}, poll_interval=POLL)
     h.job_egress = job_egress  # type: ignore[attr-defined]
+    h.apptainer_record = record  # type: ignore[attr-defined]
+    h.shared = shared  # type: ignore[attr-defined]
     h.start()
     try:
         yield h
     finally:
         h.close()
         h.assert_no_egress()
-        assert job_egress.read_text() == "", job_egress.read_text()
+        job_egress_log = job_egress.read_text()
+        shutil.rmtree(shared)
+        assert job_egress_log == "", job_egress_log
 
 
 def portal_jobs(cluster: SlurmCluster, active: bool = True) -> list[dict[str, str]]:
@@ -184,6 +254,48 @@ def test_token_never_reaches_slurm_or_logs(hub: HubProcess, slurm_cluster: Slurm
     assert "[D " in hub.log_text()  # the hub really logged at debug level
     token_dir = Path("/home/spalice/.sovereign-portal/tokens")
     assert list(token_dir.iterdir()) == []  # the one-time file was taken
+
+
+def cli_script(hub: HubProcess, *args: str) -> str:
+    """`sovereign-portal job-script` with this hub's configuration file and environment."""
+    argv = [str(VENV_BIN / "sovereign-portal"), "job-script", "--config", str(hub.config_path)]
+    r = subprocess.run(
+        [*argv, *args], env=hub.env(), cwd=hub.dir, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    head, preview, script = r.stdout.split("\n", 2)
+    assert head.startswith("# argv: runuser -u ") and preview.startswith("# preview: ")
+    return script
+
+
+def assert_cli_prints_the_submitted_script(
+    hub: HubProcess, cluster: SlurmCluster, job_id: str, *args: str
+) -> None:
+    """The CLI's script is the submitted one, modulo the per-spawn tag (and the token file
+    named after it) and JupyterHub's per-server JUPYTERHUB_* variables, which exist only
+    once the hub spawns (the CLI says so)."""
+    submitted = cluster.run(["scontrol", "write", "batch_script", job_id, "-"]).stdout
+    tag = re.search(r"^#SBATCH --comment=sovereign-portal:(\S+)$", submitted, re.M)
+    assert tag is not None, submitted
+    submitted = submitted.replace(tag.group(1), PREVIEW_TAG)
+    printed = cli_script(hub, *args)
+    exports = set(re.findall(r"^export (\w+)=", printed, re.M))
+    hub_only = [
+        line
+        for line in submitted.splitlines()
+        if (m := re.match(r"export (\w+)=", line)) and m.group(1) not in exports
+    ]
+    assert hub_only and all(line.startswith("export JUPYTERHUB_") for line in hub_only), hub_only
+    kept = [line for line in submitted.splitlines() if line not in hub_only]
+    assert printed.splitlines() == kept
+
+
+def test_job_script_cli_prints_what_the_spawn_submitted(
+    hub: HubProcess, slurm_cluster: SlurmCluster
+) -> None:
+    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spalice")
+    args = ["--user", "spalice", "--partition", "gpu-fr", "--size", "h100x2"]
+    assert_cli_prints_the_submitted_script(hub, slurm_cluster, job["id"], *args)
 
 
 def _server_token(user: str) -> str:
@@ -380,6 +492,67 @@ def test_walltime_expiry_is_noticed_with_reason(
 def test_stop_cancels_and_waits_until_gone(hub: HubProcess, slurm_cluster: SlurmCluster):
     hub.stop_server("spalice")
     assert portal_jobs(slurm_cluster) == []
+
+
+def test_course_image_runs_the_server_through_apptainer(
+    hub: HubProcess, slurm_cluster: SlurmCluster
+) -> None:
+    """Issue 6 in a real Slurm job behind the real hub. Apptainer itself is a stand-in
+    (STAND_IN above: it records its argv and runs the command after the image), so what is
+    proven is the argv and environment the spawner composes, not Apptainer."""
+    hub.ensure_user("spdave")
+    hub.api("POST", "/groups/course-ml101")
+    r = hub.api("POST", "/groups/course-ml101/users", json={"users": ["spdave"]})
+    assert r.status_code == 200, r.text
+    try:
+        s = requests.Session()
+        s.get(f"{hub.url}/hub/login")
+        login = {"username": "spdave", "password": "x", "_xsrf": s.cookies.get("_xsrf")}
+        s.post(f"{hub.url}/hub/login", data=login)
+        page = s.get(f"{hub.url}/hub/spawn").text
+        offered = re.findall(r'<option value="([a-z0-9]+)">', page)
+        assert offered == ["ml101", "base"], offered  # the course's first; not the "gpu" one
+        before = {j["id"] for j in slurm_cluster.jobs()}
+        r = hub.api("POST", "/users/spdave/server", json={**H100_1, "image": "gpu"})
+        assert r.status_code == 400, r.text
+        assert "image 'gpu' is not offered; allowed: ml101, base" in r.json()["message"]
+        assert {j["id"] for j in slurm_cluster.jobs()} == before
+
+        hub.spawn("spdave", H100_1, timeout=60)  # no image named: the course's
+        job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spdave")
+        env = placement(hub, "spdave")["env"]  # answered from inside the "image"
+        assert env["SLURM_JOB_ID"] == job["id"] and env["SOVEREIGN_PORTAL_SIZE"] == "h100x1"
+        assert env["CUDA_VISIBLE_DEVICES"] == env["SLURM_JOB_GPUS"] != ""
+        record = json.loads(hub.apptainer_record.read_text().splitlines()[-1])
+        image_argv = ["exec", "--nv", "--cleanenv", "--bind", str(hub.shared), "/images/ml101.sif"]
+        server_argv = ["jupyterhub-singleuser", *SOVEREIGN_LAB_ARGS, "--ip=127.0.0.1"]
+        assert record["argv"][: len(image_argv) + len(server_argv)] == image_argv + server_argv
+        assert re.fullmatch(r"--port=\d+", record["argv"][-1])
+        for name in (
+            "CUDA_VISIBLE_DEVICES",
+            "SLURM_JOB_GPUS",
+            "SLURM_JOB_ID",
+            "SLURMD_NODENAME",
+            "SOVEREIGN_PORTAL_COUNTRY",
+            "JUPYTERHUB_USER",
+            "JUPYTERHUB_API_TOKEN",
+        ):
+            assert f"APPTAINERENV_{name}" in record["env"], name
+        assert "APPTAINERENV_PATH" not in record["env"]  # the image keeps its own PATH
+        token = _server_token("spdave")
+        assert token not in json.dumps(record)
+        assert token not in slurm_cluster.run(["scontrol", "show", "job", "-d", job["id"]]).stdout
+        args = ["--user", "spdave", "--group", "course-ml101", "--partition", "gpu-fr"]
+        assert_cli_prints_the_submitted_script(
+            hub, slurm_cluster, job["id"], *args, "--size", "h100x1"
+        )
+    finally:
+        hub.api("DELETE", "/groups/course-ml101/users", json={"users": ["spdave"]})
+        hub.stop_server("spdave")
+    assert portal_jobs(slurm_cluster) == []
+
+
+H100_1 = {"partition": "gpu-fr", "gpus": 1}
 
 
 def test_untracked_portal_job_is_reported_and_cancelled_after_restart(

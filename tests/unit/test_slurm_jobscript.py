@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -218,3 +219,195 @@ def test_residency_never_places_outside_allowed_countries(
         if "proj-eu" in groups:
             ok = ok and p.jurisdiction.country in ("FR", "DE", "NL")
         assert (p in got) == ok
+
+
+# -- images (issue 6) and the one renderer shared with `sovereign-portal job-script` ------------
+ALLOW = """
+cleanenv = true
+binds = ["/scratch", "/datasets:/datasets:ro"]
+[[images]]
+name = "base"
+location = "/images/base.sif"
+gpu = false
+[[images]]
+name = "gpu"
+location = "/images/gpu.sif"
+groups = ["proj-gpu"]
+[[images]]
+name = "ml101"
+location = "/images/ml101.sif"
+courses = ["course-ml101"]
+"""
+
+
+def image_spawner(tmp_path: Path, groups: tuple[str, ...] = (), default: str = "") -> Any:
+    from types import SimpleNamespace
+
+    from sovereign_portal.spawners.slurm.spawner import SlurmGPUSpawner
+
+    allow = tmp_path / "images.toml"
+    allow.write_text((f'default = "{default}"\n' if default else "") + ALLOW)
+    user = SimpleNamespace(name=ME, groups=[SimpleNamespace(name=g) for g in groups])
+    return SlurmGPUSpawner(
+        site_file=str(SITE_FILE), image_allow_list=str(allow), user=user, api_token="x" * 32
+    )
+
+
+ME = __import__("pwd").getpwuid(__import__("os").getuid()).pw_name
+H100 = {"partition": "gpu-fr", "gpus": 1}
+
+
+def test_image_job_runs_the_server_under_apptainer_with_forwarded_names_only() -> None:
+    s = spec(
+        image_argv=["apptainer", "exec", "--nv", "--cleanenv", "/images/gpu.sif"],
+        env={
+            "JUPYTERHUB_USER": "spalice",
+            "HOME": "/home/spalice",
+            "PATH": "/usr/bin",
+            "SOVEREIGN_PORTAL_SIZE": "h100x1",
+            "EGRESS_LOG": "/tmp/e",
+        },
+    )
+    script = render_script(s)
+    exec_line = shlex.split(script.splitlines()[-1])
+    cmd = exec_line[exec_line.index("--") + 1 :]
+    assert cmd == [
+        "apptainer",
+        "exec",
+        "--nv",
+        "--cleanenv",
+        "/images/gpu.sif",
+        "jupyterhub-singleuser",
+    ]
+    forward = next(a for a in exec_line if a.startswith("--forward-env="))
+    names = forward.split("=", 1)[1].split(",")
+    assert {"SOVEREIGN_PORTAL_SIZE", "EGRESS_LOG", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS"} <= set(
+        names
+    )
+    assert not {"PATH", "HOME", "JUPYTERHUB_USER"} & set(names)  # host's / forwarded by prefix
+    assert "TOKEN" not in script
+
+
+def test_launcher_forwards_names_and_the_jupyterhub_prefix_into_the_image(monkeypatch) -> None:
+    import importlib.util
+    import os
+
+    mod_spec = importlib.util.spec_from_file_location("launch_under_test", LAUNCHER)
+    launch = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(launch)  # type: ignore[union-attr]
+    for k, v in {"CUDA_VISIBLE_DEVICES": "2,3", "JUPYTERHUB_USER": "a", "PATH": "/usr/bin"}.items():
+        monkeypatch.setenv(k, v)
+    launch.forward_into_image("CUDA_VISIBLE_DEVICES,SLURM_JOB_GPUS", {"JUPYTERHUB_API_TOKEN": "t"})
+    assert os.environ["APPTAINERENV_CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert os.environ["APPTAINERENV_JUPYTERHUB_USER"] == "a"
+    assert os.environ["APPTAINERENV_JUPYTERHUB_API_TOKEN"] == "t"
+    assert "APPTAINERENV_PATH" not in os.environ and "APPTAINERENV_SLURM_JOB_GPUS" not in os.environ
+    for k in [k for k in os.environ if k.startswith("APPTAINERENV_")]:
+        monkeypatch.delenv(k)
+
+
+def test_images_offered_per_user_course_first(tmp_path: Path) -> None:
+    assert image_spawner(tmp_path).image_choices() == ["base"]
+    assert image_spawner(tmp_path, ("proj-gpu",)).image_choices() == ["base", "gpu"]
+    assert image_spawner(tmp_path, ("course-ml101",)).image_choices() == ["ml101", "base"]
+    assert image_spawner(tmp_path, default="base").image_choices() == ["base"]
+    form = image_spawner(tmp_path, ("course-ml101",)).options_form(
+        image_spawner(tmp_path, ("course-ml101",))
+    )
+    assert form.index('value="ml101"') < form.index('value="base"') and "gpu.sif" not in form
+    assert 'value="gpu"' not in form
+
+
+def test_image_not_open_to_the_user_is_400_naming_the_allowed(tmp_path: Path) -> None:
+    from tornado import web
+
+    sp = image_spawner(tmp_path, ("course-ml101",))
+    with pytest.raises(web.HTTPError) as e:
+        sp.validate_request({**H100, "image": "gpu"})
+    assert e.value.status_code == 400 and "allowed: ml101, base" in e.value.log_message
+
+
+def test_course_image_then_default_then_host(tmp_path: Path) -> None:
+    def argv(sp: Any, **kw: Any) -> list[str]:
+        return sp.image_argv(sp.validate_request({**H100, **kw}))
+
+    course = image_spawner(tmp_path, ("course-ml101",))
+    assert argv(course) == [
+        "apptainer",
+        "exec",
+        "--nv",
+        "--cleanenv",
+        "--bind",
+        "/scratch",
+        "--bind",
+        "/datasets:/datasets:ro",
+        "/images/ml101.sif",
+    ]
+    assert argv(course, image="base")[-1] == "/images/base.sif"  # the user's choice wins
+    assert "--nv" not in argv(course, image="base")  # base is gpu = false
+    assert argv(image_spawner(tmp_path, default="base"))[-1] == "/images/base.sif"
+    assert argv(image_spawner(tmp_path)) == []  # no course, no default: on the host
+
+
+def test_broken_allow_list_stops_the_configuration(tmp_path: Path) -> None:
+    from sovereign_portal.spawners.slurm.spawner import SlurmGPUSpawner
+    from traitlets import TraitError
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[images]]\nname = "x"\nlocation = "--privileged"\n')
+    with pytest.raises(TraitError, match="location"):
+        SlurmGPUSpawner(image_allow_list=str(bad))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    cli = Path(sys.executable).with_name("sovereign-portal")
+    return subprocess.run(
+        [str(cli), "job-script", "--user", ME, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_prints_what_a_spawn_renders(tmp_path: Path) -> None:
+    """The CLI and the spawner share SlurmGPUSpawner.render_job: the server arguments that keep
+    JupyterLab quiet and the SOVEREIGN_PORTAL_* variables are there. (The real-Slurm test
+    compares it with a submitted job's script.)"""
+    from sovereign_portal.spawners.local import SOVEREIGN_LAB_ARGS
+    from sovereign_portal.spawners.slurm.spawner import PREVIEW_TAG
+
+    r = _cli("--site", str(SITE_FILE), "--size", "h100x2", "--partition", "gpu-fr")
+    assert r.returncode == 0, r.stderr
+    sp = image_spawner(tmp_path)
+    sp.image_allow_list = ""
+    resolved = sp.validate_request({"partition": "gpu-fr", "accelerator": "h100", "gpus": 2})
+    script = r.stdout.split("\n", 2)[2]  # after the "# argv:" and "# preview:" lines
+    assert script == sp.render_job(resolved, PREVIEW_TAG)[2]
+    assert " ".join(SOVEREIGN_LAB_ARGS) in script
+    assert "export SOVEREIGN_PORTAL_PARTITION=gpu-fr" in script
+    assert "export SOVEREIGN_PORTAL_SIZE=h100x2" in script
+
+
+def test_cli_shows_the_image_and_refuses_what_a_spawn_refuses(tmp_path: Path) -> None:
+    allow = tmp_path / "images.toml"
+    allow.write_text(ALLOW)
+    config = tmp_path / "jupyterhub_config.py"
+    config.write_text(f"c.SlurmGPUSpawner.image_allow_list = {str(allow)!r}\n")
+    base = ["--config", str(config), "--site", str(SITE_FILE), "--size", "h100x1"]
+    r = _cli(*base, "--group", "course-ml101")
+    assert r.returncode == 0, r.stderr
+    assert "-- apptainer exec --nv --cleanenv --bind /scratch" in r.stdout
+    assert "/images/ml101.sif jupyterhub-singleuser --LabApp.news_url=None" in r.stdout
+    r = _cli(*base, "--image", "gpu")
+    assert r.returncode == 2 and "image 'gpu' is not offered; allowed: base" in r.stderr
+    assert r.stdout == ""
+
+
+def test_cli_refuses_a_local_site_naming_what_it_has(tmp_path: Path) -> None:
+    r = _cli("--size", "h100x1")  # the embedded example: one local box
+    assert r.returncode == 2 and r.stdout == ""
+    assert "this site has no Slurm partition (it has: lab (local))" in r.stderr
+    mixed = tmp_path / "mixed.toml"
+    example = (Path(SITE_FILE).parents[3] / "spawners" / "sites" / "example.toml").read_text()
+    partitions = example[example.index("[[partitions]]") :]
+    mixed.write_text(SITE_FILE.read_text() + "\n" + partitions)
+    r = _cli("--site", str(mixed), "--size", "h100x1", "--partition", "lab")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "partition 'lab' is a local one, not Slurm; the Slurm partitions are: gpu-fr" in r.stderr
