@@ -11,23 +11,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.support.sessions import JupyterServer, PortalServiceThread
 from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
 TOKEN = "bench-token"  # noqa: S105
+# Runs are interleaved (portal, raw, portal, ...) so load changes hit both alike, with a
+# pause before each: Slurm places a job submitted right after another ended ~1-2 s later
+# (LAB.md), and slurmctld starts jobs on a 1 s tick, so the pause has a random part.
+SETTLE = 2.0
 
 
-def portal_once(srv: JupyterServer, workers: int) -> float:
+def settle() -> None:
+    time.sleep(SETTLE + random.uniform(0, 1))
+
+
+def portal_once(srv: JupyterServer, workers: int, phases: list[dict[str, float]]) -> float:
     c = srv.client()
+    seen: dict[str, float] = {}
+
+    def mark(info: dict[str, Any]) -> None:
+        key = f"{info['state']} {info['workers_up']}/{info['workers_total']}"
+        seen.setdefault(key, time.perf_counter() - t0)
+
     t0 = time.perf_counter()
     info = c.create({"kind": "dask", "partition": "gpu-fr", "gpus": 1, "count": workers})
-    c.wait(info["id"], 120)
+    seen["created"] = time.perf_counter() - t0
+    c.wait(info["id"], 120, on_update=mark)
     dt = time.perf_counter() - t0
+    seen["ready (client)"] = dt
+    phases.append(seen)
     c.stop(info["id"])
     return dt
 
@@ -71,9 +90,15 @@ def main() -> None:
     svc.start()
     work = Path(tempfile.mkdtemp(prefix="sp-bench-srv-"))
     srv = JupyterServer(work, svc.url, TOKEN, memory_per_worker="1GiB").start()
+    portal: list[float] = []
+    raw: list[float] = []
+    phases: list[dict[str, float]] = []
     try:
-        portal = [portal_once(srv, a.workers) for _ in range(a.runs)]
-        raw = [asyncio.run(raw_once(a.workers, str(work))) for _ in range(a.runs)]
+        for _ in range(a.runs):
+            settle()
+            portal.append(portal_once(srv, a.workers, phases))
+            settle()
+            raw.append(asyncio.run(raw_once(a.workers, str(work))))
     finally:
         srv.stop()
         svc.stop()
@@ -85,6 +110,10 @@ def main() -> None:
     )
     print(f"raw dask-jobqueue scale+wait:      median {r:.2f} s {[round(x, 2) for x in raw]}")
     print(f"ratio portal/raw: {p / r:.2f}")
+    print("portal phases (s from the request, first time each state was seen, median):")
+    for key in dict.fromkeys(k for ph in phases for k in ph):
+        vals = [ph[key] for ph in phases if key in ph]
+        print(f"  {key:<16} {statistics.median(vals):5.2f}  ({len(vals)} of {len(phases)} runs)")
 
 
 if __name__ == "__main__":

@@ -92,8 +92,11 @@ class PortalClient:
     def create(self, request: dict[str, Any], kernel_id: str | None = None) -> dict[str, Any]:
         return dict(self._call("POST", "sessions", {"request": request, "kernel_id": kernel_id}))
 
-    def get(self, sid: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"sessions/{sid}"))
+    def get(self, sid: str, version: int | None = None, wait: float = 0) -> dict[str, Any]:
+        """One session; with ``version`` and ``wait``, the server answers as soon as the
+        session's version differs from ``version`` (or after ``wait`` seconds)."""
+        query = "" if version is None else f"?version={int(version)}&wait={wait:.3f}"
+        return dict(self._call("GET", f"sessions/{sid}{query}"))
 
     def list(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "sessions"))
@@ -110,11 +113,15 @@ class PortalClient:
         timeout: float = 600,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the session is ready; raise PortalError if it ends or times out."""
+        """Wait until the session is ready; raise PortalError if it ends or times out.
+
+        Each request waits on the server for the next change of the session (a long
+        poll), so readiness is seen as it happens; a server without that answers at
+        once, and then this polls every 0.25 s."""
         end = time.monotonic() + timeout
         last = None
-        while time.monotonic() < end:
-            info = self.get(sid)
+        info = self.get(sid)
+        while True:
             if on_update is not None and info["message"] != last:
                 on_update(info)
                 last = info["message"]
@@ -122,7 +129,14 @@ class PortalClient:
                 return info
             if info["state"] in TERMINAL:
                 raise PortalError(f"session {sid} {info['state']}: {info['message']}", "ended")
-            time.sleep(0.25)
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            if "version" in info:
+                info = self.get(sid, info["version"], min(left, 10.0))
+            else:
+                time.sleep(min(0.25, left))
+                info = self.get(sid)
         raise PortalError(f"session {sid} was not ready after {timeout:.0f} s", "timeout")
 
 

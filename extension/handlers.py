@@ -4,7 +4,9 @@
 GET      catalog                         sizes, € rates and queue state open to this user
 GET      sessions                        this server's sessions
 POST     sessions                        ``{"request": {...}, "kernel_id": "..."}`` → 201
-GET      sessions/<id>                   one session: state, progress, handle information
+GET      sessions/<id>                   one session: state, progress, handle information;
+                                        ``?version=V&wait=S`` answers once its version is
+                                        not V, or after S seconds (at most 30)
 DELETE   sessions/<id>                   stop it and release every job → 200
 POST     sessions/<id>/scale             ``{"workers": n}`` (Dask; at most the grant)
 =======  ==============================  =================================================
@@ -22,7 +24,7 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from .sessions import SessionError, SessionManager
+from .sessions import MAX_WAIT_S, SessionError, SessionManager
 
 AUTH_RESOURCE = "sovereign_portal"
 #: Largest request body a handler reads (a session request is a few hundred bytes).
@@ -87,9 +89,24 @@ class SessionHandler(_Base):
     @authorized
     async def get(self, sid: str) -> None:
         try:
-            self.finish(json.dumps(self.manager.get(sid).to_json()))
+            version, wait_s = self._wait_args()
+            s = self.manager.get(sid)
+            if version is not None and wait_s > 0:
+                s = await self.manager.wait_change(sid, version, wait_s)
+            self.finish(json.dumps(s.to_json()))
         except SessionError as e:
             self.fail(e)
+
+    def _wait_args(self) -> tuple[int | None, float]:
+        v, w = self.get_query_argument("version", None), self.get_query_argument("wait", "0")
+        try:
+            version = None if v is None else int(v)
+            wait_s = float(w)
+        except ValueError:
+            raise SessionError("version is a whole number and wait a number of seconds") from None
+        if not 0 <= wait_s <= MAX_WAIT_S:
+            raise SessionError(f"wait is a number of seconds from 0 to {MAX_WAIT_S:.0f}")
+        return version, wait_s
 
     @web.authenticated
     @authorized

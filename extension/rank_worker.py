@@ -5,7 +5,8 @@ the session directory as its only argument. It:
 
 1. pins itself to its own device (``CUDA_VISIBLE_DEVICES`` entry ``LOCAL_RANK``),
 2. marks itself up (``ranks/<rank>`` in the session directory),
-3. waits for the notebook's controller (``controller.json``) and connects to it over a
+3. imports torch (a second or more) while the notebook attaches, then waits for the
+   notebook's controller (``controller.json``) and connects to it over a
    ``multiprocessing.connection`` channel authenticated with the session secret
    (``secret``, mode 0600: never in argv, environment or job script),
 4. joins the process group (c10d TCP store on rank 0's node; nccl on GPUs, gloo on CPU),
@@ -68,7 +69,7 @@ def _wait_controller(sdir: Path, timeout: float) -> dict[str, Any]:
                 return dict(json.loads(path.read_text()))
             except ValueError:
                 pass  # being written
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise SystemExit("no controller attached in time")
 
 
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     (sdir / "ranks").mkdir(exist_ok=True)
     (sdir / "ranks" / str(rank)).write_text(json.dumps(info))
     secret = (sdir / "secret").read_bytes()
+    # Up first (the session turns ready and the notebook attaches), then the slow import,
+    # which overlaps that attach instead of following the controller's "init".
+    import torch
+    import torch.distributed as dist
+
     wait = float(os.environ.get("SOVEREIGN_PORTAL_ATTACH_TIMEOUT", "86400"))
     ctl = _wait_controller(sdir, wait)
     conn = Client((ctl["host"], int(ctl["port"])), authkey=secret)
@@ -106,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _, master_addr, master_port, backend, timeout_s = msg
     import datetime
-
-    import torch
-    import torch.distributed as dist
 
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -5,11 +5,19 @@ A :class:`SessionManager` owns every session of this server. One poll loop serve
 all: one ``squeue`` call for every Slurm job of every session (queue position, pending
 reason, running), walltime expiry, dead local processes, and sessions whose kernel has
 gone away. Stopping the server stops every session.
+
+Readiness does not wait for that poll. While a session is queued or starting, a watch
+looks at local state only (the in-process Dask scheduler's workers, which wake it as they
+join; the torch ranks' marker files) every :data:`WATCH_INTERVAL` seconds, and marks the
+session ready as soon as every worker or rank is up. Every change of a session's state,
+message or progress bumps its ``version`` and wakes clients that wait for one
+(:meth:`SessionManager.wait_change`, ``GET sessions/<id>?wait=S&version=V``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -24,6 +32,11 @@ from tornado import httpclient
 from .launchers import LAUNCHERS, LaunchConfig, Launcher, run_argv, write_meta, write_secret
 
 ACTIVE = ("queued", "starting", "ready")
+STARTING = ("queued", "starting")
+#: Seconds between looks at local state (no scheduler call) while a session starts.
+WATCH_INTERVAL = 0.05
+#: The longest a client may wait for a change in one request.
+MAX_WAIT_S = 30.0
 log = logging.getLogger("sovereign_portal.sessions")
 
 
@@ -105,6 +118,19 @@ class Session:
     ended: float | None = None
     queue: dict[str, Any] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    version: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """What a client sees change: state, message, progress and queue."""
+        up = self.launcher.up() if self.state in ACTIVE else 0
+        return (self.state, self.message, up, tuple(sorted(self.queue.items())))
+
+    def notify(self) -> None:
+        """Bump the version and wake every waiter."""
+        self.version += 1
+        ev, self.changed = self.changed, asyncio.Event()
+        ev.set()
 
     @property
     def ends_at(self) -> float:
@@ -116,6 +142,7 @@ class Session:
         return {
             "id": self.id,
             "kind": self.kind,
+            "version": self.version,
             "state": self.state,
             "message": self.message,
             "kernel_id": self.kernel_id,
@@ -172,6 +199,8 @@ class SessionManager:
         self.kernel_alive = kernel_alive  # callable(kernel_id) -> bool, or None
         self.sessions: dict[str, Session] = {}
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- create / stop ----------------------------------------------------------------------
     async def create(self, request: Any, kernel_id: str | None = None) -> Session:
@@ -188,9 +217,11 @@ class SessionManager:
         write_secret(sdir)
         cls = LAUNCHERS[(grant["kind"], grant["backend"])]
         s = Session(sid, grant["kind"], grant, sdir, cls(grant, sdir, self.cfg), kernel_id)
+        s.launcher.on_change = self._kick
         self.sessions[sid] = s
         write_meta(sdir, {"id": sid, "grant": grant, "kernel_id": kernel_id})
         s.task = asyncio.create_task(self._start(s))
+        self._ensure_watch()
         self.log.info(
             "Session %s: %s %s on %s", sid, grant["kind"], grant["size"]["id"], grant["partition"]
         )
@@ -202,6 +233,8 @@ class SessionManager:
             await s.launcher.start()
             s.state = "queued" if s.launcher.backend == "slurm" else "starting"
             s.message = "waiting for the scheduler" if s.state == "queued" else "starting"
+            s.notify()
+            self._kick()
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -233,6 +266,7 @@ class SessionManager:
         except Exception as e:
             self.log.warning("Session %s: could not release grant: %s", s.id, e)
         s.state, s.message, s.ended = state, message, time.time()
+        s.notify()
         shutil.rmtree(s.dir / "tls", ignore_errors=True)
         self.log.info("Session %s %s: %s", s.id, state, message)
 
@@ -254,6 +288,57 @@ class SessionManager:
         await s.launcher.scale(workers)  # type: ignore[attr-defined]
         return s
 
+    # -- waiting for a change ----------------------------------------------------------------
+    async def wait_change(self, sid: str, version: int, wait_s: float) -> Session:
+        """Return the session once its version differs from ``version`` (at once if it
+        already does), or after ``wait_s`` seconds (at most :data:`MAX_WAIT_S`)."""
+        s = self.get(sid)
+        end = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        while s.version == version:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(s.changed.wait(), left)
+            except TimeoutError:
+                break
+        return s
+
+    # -- the watch while sessions start (local state only, no scheduler call) ---------------
+    def _kick(self) -> None:
+        self._wake.set()
+
+    def _ensure_watch(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while any(s.state in STARTING for s in self.sessions.values()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), WATCH_INTERVAL)
+            self._wake.clear()
+            for s in [s for s in self.sessions.values() if s.state in STARTING]:
+                try:
+                    self._look(s)
+                except Exception:
+                    self.log.exception("Session %s: watch failed", s.id)
+
+    def _look(self, s: Session) -> None:
+        """Follow workers or ranks coming up; all up means every job runs: ready."""
+        if s.task is not None and not s.task.done():
+            return  # still submitting
+        before = s.snapshot()
+        up, total = s.launcher.up(), s.launcher.total
+        if total and up >= total and s.launcher.local_alive() is not False:
+            if s.started is None:
+                s.started = time.time()
+            s.queue = {}
+            s.state, s.message = "ready", f"{total} of {total} {_unit(s)} up"
+        elif s.state == "starting":
+            s.message = f"{up} of {total} {_unit(s)} up"
+        if s.snapshot() != before:
+            s.notify()
+
     # -- the one poll loop --------------------------------------------------------------------
     async def poll(self) -> None:
         async with self._lock:
@@ -263,7 +348,12 @@ class SessionManager:
             jobs = await self._squeue()
             t = time.time()
             for s in active:
+                before = s.snapshot()
                 await self._update(s, jobs, t)
+                if s.state in ACTIVE and s.snapshot() != before:
+                    s.notify()
+            if any(s.state in STARTING for s in active):
+                self._ensure_watch()
 
     async def _update(self, s: Session, jobs: dict[str, dict[str, Any]] | None, t: float) -> None:
         if s.kernel_id and self.kernel_alive is not None and not self.kernel_alive(s.kernel_id):

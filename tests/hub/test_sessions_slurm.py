@@ -169,6 +169,7 @@ def _who() -> dict[str, object]:
         "world": dist.get_world_size(),
         "node": os.environ.get("SLURMD_NODENAME"),
         "device": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "token_names": sorted(k for k in os.environ if "TOKEN" in k),
     }
 
 
@@ -186,6 +187,7 @@ def test_torch_two_nodes_by_two_ranks(
         jobs = [j["id"] for j in portal_jobs(slurm_cluster)]
         who = s.run(_who)
         assert [w["rank"] for w in who] == [0, 1, 2, 3]
+        assert all(w["token_names"] == [] for w in who)  # the job env is the allow-list
         assert {w["node"] for w in who} == {"h100-a", "h100-b"}
         per_node = {(w["node"], w["device"]) for w in who}
         assert len(per_node) == 4
