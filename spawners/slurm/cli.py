@@ -34,7 +34,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--user", required=True, help="hub user name (its Unix account must exist)")
     p.add_argument("--size", required=True, help="a size id: h100:3g.40gb, h100x2, b200x8")
-    p.add_argument("--partition", help="partition name from the site file (default: first)")
+    p.add_argument(
+        "--partition", help="partition name (default: the first Slurm one open to the user)"
+    )
     p.add_argument("--walltime", type=int, help="minutes (default: the partition's default)")
     p.add_argument(
         "--image",
@@ -116,7 +118,10 @@ def job_script_command(args: argparse.Namespace) -> int:
     except (SiteError, RequestError, JobScriptError) as e:
         return fail(str(e))
     except web.HTTPError as e:
-        return fail(str(e.log_message or e))
+        message = str(e.log_message or e)
+        if "open to you" in message and not args.group:
+            message += " (the user's groups decide this at spawn time: pass them with --group)"
+        return fail(message)
     except Exception as e:  # config errors (TraitError, ImageError, a missing account...)
         message = getattr(e, "message", None) or str(e)
         return fail(f"{type(e).__name__}: {message}")

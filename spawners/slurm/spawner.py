@@ -129,13 +129,17 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         config=True,
         help="""Directory (owned by the user, mode 0700) where the hub writes each job's
         one-time API token file (mode 0600); the job reads and deletes it. {home} is the
-        user's home directory. It must be on a file system the compute nodes share.""",
+        user's home directory; the directory must be below it, on a file system the compute
+        nodes share. The hub creates it without following links and refuses to spawn if a
+        part of it is a link or belongs to another account.""",
     )
     output_template = Unicode(
         "{home}/.sovereign-portal/logs/slurm-%j.log",
         config=True,
         help="The job's stdout/stderr file (Slurm patterns such as %j allowed); {home} is "
-        "the user's home directory.",
+        "the user's home directory. The hub creates its directory when it is below the home "
+        "(as for token_dir_template); a directory elsewhere must exist and be writable by "
+        "the user.",
     )
     scheduler_poll_interval = Float(
         30.0,
