@@ -11,24 +11,14 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Route, sync_playwright
+from playwright.sync_api import sync_playwright
 
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, HostGuard
 from tests.support.hub import HubProcess
 from tests.support.idp import LocalIdP, hub_auth_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.idp, pytest.mark.hub]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SPAWN = """
 c.JupyterHub.spawner_class = "local-gpu"
 c.LocalGPUSpawner.inventory_source = "declared"
@@ -59,18 +49,8 @@ def test_idp_login_spawn_jupyterlab_without_foreign_requests(
     stack: tuple[HubProcess, LocalIdP],
 ) -> None:
     hub, idp = stack
-    own = {urlsplit(hub.url).netloc, urlsplit(idp.issuer).netloc}
-    seen: list[str] = []
-    foreign: list[str] = []
-
-    def guard(route: Route) -> None:
-        url = route.request.url
-        seen.append(url)
-        if urlsplit(url).scheme in ("data", "blob") or urlsplit(url).netloc in own:
-            route.continue_()
-        else:
-            foreign.append(url)
-            route.abort()
+    guard = HostGuard(hub.url, idp.issuer)
+    own, seen, foreign = guard.own, guard.seen, guard.foreign
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -17,26 +17,16 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Route, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import sync_playwright
 
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, HostGuard
 from tests.support.hub import HubProcess
 from tests.support.idp import LocalIdP
 from tests.support.portal import leases, portal_stack
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.idp, pytest.mark.timeout(180)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 USER = "carol@uni-a.example"
 CELL = (
     "from sovereign_portal.extension import GPUSessions\n"
@@ -79,18 +69,8 @@ def test_widget_starts_a_dask_session_in_jupyterlab(
     stack: tuple[HubProcess, LocalIdP],
 ) -> None:
     hub, idp = stack
-    own = {urlsplit(hub.url).netloc, urlsplit(idp.issuer).netloc}
-    seen: list[str] = []
-    foreign: list[str] = []
-
-    def guard(route: Route) -> None:
-        url = route.request.url
-        seen.append(url)
-        if urlsplit(url).scheme in ("data", "blob") or urlsplit(url).netloc in own:
-            route.continue_()
-        else:
-            foreign.append(url)
-            route.abort()
+    guard = HostGuard(hub.url, idp.issuer)
+    own, seen, foreign = guard.own, guard.seen, guard.foreign
 
     shot = Path(os.environ.get("TMP", tempfile.gettempdir())) / "gpu-sessions-widget.png"
     t0 = time.monotonic()

@@ -225,8 +225,11 @@ def test_server_that_died_while_the_hub_was_down_is_cleaned_up(hub: HubProcess) 
     hub.stop()
     os.kill(pid, 9)
     hub.start()
-    # The hub's start-up poll finds the server dead: it is gone and its GPUs are free again.
-    assert not hub.api("GET", "/users/jack").json().get("servers")
+    # The hub's start-up check (it may still be running when the API answers) finds the
+    # server dead: it is gone and its GPUs are free again.
+    hub.wait_for(
+        lambda: not hub.api("GET", "/users/jack").json().get("servers"), 30, "jack cleaned up"
+    )
     hub.spawn("kate", {"gpus": 4})
     hub.stop_server("kate")
 
@@ -251,7 +254,9 @@ def test_walltime_ends_a_local_server(hub: HubProcess) -> None:
         db.execute("UPDATE spawners SET state = ? WHERE id = ?", (json.dumps(state), sid))
     hub.start()
     hub.wait_for(lambda: not alive(pid), 30, "the server process to end")
-    assert not hub.api("GET", "/users/lena").json().get("servers")
+    hub.wait_for(
+        lambda: not hub.api("GET", "/users/lena").json().get("servers"), 30, "lena's record"
+    )
     assert "reached its walltime" in hub.log_text()
     hub.spawn("mia", {"gpus": 4})  # lena's four GPUs are free again
     hub.stop_server("mia")
