@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner
@@ -38,6 +39,15 @@ SOVEREIGN_LAB_ARGS = (
 )
 
 _ALLOCATORS: dict[tuple[str, str, str], Allocator] = {}
+
+
+def _zombie(pid: int) -> bool:
+    """True when ``pid`` has exited but not been reaped (state Z in /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
 
 
 class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
@@ -217,6 +227,12 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
             raise
 
     async def poll(self) -> int | None:
+        if self.proc is None and self.pid and _zombie(self.pid):
+            # A re-adopted server (not our child) that died but was not reaped yet by its
+            # new parent: signal 0 still succeeds on it, yet it is dead.
+            self.log.warning("Server of %s (pid %s) has died", self.owner, self.pid)
+            self.clear_state()
+            return 0
         status: int | None = await super().poll()
         if status is None and self.ends_at and time.time() >= self.ends_at:
             # The walltime is a promise to everyone else waiting for this box's GPUs.

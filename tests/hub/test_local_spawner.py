@@ -53,11 +53,12 @@ def server_pid(hub: HubProcess, user: str) -> int:
 
 
 def alive(pid: int) -> bool:
+    """Running: it exists and is not a zombie waiting for its (re)parent to reap it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 BOX = declared_devices(load_site().partitions[0].nodes[0])
