@@ -24,7 +24,7 @@ step "mypy"        mypy hub spawners extension
 step "unit"        pytest -m unit tests/unit "$@"
 step "hub, idp, slurm, browser" pytest tests/hub "$@"
 step "extension"   pytest -p pytest_jupyter.jupyter_server -o asyncio_mode=strict tests/extension "$@"
-step "docs"        bash -c 'python docs/gen_config_reference.py --check && sphinx-build -W --keep-going -q -b html docs docs/_build/html'
+step "docs"        bash -c 'python docs/gen_config_reference.py --check && sphinx-build -E -a -W --keep-going -q -b html docs docs/_build/html'
 echo
 if ((${#failed[@]})); then
   printf 'FAILED layers:\n'; printf '  - %s\n' "${failed[@]}"
