@@ -130,9 +130,13 @@ def doc_commands() -> list[Command]:
     found: list[Command] = []
     for page in doc_pages():
         for lang, lineno, body in _blocks(page.read_text(encoding="utf-8")):
-            if lang not in SHELL_LANGS:
+            # A transcript whose output Pygments cannot lex as a console (lines starting
+            # with "# " read as root prompts) is fenced as text but still starts with "$ ".
+            transcript = lang == "text" and body.lstrip().startswith("$ ")
+            if lang not in SHELL_LANGS and not transcript:
                 continue
-            for offset, line, output in _logical_lines(body, console=lang == "console"):
+            console = lang == "console" or transcript
+            for offset, line, output in _logical_lines(body, console=console):
                 for argv in _portal_invocations(line):
                     found.append(Command(page, lineno + offset, argv, output))
     return found
