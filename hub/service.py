@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from sovereign_portal.spawners.base import cached_site
 from sovereign_portal.spawners.inventory import (
     AllocationError,
     Allocator,
@@ -35,7 +36,7 @@ from sovereign_portal.spawners.inventory import (
     session_owner,
 )
 from sovereign_portal.spawners.request import RequestError
-from sovereign_portal.spawners.site import Site, load_site
+from sovereign_portal.spawners.site import Site
 from sovereign_portal.spawners.sizes import Size
 from tornado import httpclient, web
 from tornado.httpserver import HTTPServer
@@ -155,7 +156,8 @@ class PortalService(Application):
     # -- site and identity ------------------------------------------------------------------
     @property
     def site(self) -> Site:
-        return load_site(self.site_file or None)
+        # Parsed once per file version, as the spawner does: not on every request.
+        return cached_site(str(Path(self.site_file).resolve()) if self.site_file else None)
 
     def set_authenticator(self, fn: Authenticate) -> None:
         """Replace hub authentication (used by tests of the extension, which have no hub)."""
