@@ -35,7 +35,16 @@ SESSION_KINDS = ("dask", "torch")
 
 
 class AdmissionError(RequestError):
-    """A well-formed request that policy refuses (HTTP 403). The message says why."""
+    """A well-formed request that policy refuses (HTTP 403; 409 when ``reason="busy"``).
+
+    The message says why.
+    """
+
+    default_status = 403
+
+    def __init__(self, message: str, reason: str = "forbidden", **kw: Any) -> None:
+        kw.setdefault("status", 409 if reason == "busy" else None)
+        super().__init__(message, reason, **kw)
 
 
 @dataclass(frozen=True)

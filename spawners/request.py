@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .catalog import GPUS_PER_HGX_NODE, accelerator
+from .errors import RequestRefused
 from .site import NodeType, Partition, Site
 from .sizes import GPU_STEPS, Size, max_nodes, partition_sizes
 
@@ -26,12 +27,24 @@ MAX_WALLTIME_MINUTES = 30 * 24 * 60
 MAX_PROBLEMS = 5
 
 
-class RequestError(ValueError):
-    """A request that cannot be granted. ``str()`` is safe and useful to show the user."""
+class RequestError(RequestRefused, ValueError):
+    """A request that cannot be granted (HTTP 400 unless a subclass says otherwise).
 
-    def __init__(self, message: str, reason: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.reason = reason
+    ``str()`` is safe and useful to show the user; ``field`` names the request field.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        reason: str = "invalid_request",
+        *,
+        field: str | None = None,
+        status: int | None = None,
+        log_message: str | None = None,
+    ) -> None:
+        super().__init__(
+            message, reason=reason, field=field, status=status, log_message=log_message
+        )
 
 
 class Request(BaseModel):
@@ -83,6 +96,11 @@ def _short(value: str, limit: int = 40) -> str:
     return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
+def co2_g(energy_wh: float, carbon_g_per_kwh: float) -> float:
+    """Grams of CO₂ for an energy, at a grid's carbon intensity."""
+    return energy_wh / 1000 * carbon_g_per_kwh
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A request placed on a partition, node type and size, with its walltime."""
@@ -105,14 +123,26 @@ class Resolved:
         return round(unit * self.request.count, 4)
 
     @property
+    def gpu_equivalents(self) -> float:
+        """GPUs billed for the whole request: whole GPUs, a slice its compute share (N/7)."""
+        return self.size.gpu_fraction * self.request.count
+
+    @property
+    def facility_power_w(self) -> float:
+        """Power drawn for the whole request: board power at TDP × the partition's PUE.
+
+        The energy model of estimates and of the ledger (until measured energy lands).
+        """
+        return self.size.power_w * self.request.count * self.partition.pue
+
+    @property
     def gpu_hours(self) -> float:
-        return round(self.size.gpu_fraction * self.request.count * self.walltime_minutes / 60, 4)
+        return round(self.gpu_equivalents * self.walltime_minutes / 60, 4)
 
     @property
     def energy_wh(self) -> float:
         """Energy at TDP and the partition's PUE for the whole walltime, an upper bound."""
-        hours = self.walltime_minutes / 60
-        return round(self.size.power_w * self.request.count * hours * self.partition.pue, 1)
+        return round(self.facility_power_w * self.walltime_minutes / 60, 1)
 
     def cost_json(self) -> dict[str, float]:
         hours = self.walltime_minutes / 60
@@ -122,7 +152,7 @@ class Resolved:
             "eur_max": round(self.eur_per_hour * hours, 2),
             "gpu_hours_max": self.gpu_hours,
             "energy_wh_max": wh,
-            "co2_g_max": round(wh / 1000 * self.partition.carbon_g_per_kwh, 1),
+            "co2_g_max": round(co2_g(wh, self.partition.carbon_g_per_kwh), 1),
         }
 
 

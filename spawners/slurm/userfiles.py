@@ -28,11 +28,19 @@ import stat
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
+from ..errors import Conflict
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class UserFileError(Exception):
-    """A user's portal directory or file could not be made safely. ``str()`` is for users."""
+class UserFileError(Conflict):
+    """A user's portal directory or file could not be made safely. ``str()`` is for users.
+
+    One message argument only (a :class:`~..errors.PortalError`): passing an errno first
+    once showed the spawn page a tuple such as ``(40, "…")``.
+    """
+
+    default_reason = "unsafe_user_dir"
 
 
 def below_home(home: str, path: str) -> tuple[str, ...]:
@@ -70,7 +78,6 @@ def user_dir(home: str, parts: tuple[str, ...], uid: int, gid: int) -> Iterator[
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise UserFileError(
-                        e.errno,
                         f"{shown} is a symbolic link or not a directory. The portal keeps "
                         "your server's one-time token there and never follows links: "
                         f"remove or rename {shown}, then start your server again.",
