@@ -4,6 +4,11 @@ Launch it with Playwright's ``executable_path=CHROMIUM`` and ``args=CHROMIUM_ARG
 (never ``playwright install``: nothing is downloaded). Route every request through a
 :class:`HostGuard`: requests to the deployment's own hosts go through, any other host is
 aborted and recorded, and the test fails on it.
+
+``page.route`` sees only the pages' requests, not Chromium's own look-ups (it resolves
+Google hosts despite ``--disable-background-networking``), so the resolver itself answers
+"not found" for every name but ``localhost`` and ``127.0.0.1``
+(:data:`HOST_RESOLVER_RULES`): no name of the harness's browser is looked up off the machine.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from urllib.parse import urlsplit
 from playwright.sync_api import Route
 
 CHROMIUM = "/usr/bin/chromium"
+HOST_RESOLVER_RULES = "MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -22,6 +28,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    f"--host-resolver-rules={HOST_RESOLVER_RULES}",
 ]
 
 
