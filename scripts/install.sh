@@ -13,6 +13,9 @@ log() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 
 apt_pkgs=(ca-certificates curl git nodejs npm python3 python3-venv python3-dev build-essential
           slurmctld slurmd slurm-client munge chromium fonts-dejavu-core procps iproute2 util-linux)
+# The test suite also runs Slurm accounting (slurmdbd on MariaDB) for ledger reconciliation
+# and Slurm-enforced budgets.
+if ((WANT_TEST)); then apt_pkgs+=(slurmdbd slurm-wlm-mysql-plugin mariadb-server); fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
