@@ -5,7 +5,8 @@
     from sovereign_portal.hub.portal import configure
     configure(c, state_dir="/srv/portal", site_file="/etc/sovereign-portal/site.toml")
 
-It sets the sovereign defaults (loopback binds, SQLite in the state directory, a 0600
+It sets the sovereign defaults (loopback binds, SQLite in the state directory for both
+JupyterHub's database and the portal's own, ``portal.sqlite``, a 0600
 cookie secret, no outside requests from JupyterLab), the local backend, and the portal
 service that admits compute sessions (Dask, torch) from notebooks. The spawner and the
 service share one device lease file, ``<state_dir>/device-leases.json``, so a notebook
@@ -62,6 +63,8 @@ def configure(
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy_api_port}"
     c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
     c.JupyterHub.db_url = f"sqlite:///{state / 'jupyterhub.sqlite'}"
+    # The portal's own records (account bindings, audit log, ledger): SQLite in WAL mode.
+    c.PortalDatabase.url = f"sqlite:///{state / 'portal.sqlite'}"
     c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")
     c.JupyterHub.pid_file = str(state / "jupyterhub.pid")
     c.JupyterHub.cleanup_servers = True

@@ -55,6 +55,10 @@ def test_wheel_carries_package_data(wheel: zipfile.ZipFile) -> None:
         "sovereign_portal/hub/idp/server.js",
         "sovereign_portal/hub/idp/package.json",
         "sovereign_portal/hub/idp/users.json",
+        "sovereign_portal/hub/store.py",
+        "sovereign_portal/hub/migrations/env.py",
+        "sovereign_portal/hub/migrations/script.py.mako",
+        "sovereign_portal/hub/migrations/versions/0001_accounts_and_audit.py",
     ]:
         assert must in names, must
     conf = [n for n in names if n.endswith("jupyter_server_config.d/sovereign_portal.json")]
@@ -72,7 +76,14 @@ def test_wheel_declares_entry_points_and_dependencies(wheel: zipfile.ZipFile) ->
     assert "local-gpu = sovereign_portal.spawners.local:LocalGPUSpawner" in text
     assert "institutional = sovereign_portal.hub.auth:InstitutionalAuthenticator" in text
     meta = wheel.read(next(n for n in wheel.namelist() if n.endswith("METADATA"))).decode()
-    for dep in ("jupyterhub", "oauthenticator", "pydantic", "nvidia-ml-py"):
+    for dep in (
+        "jupyterhub",
+        "oauthenticator",
+        "pydantic",
+        "nvidia-ml-py",
+        "SQLAlchemy",
+        "alembic",
+    ):
         assert f"Requires-Dist: {dep}" in meta
 
 

@@ -55,3 +55,17 @@ def test_residency_reaches_the_spawner_and_the_service(
     monkeypatch.setenv(RESIDENCY_ENV, '{"project-x": "FR"}')
     with pytest.raises(ValueError, match="JSON object of group -> \\[countries\\]"):
         PortalService().residency  # noqa: B018
+
+
+def test_configure_puts_the_portal_database_in_the_state_dir(tmp_path: Path) -> None:
+    from sovereign_portal.hub.store import PortalDatabase
+
+    c = Config()
+    configure(c, str(tmp_path), auth="dev")
+    assert c.PortalDatabase.url == f"sqlite:///{tmp_path / 'portal.sqlite'}"
+    store = PortalDatabase(config=c).open()  # the embedded default needs no setup
+    try:
+        assert (tmp_path / "portal.sqlite").is_file()
+        assert store.current_revision() == store.head_revision()
+    finally:
+        store.dispose()

@@ -1,0 +1,248 @@
+"""The portal's own database: SQLAlchemy 2 tables and Alembic migrations.
+
+The portal keeps its records (account bindings, the audit log, and the ledger that builds on
+them) in a database of its own, separate from JupyterHub's. The embedded default is SQLite in
+WAL mode in the state directory (``sovereign-portal up`` needs no setup), with a busy timeout,
+foreign keys on, and every transaction opened with ``BEGIN IMMEDIATE`` (writers queue instead
+of failing). PostgreSQL is the production option. The code is engine-agnostic: only the URL changes.
+
+- :class:`PortalDatabase` is the traitlets side: ``c.PortalDatabase.url``. Every part of the
+  portal that needs the database builds ``PortalDatabase(parent=self)``, so one config section
+  serves the authenticator, the CLI and the services.
+- :class:`PortalStore` is the engine side: ``upgrade()`` brings the schema to the newest
+  Alembic revision (the migrations ship inside the package, ``hub/migrations``), ``begin()``
+  gives a session in a transaction that commits on success and rolls back on error.
+
+Table definitions live here, on one :class:`Base`; a migration never imports them (each
+revision spells out its own DDL, so an old revision stays what it was when it shipped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    event,
+    inspect,
+)
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from traitlets import Bool, Unicode, validate
+from traitlets.config import Configurable
+
+log = logging.getLogger("sovereign_portal.store")
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every engine (SQLite stores no zone: UTC is implied)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("UTCDateTime needs a timezone-aware datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """The declarative base of every portal table."""
+
+
+class AccountBinding(Base):
+    """A hub user name bound to the one IdP subject (``iss``, ``sub``) that may use it."""
+
+    __tablename__ = "account_bindings"
+
+    username: Mapped[str] = mapped_column(String(255), primary_key=True)
+    issuer: Mapped[str] = mapped_column(String(1024))
+    subject: Mapped[str] = mapped_column(String(255))
+    bound_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_account_bindings_issuer_subject", "issuer", "subject"),)
+
+
+class AuditEvent(Base):
+    """One operator action (who, what, on what, why), append-only."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255))
+    detail: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+
+    __table_args__ = (Index("ix_audit_events_target", "target"),)
+
+    @property
+    def details(self) -> dict[str, Any]:
+        data = json.loads(self.detail or "{}")
+        return data if isinstance(data, dict) else {}
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    # Let SQLAlchemy, not the driver, open transactions (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cur.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # BEGIN IMMEDIATE takes SQLite's write lock at the start of each transaction. Two writers
+    # then queue on busy_timeout instead of one failing at once with "database is locked"
+    # (a deferred BEGIN that reads, then writes, cannot wait); DDL (migrations) becomes
+    # transactional too. Readers are never blocked in WAL mode.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password hidden, for logs and error messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable database URL>"
+
+
+class PortalStore:
+    """An engine on the portal database, with its migrations and session helpers."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        parsed = make_url(url)
+        kwargs: dict[str, Any] = {"echo": echo}
+        if parsed.get_backend_name() != "sqlite":
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"PortalStore({redact_url(self.url)!r})"
+
+    def alembic_config(self) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        # configparser interpolation: a '%' in a password must be doubled.
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        return cfg
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` (the newest by default); a no-op when it is there."""
+        from alembic import command
+
+        cfg = self.alembic_config()
+        with self.engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            rev: str | None = MigrationContext.configure(connection).get_current_revision()
+            return rev
+
+    def head_revision(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self.alembic_config()).get_current_head()
+        assert head is not None
+        return head
+
+    def table_names(self) -> set[str]:
+        return set(inspect(self.engine).get_table_names())
+
+    def session(self) -> Session:
+        """A new session (the caller closes it; prefer :meth:`begin`)."""
+        return self._sessions()
+
+    @contextmanager
+    def begin(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any error."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+class PortalDatabase(Configurable):
+    """Where the portal keeps its own records (``c.PortalDatabase``)."""
+
+    url = Unicode(
+        "sqlite:///portal.sqlite",
+        config=True,
+        help="""SQLAlchemy URL of the portal's own database (account bindings, the audit log,
+        the ledger), separate from JupyterHub's `db_url`. The default is SQLite in the hub's
+        working directory; `configure()` puts it in the state directory
+        (`sqlite:///<state_dir>/portal.sqlite`), in WAL mode with a busy timeout, which is
+        enough for one hub. For production use PostgreSQL, e.g.
+        `postgresql+psycopg://portal@db.example/portal`, with the password in the
+        `PGPASSWORD` environment variable or a `.pgpass` file rather than in the URL. The
+        schema is created and upgraded (Alembic) when the hub starts.""",
+    )
+    echo = Bool(
+        False,
+        config=True,
+        help="""Log every SQL statement. For debugging only: statements carry user names.""",
+    )
+
+    @validate("url")
+    def _check_url(self, proposal: Any) -> str:
+        value = str(proposal["value"])
+        try:
+            make_url(value)
+        except Exception:
+            raise ValueError(
+                f"PortalDatabase.url is not a database URL: {redact_url(value)!r}; "
+                "use e.g. 'sqlite:////srv/portal/portal.sqlite'"
+            ) from None
+        return value
+
+    def open(self, *, upgrade: bool = True) -> PortalStore:
+        """A :class:`PortalStore` on :attr:`url`, its schema upgraded to the newest revision."""
+        store = PortalStore(self.url, echo=self.echo)
+        if upgrade:
+            store.upgrade()
+        return store
