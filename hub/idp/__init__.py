@@ -16,7 +16,6 @@ import socket
 import subprocess
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,8 @@ class LocalIdP:
     """A running ``oidc-provider`` process on 127.0.0.1.
 
     ``redirect_uris`` are the hub callback URLs the IdP accepts (exact match, as in production).
-    ``tamper=True`` enables the forge-the-next-ID-token endpoint used by the attack tests.
+    ``extension`` is the path of an ES module that ``server.js`` loads before it listens (its
+    ``IDP_EXTENSION``: extra middleware and routes); none by default.
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class LocalIdP:
         port: int | None = None,
         client_id: str = DEFAULT_CLIENT_ID,
         users_file: str | os.PathLike[str] | None = None,
-        tamper: bool = False,
+        extension: str | os.PathLike[str] | None = None,
         node: str | None = None,
     ) -> None:
         if not redirect_uris:
@@ -87,7 +87,7 @@ class LocalIdP:
         self.port = port or free_port()
         self.client_id = client_id
         self.users_file = Path(users_file) if users_file else USERS_FILE
-        self.tamper_enabled = tamper
+        self.extension = Path(extension).resolve() if extension else None
         self.node = node or shutil.which("node") or "node"
         self.client_secret_file = self.state_dir / "idp-client-secret"
         self.jwks_file = self.state_dir / "idp-jwks.json"
@@ -147,8 +147,9 @@ class LocalIdP:
             "IDP_REDIRECT_URIS": " ".join(self.redirect_uris),
             "IDP_JWKS_FILE": str(self.jwks_file),
             "IDP_USERS_FILE": str(self.users_file),
-            "IDP_TEST_TAMPER": "1" if self.tamper_enabled else "0",
         }
+        if self.extension is not None:
+            env["IDP_EXTENSION"] = str(self.extension)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         try:
             self.proc = subprocess.Popen(
@@ -185,17 +186,6 @@ class LocalIdP:
                 time.sleep(0.1)
         self.stop()
         raise IdPError(f"the IdP did not answer within {timeout}s ({last}):\n{self.log_tail()}")
-
-    def tamper(self, mode: str) -> None:
-        """Make the IdP forge the next ID token it hands out (test mode only)."""
-        if not self.tamper_enabled:
-            raise IdPError("start LocalIdP(tamper=True) to forge tokens")
-        data = urllib.parse.urlencode({"mode": mode}).encode()
-        url = f"{self.issuer}/__test__/tamper"
-        req = urllib.request.Request(url, data=data, method="POST")  # noqa: S310
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
-            if resp.status != 204:
-                raise IdPError(f"tamper {mode}: HTTP {resp.status}")
 
     def log_tail(self, n: int = 40) -> str:
         try:

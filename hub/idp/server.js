@@ -10,16 +10,18 @@
 //   IDP_REDIRECT_URIS        space-separated redirect URIs registered for the hub (required)
 //   IDP_JWKS_FILE            JSON {"keys": [private JWK, ...]}; the first key signs (required)
 //   IDP_USERS_FILE           sample users (default: users.json next to this file)
-//   IDP_TEST_TAMPER          "1" enables POST /__test__/tamper to forge the next ID token
-//                            (attack tests only; never enabled by `sovereign-portal up`)
+//   IDP_EXTENSION            optional path of an ES module, loaded before the server listens;
+//                            its default export is called once with { provider, jwks, routes,
+//                            readForm, load }: it may add koa middleware (provider.use) and
+//                            routes (routes.set(pathname, async (req, res) => ...)); load(name)
+//                            imports a package of this IdP. `sovereign-portal up` never sets it.
 import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 
 import Provider from 'oidc-provider';
-import * as jose from 'jose';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -41,7 +43,6 @@ const jwks = JSON.parse(fs.readFileSync(need('IDP_JWKS_FILE'), 'utf8'));
 const users = JSON.parse(
   fs.readFileSync(process.env.IDP_USERS_FILE || path.join(here, 'users.json'), 'utf8'),
 ).users;
-const tamperEnabled = process.env.IDP_TEST_TAMPER === '1';
 const redirectOrigins = [...new Set(redirectUris.map((u) => new URL(u).origin))].join(' ');
 
 if (clientSecret.length < 16) {
@@ -116,76 +117,13 @@ const configuration = {
 
 const provider = new Provider(issuer, configuration);
 
-// --- attack mode: forge the next ID token handed out by the token endpoint -------------------
-let tamper = null;
-let previousIdToken = null;
-
-async function forge(idToken, mode) {
-  const header = jose.decodeProtectedHeader(idToken);
-  const claims = jose.decodeJwt(idToken);
-  const now = Math.floor(Date.now() / 1000);
-  const signingKey = await jose.importJWK(jwks.keys[0], 'RS256');
-  const sign = (payload, key = signingKey, kid = header.kid) =>
-    new jose.SignJWT(payload).setProtectedHeader({ alg: 'RS256', kid, typ: 'JWT' }).sign(key);
-  switch (mode) {
-    case 'other_key': {
-      const { privateKey } = await jose.generateKeyPair('RS256');
-      return sign(claims, privateKey); // same kid as the real key, wrong signature
-    }
-    case 'unknown_kid': {
-      const { privateKey } = await jose.generateKeyPair('RS256');
-      return sign(claims, privateKey, 'attacker-key');
-    }
-    case 'alg_none': {
-      const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
-      return `${b64({ alg: 'none', typ: 'JWT' })}.${b64(claims)}.`;
-    }
-    case 'alg_hs256': {
-      // Key confusion: HMAC "signed" with the public key's modulus as the secret.
-      const secret = new TextEncoder().encode(jwks.keys[0].n);
-      return new jose.SignJWT(claims)
-        .setProtectedHeader({ alg: 'HS256', kid: header.kid, typ: 'JWT' })
-        .sign(secret);
-    }
-    case 'wrong_iss':
-      return sign({ ...claims, iss: 'http://127.0.0.1:9/evil-issuer' });
-    case 'wrong_aud':
-      return sign({ ...claims, aud: 'another-client', azp: 'another-client' });
-    case 'expired':
-      return sign({ ...claims, iat: now - 7200, exp: now - 3600 });
-    case 'future_iat':
-      return sign({ ...claims, iat: now + 3600, exp: now + 7200 });
-    case 'no_nonce': {
-      const { nonce, ...rest } = claims;
-      return sign(rest);
-    }
-    case 'wrong_nonce':
-      return sign({ ...claims, nonce: 'attacker-chosen-nonce' });
-    case 'replay':
-      // The whole, genuinely signed ID token of an earlier login (its nonce is stale).
-      if (!previousIdToken) throw new Error('no earlier ID token to replay');
-      return previousIdToken;
-    case 'drop':
-      return undefined;
-    default:
-      throw new Error(`unknown tamper mode ${mode}`);
-  }
+// --- an optional extension (IDP_EXTENSION): middleware and routes of its own --------------
+const routes = new Map();
+if (process.env.IDP_EXTENSION) {
+  const extension = await import(pathToFileURL(path.resolve(process.env.IDP_EXTENSION)).href);
+  await extension.default({ provider, jwks, routes, readForm, load: (name) => import(name) });
+  console.log(`idp: extension ${process.env.IDP_EXTENSION} loaded`);
 }
-
-provider.use(async (ctx, next) => {
-  await next();
-  if (ctx.oidc?.route !== 'token' || ctx.status !== 200 || !ctx.body?.id_token) return;
-  const genuine = ctx.body.id_token;
-  if (tamper) {
-    const mode = tamper;
-    tamper = null;
-    const forged = await forge(genuine, mode);
-    console.log(`idp: tampered ID token (${mode})`);
-    if (forged === undefined) delete ctx.body.id_token;
-    else ctx.body.id_token = forged;
-  }
-  previousIdToken = genuine;
-});
 
 // --- login pages ----------------------------------------------------------------------------
 function esc(s) {
@@ -262,12 +200,8 @@ const server = http.createServer(async (req, res) => {
     const url = new URL(req.url, issuer);
     const m = url.pathname.match(/^\/interaction\/([A-Za-z0-9_-]+)(?:\/(login))?$/);
     if (m) return await interaction(req, res, m[1], m[2]);
-    if (url.pathname === '/__test__/tamper' && tamperEnabled && req.method === 'POST') {
-      const form = await readForm(req);
-      tamper = form.get('mode');
-      res.writeHead(204);
-      return res.end();
-    }
+    const route = routes.get(url.pathname);
+    if (route) return await route(req, res);
     if (url.pathname === '/healthz') {
       res.writeHead(200, { 'content-type': 'text/plain' });
       return res.end('ok');

@@ -1,25 +1,61 @@
 """The local OIDC IdP for tests, and a programmatic browser-like login with ``requests``.
 
-The IdP itself is ``sovereign_portal.hub.idp.LocalIdP`` (also used by ``sovereign-portal up``);
-this module adds hub configuration text and a login helper that follows redirects by hand, the way
-a browser resolves them (backslashes count as slashes), and never follows one off the deployment.
+The IdP itself is ``sovereign_portal.hub.idp.LocalIdP`` (also used by ``sovereign-portal up``).
+This module's :class:`LocalIdP` adds the attack mode (``tamper=True``), which lives in the test
+tree only (``idp_tamper.mjs``, loaded through the IdP's ``IDP_EXTENSION``) and never ships. It
+also adds hub configuration text and a login helper that follows redirects by hand, the way a
+browser resolves them (backslashes count as slashes), and never follows one off the deployment.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import urllib.request
 from dataclasses import dataclass, field
 from html import unescape
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from typing import Any
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
-from sovereign_portal.hub.idp import LocalIdP, sample_users
+from sovereign_portal.hub import idp as _idp
+from sovereign_portal.hub.idp import IdPError, sample_users
 
 __all__ = ["LocalIdP", "LoginResult", "hub_auth_config", "oidc_login", "sample_users"]
 
 ALLOWED_ORG = "uni-a.example"
 SUPPORT_CONTACT = "the portal help desk (portal-help@uni-a.example)"
+#: The IdP extension that forges ID tokens on request (tests only).
+TAMPER_JS = Path(__file__).with_name("idp_tamper.mjs")
+
+
+class LocalIdP(_idp.LocalIdP):
+    """The shipped local IdP; ``tamper=True`` loads the attack mode (:meth:`tamper`)."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        redirect_uris: list[str],
+        *,
+        tamper: bool = False,
+        **kw: Any,
+    ) -> None:
+        if tamper:
+            kw["extension"] = TAMPER_JS
+        super().__init__(state_dir, redirect_uris, **kw)
+        self.tamper_enabled = tamper
+
+    def tamper(self, mode: str) -> None:
+        """Make the IdP forge the next ID token it hands out (see ``idp_tamper.mjs``)."""
+        if not self.tamper_enabled:
+            raise IdPError("start LocalIdP(tamper=True) to forge tokens")
+        data = urlencode({"mode": mode}).encode()
+        url = f"{self.issuer}/__test__/tamper"
+        req = urllib.request.Request(url, data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            if resp.status != 204:
+                raise IdPError(f"tamper {mode}: HTTP {resp.status}")
 
 
 def hub_auth_config(idp: LocalIdP, extra: str = "") -> str:

@@ -96,3 +96,23 @@ def test_no_bare_top_level_imports() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path("/")
     )
     assert out.stdout.strip() == "[]"
+
+
+#: Words that mark a test-only hook (the IdP's attack mode lives in tests/support only).
+TEST_HOOK_WORDS = (b"tamper", b"__test__")
+
+
+def test_wheel_ships_no_test_hooks(wheel: zipfile.ZipFile) -> None:
+    """No test package and no test hook in any shipped file (code, data, metadata)."""
+    names = wheel.namelist()
+    assert not [n for n in names if n.startswith("tests/") or "/tests/" in n]
+    found = [
+        (name, word.decode())
+        for name in names
+        for word in TEST_HOOK_WORDS
+        if word in wheel.read(name).lower()
+    ]
+    assert found == [], f"test hooks in the wheel: {found}"
+    # The words do name the hook: the test tree's IdP extension has them.
+    hook = (REPO / "tests/support/idp_tamper.mjs").read_bytes().lower()
+    assert all(word in hook for word in TEST_HOOK_WORDS)
