@@ -157,11 +157,7 @@ def _session_shape(req: Request, r: Resolved) -> tuple[int, int]:
     """(jobs, nodes per job) for a session, or a RequestError saying what fits."""
     size, part, nt = r.size, r.partition, r.node_type
     if req.kind == "dask":
-        if size.nodes > 1:
-            raise RequestError(
-                "a Dask session takes one-node sizes, one job each: ask for "
-                f"gpus=8 with count={size.nodes * req.count} instead of nodes={size.nodes}"
-            )
+        # nodes > 1 is refused for Dask by spawners.request.check_fields_for_kind
         if part.backend == "local" and req.count > 1:
             raise RequestError(
                 f"partition {part.name!r} is one box: ask for one size with more GPUs "

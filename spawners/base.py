@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tornado import web
 from traitlets import Dict, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from .errors import PortalError
 from .form import parse_form, render_form
 from .policy import allowed_partitions
 from .request import RequestError, Resolved, parse_request, resolve
@@ -31,6 +31,10 @@ def cached_site(path: str | None) -> Site:
     if key not in _SITES:
         _SITES[key] = load_site(path)
     return _SITES[key]
+
+
+def _user_name(spawner: Any) -> str:
+    return str(getattr(getattr(spawner, "user", None), "name", "?"))
 
 
 class PortalSpawnerMixin(LoggingConfigurable):
@@ -107,8 +111,14 @@ class PortalSpawnerMixin(LoggingConfigurable):
     def options_from_form(self, formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         try:
             return parse_form(formdata)
-        except RequestError as e:
-            raise web.HTTPError(400, str(e)) from None
+        except PortalError as e:
+            raise self.portal_error(e) from None
+
+    def portal_error(self, e: PortalError) -> Exception:
+        """The one place a spawner turns a :class:`PortalError` into what JupyterHub shows:
+        a ``SpawnException`` with the user message, the log message, reason and status."""
+        self.log.info("Refused for %s (%s): %s", _user_name(self), e.reason, e.log_message)
+        return e.spawn_exception()
 
     @default("apply_user_options")
     def _default_apply_user_options(self) -> Any:
@@ -121,22 +131,27 @@ class PortalSpawnerMixin(LoggingConfigurable):
             req = parse_request(dict(options) if isinstance(options, dict) else options)
             parts = self.partitions()
             if not parts:
-                raise RequestError("no partition of this site is open to you")
+                raise RequestError(
+                    "no partition of this site is open to you", reason="no_partition"
+                )
             names = [p.name for p in parts]
             if req.partition is not None and req.partition not in names:
                 raise RequestError(
                     f"partition {req.partition!r} is not open to you; you may use: "
-                    + ", ".join(names)
+                    + ", ".join(names),
+                    field="partition",
                 )
             if req.kind != "notebook":
-                raise RequestError("a server is a notebook: kind must be 'notebook'")
+                raise RequestError("a server is a notebook: kind must be 'notebook'", field="kind")
             images = self.image_choices()
             if req.image is not None and req.image not in images:
                 allowed = ", ".join(images) or "none"
-                raise RequestError(f"image {req.image!r} is not offered; allowed: {allowed}")
+                raise RequestError(
+                    f"image {req.image!r} is not offered; allowed: {allowed}", field="image"
+                )
             resolved = resolve(self.site, req, default_partition=names[0])
-        except RequestError as e:
-            raise web.HTTPError(400, str(e)) from None
+        except PortalError as e:
+            raise self.portal_error(e) from None
         self.resolved = resolved
         return resolved
 

@@ -74,19 +74,28 @@ class PortalError(Exception):
         """This error as JupyterHub's ``SpawnException`` (spawn page, REST spawn, metrics)."""
         from jupyterhub.spawner import SpawnException  # only where a hub runs
 
-        return SpawnException(
+        exc = SpawnException(
             self.user_message,
             reason=self.reason,
             log_message=self.log_message,
             status_code=self.status,
         )
+        # The form page shows str(exc) ("400 SpawnException(reason=…): …") unless this is set.
+        exc.jupyterhub_message = self.user_message
+        return exc
 
 
-class RequestRefused(PortalError):
-    """Bad input: a malformed or out-of-range request, form or body (HTTP 400)."""
+class RequestRefused(PortalError, ValueError):
+    """Bad input: a malformed or out-of-range request, form or body (HTTP 400).
+
+    ``spawners.request.RequestError`` is this class; ``reason`` may be given second.
+    """
 
     default_status = 400
     default_reason = "invalid_request"
+
+    def __init__(self, user_message: str, reason: str | None = None, **kw: Any) -> None:
+        super().__init__(user_message, reason=reason, **kw)
 
 
 class Unauthenticated(PortalError):

@@ -6,9 +6,10 @@ from collections.abc import Callable, Mapping, Sequence
 from html import escape
 from typing import Any
 
-from .request import RequestError, request_from_size_id
+from .request import MAX_WALLTIME_MINUTES, RequestError, request_from_size_id
 from .site import Partition
 from .sizes import Size, partition_sizes
+from .strict import parse_int, shorten
 
 FORM_FIELDS = ("size", "walltime_minutes", "image")
 
@@ -72,25 +73,26 @@ def parse_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """Turn the posted form into request fields; the Request model validates them next."""
     unknown = sorted(set(formdata) - set(FORM_FIELDS) - {"_xsrf"})
     if unknown:
-        shown = ", ".join(repr(k[:40]) for k in unknown[:5])  # untrusted: cut short
-        raise RequestError(f"unknown form field(s): {shown}; allowed: {', '.join(FORM_FIELDS)}")
+        shown = ", ".join(repr(shorten(k)) for k in unknown[:5])  # untrusted: cut short
+        raise RequestError(
+            f"unknown form field(s): {shown}; allowed: {', '.join(FORM_FIELDS)}",
+            field=shorten(unknown[0]),
+        )
 
     def one(key: str) -> str | None:
         values = formdata.get(key) or []
         if len(values) > 1:
-            raise RequestError(f"{key} was given {len(values)} times")
-        return values[0].strip() if values else None
+            raise RequestError(f"{key} was given {len(values)} times", field=key)
+        return values[0] if values else None
 
     size = one("size")
     if not size or "/" not in size:
-        raise RequestError("choose a size")
+        raise RequestError("choose a size", field="size")
     partition, _, size_id = size.partition("/")
     out = request_from_size_id(size_id, partition=partition)
     wall = one("walltime_minutes")
     if wall:
-        if not wall.isdigit() or len(wall) > 6:
-            raise RequestError(f"walltime must be a whole number of minutes, got {wall[:20]!r}")
-        out["walltime_minutes"] = int(wall)
+        out["walltime_minutes"] = parse_int(wall, "walltime_minutes", lo=1, hi=MAX_WALLTIME_MINUTES)
     image = one("image")
     if image:
         out["image"] = image

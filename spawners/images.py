@@ -64,7 +64,7 @@ _PATH = re.compile(r"^/[A-Za-z0-9._/+@-]{1,1023}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
-class ImageError(RequestRefused, ValueError):
+class ImageError(RequestRefused):
     """An image that cannot be used. ``str()`` is safe to show the user; ``reason`` is a label.
 
     A refused choice is HTTP 400; a broken allow-list (``reason="bad_config"``) is 500.
@@ -73,7 +73,7 @@ class ImageError(RequestRefused, ValueError):
     def __init__(self, message: str, reason: str = "image_not_allowed") -> None:
         status = 500 if reason == "bad_config" else 400
         field = None if reason == "bad_config" else "image"
-        super().__init__(message, reason=reason, status=status, field=field)
+        super().__init__(message, reason, status=status, field=field)
 
 
 def _check_location(value: str) -> str:
