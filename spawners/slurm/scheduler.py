@@ -1,8 +1,12 @@
-"""Slurm commands, run as argv lists, and one batched poller for every server job.
+"""One batched poller for every job of a process (the scheduler calls are in :mod:`.client`).
 
-- :func:`call` runs one command and raises :class:`SlurmError` with the exit code, stdout
-  and stderr. Every call is counted in :data:`CALLS` (by command) for the benchmarks.
-- :class:`JobPoller` keeps one ``squeue`` per interval (with jitter) for all tracked jobs.
+- :mod:`.client` holds the one scheduler interface (:class:`SchedulerClient`: submit,
+  cancel, one batched query, job detail) and its CLI transport; its names are re-exported
+  here for the older imports.
+- :class:`JobPoller` keeps one query per interval (with jitter) for all tracked jobs: the
+  hub's for every server job (``squeue --jobs=a,b,c``), the portal service's for every
+  session job of every user together with the queue state (``whole_queue``: one ``squeue``
+  of the whole queue, from which queue positions are exact).
   A failed or timed-out query leaves every job *unknown*; only an authoritative answer (the
   job is listed in a final state, or ``squeue`` succeeded and no longer lists it) ends one.
   The poll that sees a job end (final, or COMPLETING) calls that job's watcher at once, so
@@ -15,36 +19,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+
+from .client import (
+    ACTIVE_STATES,
+    CALLS,
+    GONE,
+    SLURM_COMMANDS,
+    SQUEUE_FORMAT,
+    JobInfo,
+    SchedulerClient,
+    SchedulerError,
+    SlurmCLI,
+    SlurmError,
+    call,
+    parse_squeue,
+    queue_positions,
+    slurm_env,
+)
 
 log = logging.getLogger("sovereign_portal.slurm")
 
-#: Scheduler commands run by this process, by command name (``squeue``, ``sbatch``, ...).
-CALLS: Counter[str] = Counter()
-
-#: States in which a job still holds, or will hold, resources.
-ACTIVE_STATES = frozenset(
-    {
-        "PENDING",
-        "CONFIGURING",
-        "RUNNING",
-        "COMPLETING",
-        "SUSPENDED",
-        "RESIZING",
-        "SIGNALING",
-        "STAGE_OUT",
-        "REQUEUED",
-        "REQUEUE_FED",
-        "REQUEUE_HOLD",
-        "RESV_DEL_HOLD",
-        "STOPPED",
-    }
-)
 #: Final states, and what each means to a user.
 FINAL_STATES: dict[str, str] = {
     "COMPLETED": "the server exited",
@@ -73,121 +70,33 @@ NEVER_REASONS = frozenset(
         "ReqNodeNotAvail, UnavailableNodes",
     }
 )
-SQUEUE_FORMAT = "%i|%T|%r|%N|%S|%u|%k"
-SLURM_COMMANDS = frozenset({"sbatch", "squeue", "scancel", "scontrol", "sinfo"})
 
-
-class SlurmError(RuntimeError):
-    """A Slurm command that failed: exit code, stdout and stderr for the log."""
-
-    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stdout = stdout
-        self.stderr = stderr
-        super().__init__(
-            f"{' '.join(self.argv)} exited with {returncode}: {stderr.strip() or stdout.strip()}"
-        )
-
-
-def slurm_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A clean environment for Slurm clients: PATH, SLURM_CONF and locale, nothing else.
-
-    The hub's own environment (which holds secrets such as the proxy token) never reaches
-    ``sbatch``, so it can never reach a job.
-    """
-    src = os.environ if base is None else base
-    env = {"PATH": src.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
-    if src.get("SLURM_CONF"):
-        env["SLURM_CONF"] = src["SLURM_CONF"]
-    return env
-
-
-async def call(
-    argv: Sequence[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    input: str | None = None,
-    timeout: float = 30,  # noqa: ASYNC109 - one knob for the subprocess
-    cwd: str = "/",
-) -> str:
-    """Run ``argv`` (never a shell) and return stdout, or raise :class:`SlurmError`."""
-    names = [os.path.basename(a) for a in argv]
-    CALLS[next((n for n in names if n in SLURM_COMMANDS), names[0])] += 1
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(env) if env is not None else slurm_env(),
-        cwd=cwd,
-    )
-    try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(input.encode() if input is not None else None), timeout
-        )
-    except (TimeoutError, asyncio.CancelledError):
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-    if proc.returncode != 0:
-        raise SlurmError(argv, proc.returncode or 0, stdout, stderr)
-    return stdout
-
-
-@dataclass(frozen=True)
-class JobInfo:
-    """One line of ``squeue``: what Slurm says about a job right now."""
-
-    job_id: str
-    state: str
-    reason: str
-    nodes: str
-    start: str
-    user: str
-    comment: str
-
-    @property
-    def active(self) -> bool:
-        """The job holds, or will hold, resources."""
-        return self.state in ACTIVE_STATES
-
-    @property
-    def ended(self) -> bool:
-        """The job's processes are gone or being stopped: final, or COMPLETING.
-
-        squeue shows COMPLETING (not the final state) while Slurm stops the processes of a
-        cancelled, timed-out or finished job, which can take a server's whole shutdown.
-        """
-        return not self.active or self.state == "COMPLETING"
-
-    @property
-    def start_estimate(self) -> str | None:
-        """Slurm's expected start time of a pending job, when the backfill has one."""
-        if self.state != "PENDING" or self.start in ("N/A", "", "Unknown"):
-            return None
-        return self.start
-
-
-#: What the poller knows of a job Slurm no longer lists.
-GONE = JobInfo("", "GONE", "the job no longer exists", "", "", "", "")
-
-
-def parse_squeue(text: str) -> dict[str, JobInfo]:
-    out: dict[str, JobInfo] = {}
-    for line in text.splitlines():
-        parts = line.split("|", 6)
-        if len(parts) == 7 and parts[0].strip():
-            f = [p.strip() for p in parts[:6]]
-            info = JobInfo(f[0], f[1], f[2], f[3], f[4], f[5], parts[6])
-            out[info.job_id] = info
-    return out
+__all__ = [
+    "ACTIVE_STATES",
+    "CALLS",
+    "FINAL_STATES",
+    "GONE",
+    "NEVER_REASONS",
+    "SLURM_COMMANDS",
+    "SQUEUE_FORMAT",
+    "JobInfo",
+    "JobPoller",
+    "SlurmError",
+    "call",
+    "parse_squeue",
+    "shared_poller",
+    "slurm_env",
+]
 
 
 class JobPoller:
-    """One ``squeue`` per interval for every tracked job, shared by all spawners."""
+    """One scheduler query per interval for every tracked job, shared by all its users.
+
+    With ``whole_queue`` the query is the whole queue (still one RPC: ``squeue`` of
+    several job ids loads the whole queue from slurmctld anyway), kept in :attr:`queue`,
+    with :attr:`positions` of every pending job, and a :meth:`refresh` polls even when no
+    job is tracked (the portal service's queue state).
+    """
 
     def __init__(
         self,
@@ -196,12 +105,22 @@ class JobPoller:
         fast_interval: float = 0.5,
         timeout: float = 20.0,
         env: Mapping[str, str] | None = None,
+        *,
+        client: SchedulerClient | None = None,
+        whole_queue: bool = False,
     ) -> None:
         self.interval = interval
         self.jitter = jitter
         self.fast_interval = fast_interval
         self.timeout = timeout
         self.env = dict(env) if env is not None else slurm_env()
+        self.client = client or SlurmCLI(env=self.env, timeout=timeout)
+        self.whole_queue = whole_queue
+        #: The last whole-queue answer, and each pending job's place in its partition.
+        self.queue: dict[str, JobInfo] = {}
+        self.positions: dict[str, int] = {}
+        #: Called after every poll with True (the scheduler answered) or False (unknown).
+        self.listeners: list[Callable[[bool], None]] = []
         self.jobs: dict[str, JobInfo] = {}
         self.tracked: set[str] = set()
         self.hurry: set[str] = set()  # jobs being started or stopped: poll them fast
@@ -284,21 +203,19 @@ class JobPoller:
         return ok
 
     async def _poll_once(self) -> bool:
-        ids = sorted(self.tracked, key=int)
-        if not ids:
+        ids = sorted(self.tracked, key=lambda j: [int(x) for x in j.split("_")])
+        if not ids and not self.whole_queue:
             return True
-        argv = ["squeue", "-h", "-t", "all", f"--jobs={','.join(ids)}", "-o", SQUEUE_FORMAT]
         self.polls += 1
         try:
-            out = await call(argv, env=self.env, timeout=self.timeout)
-            found = parse_squeue(out)
-        except SlurmError as e:
-            if "Invalid job id specified" in e.stderr:
-                found = {}  # authoritative: none of these jobs exists any more
-            else:
-                return self._unknown(str(e))
+            found = await self.client.query(None if self.whole_queue else ids)
+        except SchedulerError as e:
+            return self._unknown(str(e))
         except (TimeoutError, OSError) as e:
             return self._unknown(f"squeue did not answer: {e!r}")
+        if self.whole_queue:
+            self.queue = found
+            self.positions = queue_positions(found)
         now = time.monotonic()
         ended: list[tuple[Callable[[JobInfo], object], JobInfo]] = []
         for job_id in ids:
@@ -318,14 +235,23 @@ class JobPoller:
                 on_end(info)
             except Exception:
                 log.exception("A watcher of Slurm job %s failed", info.job_id or "?")
+        self._tell(True)
         async with self._changed:
             self._changed.notify_all()
         return True
+
+    def _tell(self, ok: bool) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(ok)
+            except Exception:
+                log.exception("A listener of the Slurm poll failed")
 
     def _unknown(self, why: str) -> bool:
         if self.last_error is None:
             log.warning("Slurm query failed; job states are unknown until it answers: %s", why)
         self.last_error = why
+        self._tell(False)
         return False
 
     async def wait_change(self, timeout: float) -> None:  # noqa: ASYNC109

@@ -123,7 +123,7 @@ def test_poller_tells_a_watcher_once_when_the_job_ends_and_never_on_errors(
 
     async def run() -> list[str]:
         seen: list[str] = []
-        env = _fake_squeue(tmp_path, "5|RUNNING|None|h100-a|N/A|u|")
+        env = _fake_squeue(tmp_path, "5|RUNNING|None|h100-a|N/A|u|gpu-fr|100|")
         poller = JobPoller(interval=60, env=env)
         poller.tracked.add("5")
         poller.watch("5", lambda info: seen.append(info.state))
@@ -146,7 +146,7 @@ def test_completing_counts_as_ended_and_is_followed_to_its_final_state(tmp_path:
     async def run() -> tuple[list[str], list[str], set[str]]:
         seen: list[str] = []
         final: list[str] = []
-        env = _fake_squeue(tmp_path, "5|COMPLETING|None|h100-a|N/A|u|")
+        env = _fake_squeue(tmp_path, "5|COMPLETING|None|h100-a|N/A|u|gpu-fr|100|")
         poller = JobPoller(interval=60, env=env)
         poller.tracked.add("5")
         poller.watch("5", lambda info: seen.append(info.state))
@@ -155,7 +155,7 @@ def test_completing_counts_as_ended_and_is_followed_to_its_final_state(tmp_path:
         assert info is not None and info.ended and info.active
         poller.follow("5", lambda info: final.append(info.state))
         assert await poller.refresh() and final == []  # still completing
-        (tmp_path / "answer").write_text("5|CANCELLED|None|h100-a|N/A|u|")
+        (tmp_path / "answer").write_text("5|CANCELLED|None|h100-a|N/A|u|gpu-fr|100|")
         assert await poller.refresh()
         return seen, final, poller.tracked
 
@@ -163,8 +163,11 @@ def test_completing_counts_as_ended_and_is_followed_to_its_final_state(tmp_path:
 
 
 def test_parse_squeue() -> None:
-    jobs = parse_squeue("7|PENDING|Resources|||spalice|c|x\n8|RUNNING|None|h100-a|N/A|spbob|\n")
+    jobs = parse_squeue(
+        "7|PENDING|Resources|||spalice|gpu-fr|42|c|x\n8|RUNNING|None|h100-a|N/A|spbob|gpu-de|1|\n"
+    )
     assert jobs["7"].reason == "Resources" and jobs["7"].comment == "c|x"
+    assert jobs["7"].partition == "gpu-fr" and jobs["7"].priority == 42
     assert jobs["8"].active and not GONE.active
 
 
