@@ -1,0 +1,121 @@
+"""Reconcile the ledger with Slurm's own accounting (``sacct``): report, never hide.
+
+For every closed usage record that ran as Slurm jobs, Slurm's accounting says how long the
+jobs ran (``ElapsedRaw``) and how many devices they held (``gres/gpu`` in ``AllocTRES``;
+a MIG slice is one device). :func:`compare` puts that beside what the ledger recorded and
+returns one :class:`Difference` per disagreement beyond the tolerance. Nothing is changed:
+an operator corrects a record with an adjustment row (:func:`.ledger.adjustment`).
+
+Wall time: a record's time is ``ended_at - started_at`` (``opened_at`` when it never
+started); a record with several jobs (a Dask session's workers) ran as long as its longest
+job. Devices: ``gpus`` for whole GPUs, ``count`` slices for a MIG size, summed over jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from sovereign_portal.spawners.slurm.sacct import SacctJob
+
+from .ledger import Record
+
+#: Seconds of difference always tolerated (the hub and slurmctld see a start and an end a
+#: poll interval apart), and the relative share tolerated on top of that.
+DEFAULT_TOLERANCE_S = 30.0
+DEFAULT_TOLERANCE_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One disagreement between a ledger record and Slurm's accounting."""
+
+    record_id: str
+    user: str
+    job_ids: tuple[str, ...]
+    what: str  # "missing", "elapsed" or "devices"
+    ledger: float
+    slurm: float
+    detail: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "record": self.record_id,
+            "user": self.user,
+            "job_ids": list(self.job_ids),
+            "what": self.what,
+            "ledger": self.ledger,
+            "slurm": self.slurm,
+            "detail": self.detail,
+        }
+
+
+def ledger_seconds(rec: Record) -> float:
+    start = rec.started_at if rec.started_at is not None else rec.opened_at
+    return max(0.0, (rec.ended_at or start) - start)
+
+
+def ledger_devices(rec: Record) -> int:
+    return rec.count if rec.slice else rec.gpus
+
+
+def reconcilable(records: Iterable[Record]) -> list[Record]:
+    """Closed usage records that ran as Slurm jobs."""
+    return [r for r in records if r.closed and r.row_type == "usage" and r.job_ids]
+
+
+def compare(
+    records: Iterable[Record],
+    slurm: Mapping[str, SacctJob],
+    *,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    tolerance_fraction: float = DEFAULT_TOLERANCE_FRACTION,
+) -> list[Difference]:
+    """Every record whose Slurm accounting disagrees with it beyond the tolerance."""
+    if tolerance_s < 0 or not 0 <= tolerance_fraction < 1:
+        raise ValueError("tolerance_s must be ≥ 0 and tolerance_fraction in [0, 1)")
+    out: list[Difference] = []
+    for rec in reconcilable(records):
+        jobs = [slurm.get(j) for j in rec.job_ids]
+        missing = [j for j, s in zip(rec.job_ids, jobs, strict=True) if s is None]
+        if missing:
+            out.append(
+                Difference(
+                    rec.id,
+                    rec.user,
+                    rec.job_ids,
+                    "missing",
+                    len(rec.job_ids),
+                    len(rec.job_ids) - len(missing),
+                    f"Slurm accounting has no record of job(s) {', '.join(missing)}",
+                )
+            )
+            continue
+        found = [s for s in jobs if s is not None]
+        mine, theirs = ledger_seconds(rec), float(max(s.elapsed_s for s in found))
+        if abs(mine - theirs) > tolerance_s + tolerance_fraction * max(mine, theirs):
+            out.append(
+                Difference(
+                    rec.id,
+                    rec.user,
+                    rec.job_ids,
+                    "elapsed",
+                    round(mine, 3),
+                    theirs,
+                    f"the ledger says {mine:.0f} s, Slurm says {theirs:.0f} s",
+                )
+            )
+        devices = sum(s.gpus for s in found)
+        if devices != ledger_devices(rec):
+            out.append(
+                Difference(
+                    rec.id,
+                    rec.user,
+                    rec.job_ids,
+                    "devices",
+                    ledger_devices(rec),
+                    devices,
+                    f"the ledger bills {ledger_devices(rec)} device(s), Slurm allocated {devices}",
+                )
+            )
+    return out

@@ -1,0 +1,85 @@
+"""The ledger reconciled with real Slurm accounting (slurmdbd on MariaDB): real jobs, real sacct."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from sovereign_portal.hub.ledger import Rates, Record, close
+from sovereign_portal.hub.reconcile import compare
+from sovereign_portal.spawners.slurm.sacct import sacct_jobs
+
+from tests.support.slurm_cluster import SlurmCluster
+
+pytestmark = pytest.mark.slurm
+
+RATES = Rates(gpu_equivalents=1.0, eur_per_hour=2.0, power_w=900.0, carbon_g_per_kwh=50.0)
+
+
+def _run_job(c: SlurmCluster, gres: str, seconds: int) -> tuple[str, float, float]:
+    """Run a job to completion; return its id and when the test saw it start and end."""
+    r = c.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--chdir=/tmp",
+            "--output=/dev/null",
+            "-p",
+            "gpu-fr",
+            f"--gres={gres}",
+            "-t",
+            "2",
+        ],
+        user="spcarol",
+        input=f"#!/bin/bash\nsleep {seconds}\n",
+    )
+    job = r.stdout.strip().split(";")[0]
+    c.wait_job_state(job, ["RUNNING", "COMPLETING", "COMPLETED"])
+    started = time.time()
+    c.wait_job_state(job, ["COMPLETED"], timeout=60)
+    return job, started, time.time()
+
+
+def _record(rid: str, job: str, start: float, end: float, **kw: object) -> Record:
+    r = Record(
+        id=rid, user="spcarol", job_ids=(job,), opened_at=start, started_at=start, rates=RATES, **kw
+    )  # type: ignore[arg-type]
+    return close(r, ended_at=end, reason="stopped")
+
+
+def _sacct(c: SlurmCluster, jobs: list[str], also: list[str]) -> dict:
+    """sacct of ``jobs`` (once slurmdbd has them all) and of ``also`` (ids it may not know)."""
+    deadline = time.monotonic() + 30
+    while True:
+        got = asyncio.run(sacct_jobs([*jobs, *also], env=c.env()))
+        if all(j in got and got[j].state == "COMPLETED" for j in jobs):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"sacct never reported {jobs}: {got}")
+        time.sleep(0.5)
+
+
+def test_ledger_and_sacct_agree_and_differences_are_reported(
+    slurm_accounting_cluster: SlurmCluster,
+) -> None:
+    c = slurm_accounting_cluster
+    whole, s1, e1 = _run_job(c, "gpu:h100:2", 3)
+    mig, s2, e2 = _run_job(c, "gpu:h100_1g.10gb:1", 2)
+    slurm = _sacct(c, [whole, mig], also=["999999"])
+    assert "999999" not in slurm
+    assert slurm[whole].gpus == 2 and slurm[mig].gpus == 1
+
+    honest = [
+        _record("a", whole, s1, e1, gpus=2),
+        _record("b", mig, s2, e2, gpus=0, slice="1g.10gb", count=1),
+    ]
+    assert compare(honest, slurm) == []
+
+    wrong = [
+        _record("long", whole, s1, s1 + 600, gpus=2),  # billed 10 minutes for a 3 s job
+        _record("more", whole, s1, e1, gpus=4),  # billed 4 GPUs for 2
+        _record("ghost", "999999", s1, e1, gpus=1),  # a job Slurm never ran
+    ]
+    found = {(d.record_id, d.what) for d in compare(wrong, slurm)}
+    assert found == {("long", "elapsed"), ("more", "devices"), ("ghost", "missing")}
