@@ -1,0 +1,266 @@
+"""Budgets in the portal database (hub/budget_store.py), on SQLite and on a real PostgreSQL.
+
+Concurrent admissions cannot overspend: 20 admissions at once (threads sharing an engine,
+and separate processes each with their own) against a budget that fits exactly 5 admit
+exactly 5. Bad input names its field and writes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sovereign_portal.hub.budget_store import BudgetStore, apply_config
+from sovereign_portal.hub.budgets import BudgetError, BudgetRefused
+from sovereign_portal.hub.ledger import Amounts, Rates
+from sovereign_portal.hub.store import PortalStore
+from sqlalchemy import text
+
+from tests.support.postgres import PostgresServer
+
+pytestmark = [pytest.mark.hub, pytest.mark.timeout(300)]
+
+GPU = Rates(gpu_equivalents=1.0, eur_per_hour=2.5, power_w=700.0, carbon_g_per_kwh=50.0)
+SAM = "sam@uni-a.example"
+NOW = datetime(2026, 10, 1, 12, tzinfo=UTC)
+TABLES = ("budget_periods", "budgets", "budget_allowances", "budget_charges", "audit_events")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'portal.sqlite'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.new_database()
+
+
+@pytest.fixture
+def bs(db_url: str) -> Iterator[BudgetStore]:
+    store = PortalStore(db_url)
+    store.upgrade()
+    assert store.current_revision() == store.head_revision()
+    assert {"budgets", "budget_charges", "budget_allowances", "budget_periods"} <= (
+        store.table_names()
+    )
+    try:
+        yield BudgetStore(store)
+    finally:
+        store.dispose()
+
+
+def snapshot(bs: BudgetStore) -> dict[str, list[Any]]:
+    with bs.store.engine.connect() as c:
+        return {
+            t: sorted(map(tuple, c.execute(text(f"SELECT * FROM {t}")).all()), key=repr)  # noqa: S608
+            for t in TABLES
+        }
+
+
+def course(bs: BudgetStore, amount: float = 5.0, per_student: float | None = None) -> None:
+    bs.set_budget(
+        "course:ml101",
+        "2026-autumn",
+        "gpu_hours",
+        amount,
+        per_student,
+        start="2026-09-01",
+        end="2027-02-01",
+    )
+
+
+def admit(bs: BudgetStore, user: str, ref: str, minutes: int = 60, **kw: Any) -> Any:
+    return bs.admit(user, ["course-ml101"], GPU, minutes, "1 H100 GPU", ref, now=NOW, **kw)
+
+
+def test_set_list_show_and_audit(bs: BudgetStore) -> None:
+    course(bs, 10.0, 4.0)
+    bs.set_budget("project:health", "2026-autumn", "eur", 250)
+    assert [b.key for b in bs.budgets()] == [
+        "course:ml101@2026-autumn",
+        "project:health@2026-autumn",
+    ]
+    b = bs.get("course:ml101", "2026-autumn")
+    assert (b.unit, b.amount, b.per_student) == ("gpu_hours", 10.0, 4.0)
+    course(bs, 12.0, 4.0)  # a change, not a second budget
+    assert len(bs.budgets("course:ml101")) == 1
+    assert bs.get("course:ml101", "2026-autumn").amount == 12.0
+    with bs.store.engine.connect() as c:
+        actions = [r[0] for r in c.execute(text("SELECT action FROM audit_events ORDER BY id"))]
+    assert actions == ["budget.set", "budget.set", "budget.set"]
+
+
+BAD: list[tuple[str, dict[str, Any], str, str]] = [
+    ("negative", {"amount": -1}, "amount", "negative"),
+    ("nan", {"amount": float("nan")}, "amount", "finite"),
+    ("nan text", {"amount": "NaN"}, "amount", "finite"),
+    ("huge", {"amount": 1e300}, "amount", "over the largest"),
+    ("unknown owner kind", {"owner": "team:ml101"}, "owner", "kind must be one of"),
+    ("bad owner id", {"owner": "course:ML 101"}, "owner", "not a valid course id"),
+    ("unknown period", {"period": "2031-spring"}, "period", "unknown period '2031-spring'"),
+    ("unit", {"unit": "hours"}, "unit", "must be one of"),
+    ("per-student above pool", {"per_student": 99}, "per_student", "above the course pool"),
+    ("half a period", {"start": "2026-01-01"}, "end", "give both"),
+    ("bad period end", {"period": "new", "start": "2026-01-01", "end": "x"}, "end", "ISO"),
+    ("below an allowance", {"amount": 2.0}, "amount", "below an allowance"),
+]
+
+
+@pytest.mark.parametrize(("label", "change", "field", "match"), BAD, ids=[b[0] for b in BAD])
+def test_bad_budget_input_names_the_field_and_changes_nothing(
+    bs: BudgetStore, label: str, change: dict[str, Any], field: str, match: str
+) -> None:
+    course(bs, 10.0)
+    bs.set_allowance("ml101", "2026-autumn", SAM, 3.0, "ines@uni-a.example")
+    admit(bs, SAM, "grant:a")  # a charge exists too
+    before = snapshot(bs)
+    args = {"owner": "course:ml101", "period": "2026-autumn", "unit": "gpu_hours", "amount": 10}
+    args.update(change)
+    with pytest.raises(BudgetError, match=match) as e:
+        bs.set_budget(
+            args.pop("owner"), args.pop("period"), args.pop("unit"), args.pop("amount"), **args
+        )
+    assert e.value.field == field
+    assert snapshot(bs) == before
+
+
+ALLOWANCE_BAD: list[tuple[str, tuple[Any, ...], str, str, int]] = [
+    ("above the pool", ("ml101", "2026-autumn", SAM, 10.5), "amount", "above the pool", 400),
+    ("negative", ("ml101", "2026-autumn", SAM, -2), "amount", "negative", 400),
+    ("nan", ("ml101", "2026-autumn", SAM, "nan"), "amount", "finite", 400),
+    ("unknown course", ("cv200", "2026-autumn", SAM, 1), "course", "no budget", 404),
+    ("unknown period", ("ml101", "2030", SAM, 1), "period", "unknown period", 400),
+    ("bad user", ("ml101", "2026-autumn", "Sam Smith", 1), "user", "not a user name", 400),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "args", "field", "match", "status"), ALLOWANCE_BAD, ids=[b[0] for b in ALLOWANCE_BAD]
+)
+def test_bad_allowance_names_the_field_and_changes_nothing(
+    bs: BudgetStore, label: str, args: tuple[Any, ...], field: str, match: str, status: int
+) -> None:
+    course(bs, 10.0)
+    bs.set_allowance("ml101", "2026-autumn", SAM, 3.0, "ines@uni-a.example")
+    before = snapshot(bs)
+    with pytest.raises(BudgetError, match=match) as e:
+        bs.set_allowance(*args, actor="ines@uni-a.example")
+    assert (e.value.field, e.value.status) == (field, status)
+    assert snapshot(bs) == before
+
+
+def test_bad_config_entry_changes_nothing(bs: BudgetStore) -> None:
+    before = snapshot(bs)
+    with pytest.raises(BudgetError, match="amount: must not be negative"):
+        apply_config(
+            bs,
+            {"2026-autumn": {"start": "2026-09-01", "end": "2027-02-01"}},
+            [
+                {"owner": "course:ml101", "period": "2026-autumn", "unit": "eur", "amount": 5},
+                {"owner": "course:cv200", "period": "2026-autumn", "unit": "eur", "amount": -5},
+            ],
+        )
+    assert snapshot(bs) == before
+    with pytest.raises(BudgetError, match="unknown key") as e:
+        apply_config(bs, {}, [{"owner": "course:ml101", "colour": "red"}])
+    assert e.value.field == "budgets"
+    got = apply_config(
+        bs,
+        {"2026-autumn": {"start": "2026-09-01", "end": "2027-02-01"}},
+        [{"owner": "course:ml101", "period": "2026-autumn", "unit": "eur", "amount": 5}],
+    )
+    assert [b.key for b in got] == ["course:ml101@2026-autumn"]
+
+
+def test_hold_settle_release_and_allowance(bs: BudgetStore) -> None:
+    course(bs, 5.0, per_student=2.0)
+    d = admit(bs, SAM, "grant:1")
+    assert (d.budget, d.hold, d.walltime_minutes) == ("course:ml101@2026-autumn", 1.0, 60)
+    admit(bs, SAM, "grant:2")
+    # sam's allowance of 2 is all held now: a third hour does not fit
+    with pytest.raises(BudgetRefused, match="ml101 has 0 GPU-hours left for you"):
+        admit(bs, SAM, "grant:3")
+    [bal] = bs.balances(SAM, ["course-ml101"], NOW)
+    assert (bal.held, bal.settled, bal.left) == (2.0, 0.0, 0.0)
+    # the job of grant:1 ran 15 minutes: its ledger amounts settle the hold
+    assert bs.settle("grant:1", Amounts(gpu_seconds=900, eur=0.625, energy_wh=175)) == 1
+    assert bs.settle("grant:1", Amounts(gpu_seconds=900)) == 0  # settled once
+    assert bs.release("grant:2") == 1
+    [bal] = bs.balances(SAM, ["course-ml101"], NOW)
+    assert (bal.held, bal.settled, bal.left) == (0.0, 0.25, 1.75)
+    # an instructor raises sam's allowance within the pool
+    bs.set_allowance("ml101", "2026-autumn", SAM, 4.0, "ines@uni-a.example")
+    assert bs.balances(SAM, ["course-ml101"], NOW)[0].left == 3.75
+    # the shortening option: 5 h asked, 3 h 45 min fit
+    d = admit(bs, SAM, "grant:4", minutes=300, shorten=True)
+    assert d.shortened and d.walltime_minutes == 225 and d.hold == 3.75
+    # a hold never settled past its walltime and slack counts in full
+    late = NOW + timedelta(days=1)
+    [bal] = bs.balances(SAM, ["course-ml101"], late)
+    assert (bal.held, bal.settled) == (0.0, 4.0)
+
+
+def test_no_budget_no_hold(bs: BudgetStore) -> None:
+    d = bs.admit(SAM, ["course-other"], GPU, 60, "1 H100 GPU", "grant:x", now=NOW)
+    assert d.budget is None
+    assert bs.holds() == []
+
+
+def _admit_in_thread(bs: BudgetStore, barrier: threading.Barrier, i: int) -> bool:
+    barrier.wait()
+    try:
+        admit(bs, f"u{i}@uni-a.example", f"grant:{i}")
+    except BudgetRefused:
+        return False
+    return True
+
+
+def test_twenty_parallel_admissions_threads_admit_exactly_five(bs: BudgetStore) -> None:
+    course(bs, 5.0)  # 5 GPU-hours: five 1-GPU hours
+    barrier = threading.Barrier(20)
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda i: _admit_in_thread(bs, barrier, i), range(20)))
+    assert sum(results) == 5
+    held = [h for h in bs.holds() if h["state"] == "held"]
+    assert len(held) == 5 and sum(h["held"] for h in held) == 5.0
+    assert bs.balances("u0@uni-a.example", ["course-ml101"], NOW)[0].left == 0.0
+
+
+def _admit_in_process(url: str, i: int) -> bool:
+    store = PortalStore(url)
+    try:
+        bs = BudgetStore(store)
+        # the processes admit together: each waits for the same moment
+        while datetime.now(UTC) < _START:
+            time.sleep(0.005)
+        try:
+            admit(bs, f"p{i}@uni-a.example", f"grant:p{i}")
+        except BudgetRefused:
+            return False
+        return True
+    finally:
+        store.dispose()
+
+
+_START = datetime.now(UTC)
+
+
+def _init_start(at: datetime) -> None:
+    global _START
+    _START = at
+
+
+def test_twenty_parallel_admissions_processes_admit_exactly_five(
+    bs: BudgetStore, db_url: str
+) -> None:
+    course(bs, 5.0)
+    at = datetime.now(UTC) + timedelta(seconds=4)
+    with ProcessPoolExecutor(10, initializer=_init_start, initargs=(at,)) as pool:
+        results = list(pool.map(_admit_in_process, [db_url] * 20, range(20)))
+    assert sum(results) == 5
+    assert sum(h["held"] for h in bs.holds() if h["state"] == "held") == 5.0
