@@ -5,7 +5,9 @@ Subcommands:
   their scheduler arguments);
 - ``site-schema``: the JSON schema of the site file;
 - ``up``: run the portal on its embedded default (hub, proxy, local IdP, local backend);
-- ``job-script`` (with the Slurm backend): print the batch script a spawn would submit.
+- ``job-script`` (with the Slurm backend): print the batch script a spawn would submit;
+- ``ledger verify``: check the ledger's hash chain (exit 1 names the first broken record);
+- ``usage``: GPU-hours, €, energy and CO₂ from the ledger, filtered and grouped.
 """
 
 from __future__ import annotations
@@ -114,6 +116,175 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return run_up(args)
 
 
+# -- the ledger (issue 10) ------------------------------------------------------------------
+def _db_url(args: argparse.Namespace) -> str:
+    if args.db:
+        return str(args.db)
+    from pathlib import Path
+
+    return f"sqlite:///{Path(args.state_dir).resolve() / 'portal.sqlite'}"
+
+
+def _ledger(args: argparse.Namespace) -> Any:
+    """The ledger of ``--db`` (or ``<state-dir>/portal.sqlite``), or a CLI error (exit 2)."""
+    from .ledger_store import LedgerStore
+    from .store import PortalStore, redact_url
+
+    url = _db_url(args)
+    try:
+        store = PortalStore(url)
+        present = "ledger_records" in store.table_names()
+    except Exception as e:
+        raise CLIError(f"--db: cannot open {redact_url(url)}: {type(e).__name__}: {e}") from None
+    if not present:
+        raise CLIError(
+            f"--db: {redact_url(url)} has no ledger (the hub creates it when it starts; "
+            "or give the portal database's URL)"
+        )
+    return LedgerStore(store)
+
+
+class CLIError(Exception):
+    """A usage error of a subcommand: printed with the option it is about, exit 2."""
+
+
+def _cmd_ledger_verify(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    n, broken = ledger.verify()
+    if broken is not None:
+        print(f"ledger verify: BROKEN at {broken} (checked {n} rows)", file=sys.stderr)
+        return 1
+    print(f"ledger verify: OK, {n} closed rows chained")
+    return 0
+
+
+def _time_arg(name: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        from datetime import UTC, datetime
+
+        try:
+            t = datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a date or time; use e.g. 2026-09-01 or 2026-09-01T08:00"
+            ) from None
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=UTC)
+        return t.timestamp()
+
+    parse.__name__ = name
+    return parse
+
+
+def _word_arg(name: str, pattern: str, example: str) -> Callable[[str], str]:
+    import re
+
+    rx = re.compile(pattern)
+
+    def parse(text: str) -> str:
+        if not rx.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a valid {name}, e.g. {example}")
+        return text
+
+    parse.__name__ = name
+    return parse
+
+
+USAGE_COLUMNS = ("records", "gpu_hours", "eur", "energy_wh", "co2_g", "estimated_time_records")
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    from .ledger_store import UsageFilter
+
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        raise CLIError("--until: must be after --since")
+    ledger = _ledger(args)
+    flt = UsageFilter(
+        user=args.user,
+        course=args.course,
+        project=args.project,
+        partition=args.partition,
+        country=args.country,
+        since=args.since,
+        until=args.until,
+    )
+    by = [b for b in args.by.split(",") if b]
+    from .ledger import LedgerError
+
+    try:
+        rows = ledger.usage(flt, by)
+    except LedgerError as e:
+        raise CLIError(f"--by: {e}") from None
+    cols = [*by, *USAGE_COLUMNS]
+    if args.json:
+        json.dump({"filters": {k: v for k, v in vars(flt).items() if v is not None},
+                   "groups": rows}, sys.stdout, indent=2)  # fmt: skip
+        sys.stdout.write("\n")
+    elif args.csv:
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        fmt = {"gpu_hours": "{:.3f}", "eur": "{:.2f}", "energy_wh": "{:.1f}", "co2_g": "{:.1f}"}
+        table = [cols] + [
+            [fmt.get(c, "{}").format(r[c]) if r[c] != "" else "-" for c in cols] for r in rows
+        ]
+        widths = [max(len(str(row[i])) for row in table) for i in range(len(cols))]
+        for row in table:
+            print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        if not rows:
+            print("(no closed records match)")
+    return 0
+
+
+def _add_db_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db",
+        metavar="URL",
+        help="the portal database (SQLAlchemy URL, e.g. postgresql+psycopg://portal@db/portal); "
+        "default: <state-dir>/portal.sqlite",
+    )
+    p.add_argument("--state-dir", default=".run", help="the portal's state directory")
+
+
+def _add_ledger_parsers(sub: Any) -> None:
+    p = sub.add_parser("ledger", help="the ledger: check its hash chain")
+    lsub = p.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    v = lsub.add_parser("verify", help="check every closed record's hash chain")
+    _add_db_args(v)
+    v.set_defaults(func=_cmd_ledger_verify)
+
+    from .ledger_store import GROUP_BY
+
+    u = sub.add_parser("usage", help="GPU-hours, €, Wh and gCO₂ used, from the ledger")
+    _add_db_args(u)
+    name = r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,254}"
+    u.add_argument("--user", type=_word_arg("user name", name, "ada"), help="one hub user")
+    u.add_argument("--course", type=_word_arg("course", name, "ml101"), help="one course budget")
+    u.add_argument("--project", type=_word_arg("project", name, "health"), help="one project")
+    u.add_argument(
+        "--partition", type=_word_arg("partition", r"[a-z][a-z0-9_-]{0,31}", "gpu-fr"),
+        help="one partition",
+    )  # fmt: skip
+    u.add_argument(
+        "--country", type=_word_arg("country", r"[A-Z]{2}", "FR"), help="ISO 3166 code, e.g. FR"
+    )
+    u.add_argument("--since", type=_time_arg("since"), help="records that ended at or after (UTC)")
+    u.add_argument("--until", type=_time_arg("until"), help="records that ended before (UTC)")
+    u.add_argument(
+        "--by",
+        default="user",
+        type=_word_arg("--by list", rf"(({'|'.join(GROUP_BY)}),?)*", "user,partition"),
+        help=f"group by, comma-separated: {', '.join(GROUP_BY)} (default: user)",
+    )
+    out = u.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="JSON output for scripts")
+    out.add_argument("--csv", action="store_true", help="CSV output")
+    u.set_defaults(func=_cmd_usage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovereign-portal",
@@ -141,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_up)
 
+    _add_ledger_parsers(sub)
+
     for hook in _plugin_parsers():
         hook(sub)
     return parser
@@ -164,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SiteError as e:
         print(f"sovereign-portal: {e}", file=sys.stderr)
+        return 2
+    except CLIError as e:
+        print(f"sovereign-portal {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

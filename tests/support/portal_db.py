@@ -14,9 +14,13 @@ from pathlib import Path
 import pytest
 from sovereign_portal.hub.store import PortalStore
 
+from tests.support import postgres
+
 #: engine name -> a function of (request, tmp_path) that returns a fresh, empty database URL.
 ENGINES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
     "sqlite": lambda request, tmp_path: f"sqlite:///{tmp_path / 'portal.sqlite'}",
+    # A real server (tests/support/postgres.py); needs the postgres_server fixture in conftest.
+    "postgresql": postgres.database_url,
 }
 
 
