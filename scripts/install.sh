@@ -16,6 +16,8 @@ apt_pkgs=(ca-certificates curl git nodejs npm python3 python3-venv python3-dev b
 # The test suite also runs Slurm accounting (slurmdbd on MariaDB) for ledger reconciliation
 # and Slurm-enforced budgets.
 if ((WANT_TEST)); then apt_pkgs+=(slurmdbd slurm-wlm-mysql-plugin mariadb-server); fi
+# ... and a throwaway PostgreSQL server (tests/support/postgres.py) for the portal database.
+if ((WANT_TEST)); then apt_pkgs+=(postgresql); fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
