@@ -9,15 +9,43 @@ Builds on oauthenticator's GenericOAuthenticator and adds what a federation logi
   userinfo response must belong to the same ``sub``;
 - claims -> username, home organisation, role and groups (:mod:`.claims`), and role -> RBAC
   (:mod:`.rbac`), re-evaluated at every login (``manage_groups`` and ``manage_roles``);
-- a 403 page that says why entry was refused and whom to contact, and log lines that carry the
-  reason but never a token or the whole userinfo.
+- each hub account bound to one IdP subject (``iss``, ``sub``) at its first login
+  (:mod:`.accounts`); a login with another subject is refused (``subject_mismatch``);
+- no hub user name that names a system account (``c.UnixAccountPolicy``, shared with the
+  spawners) gets in (``system_account``);
+- a 403 page that says why entry was refused and whom to contact, a 503 "try again" page when
+  the IdP (or the portal database) fails mid-login, and log lines that carry the reason but
+  never a token or the whole userinfo.
+
+It rides oauthenticator's login pipeline and calls ``super()`` at each step, so the inherited
+options work as the oauthenticator docs say:
+
+==================  ===========================================================================
+step                what the portal adds
+==================  ===========================================================================
+get_token_info      503 when the token endpoint is down; the ID token is validated here (its
+                    nonce is an HMAC of the OAuth ``state``, so no private state format is read)
+token_to_user       503 when userinfo is down; userinfo must have the ID token's ``sub``; the
+                    signed claims win
+user_info_to_name   claims -> :class:`~.claims.Identity`, or a refusal page
+build_auth_state    only the portal's view (identity, ``iss``/``sub``, scopes): never tokens
+update_auth_model   the system-account rule, admin (operator role, ``admin_users``,
+                    ``admin_groups``) and the managed RBAC roles
+get_user_groups     course/project groups (``manage_groups`` must stay on: RBAC filters on them)
+check_blocked_users ``blocked_users``, with a refusal page
+check_allowed       ``allow_all``, ``allowed_users``, ``allowed_groups``, ``allowed_scopes``,
+                    admins, and (unless ``allow_allowed_organisations = False``) every member
+                    of an allowed organisation
+run_post_auth_hook  the subject binding, then the operator's ``post_auth_hook``
+==================  ===========================================================================
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import secrets
+import inspect
+import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -25,18 +53,17 @@ from typing import Any
 
 import jwt
 from oauthenticator.generic import GenericOAuthenticator
-from oauthenticator.oauth2 import (
-    OAuthCallbackHandler,
-    OAuthLoginHandler,
-    OAuthLogoutHandler,
-    _deserialize_state,
-    _serialize_state,
-)
+from oauthenticator.oauth2 import OAuthCallbackHandler, OAuthLoginHandler, OAuthLogoutHandler
+from sovereign_portal.spawners.accounts import UnixAccountPolicy
+from sqlalchemy.exc import SQLAlchemyError
 from tornado import web
+from tornado.httpclient import HTTPClientError
 from traitlets import Bool, Dict, Float, Integer, List, Set, Unicode, default, validate
 
+from .accounts import bind_or_check
 from .claims import ROLES, ClaimPolicy, Denial, Identity, clip, map_claims
 from .rbac import roles_for
+from .store import PortalDatabase, PortalStore, redact_url
 
 ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
 DEFAULT_SCOPES = [
@@ -51,12 +78,38 @@ DEFAULT_SCOPES = [
 
 
 class LoginRefused(web.HTTPError):
-    """A 403 whose page text (``jupyterhub_message``) says why and whom to contact."""
+    """A 403 whose page text (``jupyterhub_message``) says why and whom to contact.
+
+    ``label`` is the reason label for logs and metrics (``subject_mismatch``, ...).
+    """
+
+    status = 403
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(403)  # no log_message: tornado would log the URL with the code
+        super().__init__(self.status)  # no log_message: tornado would log the URL with the code
         self.label = reason
         self.jupyterhub_message = message
+
+
+class LoginUnavailable(LoginRefused):
+    """A 503: the IdP (or the portal's database) failed mid-login; the user should retry."""
+
+    status = 503
+
+
+UNREACHABLE = "The institutional login service is not reachable. Try again in a minute."
+
+
+def oidc_nonce(key: bytes | str, state: str) -> str:
+    """The nonce for one login: an HMAC of its OAuth ``state`` under the hub's cookie secret.
+
+    The state is single-use and matched against the browser's state cookie, so the nonce is
+    bound to this browser's login without a second cookie or a peek into oauthenticator's
+    state format.
+    """
+    if isinstance(key, str):
+        key = key.encode()
+    return hmac.new(key, b"sovereign-portal-oidc-nonce:" + state.encode(), "sha256").hexdigest()
 
 
 class _OnceCache:
@@ -79,23 +132,15 @@ class _OnceCache:
 
 
 class InstitutionalLoginHandler(OAuthLoginHandler):
-    """Discovers the IdP first, then redirects with PKCE, state and a fresh nonce."""
-
-    _oidc_nonce: str = ""
+    """Discovers the IdP first, then redirects with PKCE, state and the state's nonce."""
 
     async def get(self) -> None:
         await self.authenticator.discover_or_503()
         super().get()
 
-    def set_state_cookie(self, state_cookie_value: str) -> None:
-        state = _deserialize_state(state_cookie_value)
-        self._oidc_nonce = secrets.token_urlsafe(32)
-        state["nonce"] = self._oidc_nonce
-        super().set_state_cookie(_serialize_state(state))
-
     def authorize_redirect(self, *args: Any, extra_params: Any = None, **kwargs: Any) -> None:
         params = dict(extra_params or {})
-        params["nonce"] = self._oidc_nonce
+        params["nonce"] = oidc_nonce(self.settings["cookie_secret"], str(params["state"]))
         super().authorize_redirect(*args, extra_params=params, **kwargs)
 
 
@@ -113,9 +158,8 @@ class InstitutionalCallbackHandler(OAuthCallbackHandler):
         self.log.error("Uncaught exception in %s", where, exc_info=(typ, value, tb))
 
     def check_state(self) -> None:
-        super().check_state()
-        state_id = str(_deserialize_state(self.get_state_cookie()).get("state_id", ""))
-        if not self.authenticator.used_states.add(state_id):
+        super().check_state()  # the URL's state matches the browser's state cookie
+        if not self.authenticator.used_states.add(self.get_state_url()):
             self.log.warning("login refused: reason=replayed_state")
             raise web.HTTPError(400, "OAuth state already used")
         iss = self.get_argument("iss", None)
@@ -300,6 +344,18 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
             raise ValueError(f"extra_role_scopes has unknown roles {bad}; use one of {ROLES}")
         return dict(proposal.value)
 
+    allow_allowed_organisations = Bool(
+        True,
+        config=True,
+        help="""Let in every member of an `allowed_organisations` institution whose claims map
+        to a portal role. Set it to False to admit only those that the inherited
+        oauthenticator options allow: `allowed_users`, `allowed_groups` (the portal's
+        `course-<id>`, `instructors-<id>` and `project-<id>` groups), `allowed_scopes`,
+        `admin_users` / `admin_groups` and operators; `allow_all = True` lets in everyone
+        whose claims map. A user outside `allowed_organisations` never gets in: the
+        organisation decides which institution a user name belongs to.""",
+    ).tag(allow_config=True)
+
     support_contact = Unicode(
         "your institution's IT service desk",
         config=True,
@@ -332,7 +388,20 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
     def _client_secret_default(self) -> str:
         if self.client_secret_file:
             return Path(self.client_secret_file).read_text().strip()
-        return str(super()._client_secret_default())
+        # As oauthenticator's own default: the class's env variable, then OAUTH_CLIENT_SECRET.
+        env = str(getattr(self, "client_secret_env", "") or "")
+        return (os.environ.get(env, "") if env else "") or os.environ.get("OAUTH_CLIENT_SECRET", "")
+
+    @validate("manage_groups", "manage_roles")
+    def _keep_managed(self, proposal: Any) -> bool:
+        if not proposal.value:
+            raise ValueError(
+                f"InstitutionalAuthenticator.{proposal.trait.name} must stay True: course, "
+                "project and instructor groups and the portal roles come from the IdP's claims "
+                "at every login, and the instructors' RBAC roles filter on those groups. "
+                "Remove the setting (or set it to True)."
+            )
+        return True
 
     # --- state -----------------------------------------------------------------------------
     def __init__(self, **kwargs: Any) -> None:
@@ -342,6 +411,8 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
         self._jwks: jwt.PyJWKClient | None = None
         self.used_states = _OnceCache()
         self.used_nonces = _OnceCache()
+        self._store: PortalStore | None = None
+        self._account_policy: UnixAccountPolicy | None = None
 
     def claim_policy(self) -> ClaimPolicy:
         return ClaimPolicy(
@@ -361,7 +432,29 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
             support_contact=self.support_contact,
         )
 
+    def portal_store(self) -> PortalStore:
+        """The portal database (``c.PortalDatabase``), opened and upgraded once."""
+        if self._store is None:
+            self._store = PortalDatabase(parent=self).open()
+        return self._store
+
+    def account_policy(self) -> UnixAccountPolicy:
+        """The system-account rule (``c.UnixAccountPolicy``, shared with the spawners)."""
+        if self._account_policy is None:
+            self._account_policy = UnixAccountPolicy(parent=self)
+        return self._account_policy
+
     def check_allow_config(self) -> None:
+        super().check_allow_config()
+        url = PortalDatabase(parent=self).url
+        try:
+            self.portal_store()  # fail at start, not at the first login
+        except Exception as exc:
+            raise RuntimeError(
+                f"the portal database ({redact_url(url)}) cannot be opened or upgraded: "
+                f"{clip(str(exc), 300)}; check c.PortalDatabase.url"
+            ) from exc
+        self.log.info("Portal database %s ready (account bindings)", redact_url(url))
         if not self.oidc_issuer:
             self.log.error("InstitutionalAuthenticator.oidc_issuer is not set: nobody can log in")
         if not self.allowed_organisations:
@@ -436,10 +529,23 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
         try:
             return await self.discover()
         except Exception as exc:
-            self.log.error("%s", exc)
-            raise web.HTTPError(
-                503, "The institutional login service is not reachable. Try again in a minute."
-            ) from exc
+            self.log.error("login failed: reason=idp_unreachable step=discovery %s", exc)
+            raise LoginUnavailable("idp_unreachable", UNREACHABLE) from exc
+
+    def _idp_failure(self, step: str, exc: BaseException) -> LoginRefused:
+        """A failed call to the IdP mid-login, as a page: 503 when it is down, else 403."""
+        if isinstance(exc, HTTPClientError) and 400 <= exc.code < 500:
+            # The IdP answered and said no (an expired or already used code, ...).
+            self.log.warning("login refused: reason=idp_refused step=%s status=%d", step, exc.code)
+            return LoginRefused(
+                "idp_refused",
+                "Your institution's sign-in service did not accept this sign-in, so you were "
+                "not logged in. Please sign in again; if it keeps failing, contact "
+                f"{self.support_contact}.",
+            )
+        what = f"HTTP {exc.code}" if isinstance(exc, HTTPClientError) else type(exc).__name__
+        self.log.error("login failed: reason=idp_unreachable step=%s %s", step, what)
+        return LoginUnavailable("idp_unreachable", UNREACHABLE)
 
     def _algorithms(self) -> list[str]:
         announced = (self._discovery or {}).get("id_token_signing_alg_values_supported")
@@ -481,6 +587,8 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
                 leeway=self.id_token_leeway,
                 options={"require": ["iss", "aud", "exp", "iat", "sub", "nonce"]},
             )
+        except jwt.PyJWKClientConnectionError as exc:
+            raise self._idp_failure("jwks", exc) from None
         except (jwt.PyJWTError, ValueError) as exc:
             raise refuse("id_token_invalid", f"{type(exc).__name__}: {exc}") from None
         aud = claims["aud"]
@@ -502,16 +610,38 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
             raise refuse("id_token_sub")
         return claims
 
-    # --- the login -------------------------------------------------------------------------
-    async def authenticate(self, handler: Any, data: Any = None, **kwargs: Any) -> dict[str, Any]:
-        await self.discover_or_503()
-        params = self.build_access_tokens_request_params(handler, data)
-        token_info = await self.get_token_info(handler, params)
-        state = _deserialize_state(handler.get_state_cookie())
-        id_claims = await self.validate_id_token(
-            token_info.get("id_token"), str(state.get("nonce", ""))
+    # --- the login: oauthenticator's pipeline, one hook at a time --------------------------
+    async def authenticate(self, handler: Any, data: Any = None, **kwargs: Any) -> Any:
+        await self.discover_or_503()  # the endpoints come from discovery
+        return await super().authenticate(handler, data, **kwargs)
+
+    async def get_token_info(self, handler: Any, params: Any) -> dict[str, Any]:
+        """The token response, with the validated ID-token claims under ``portal_id_claims``."""
+        try:
+            token_info: dict[str, Any] = await super().get_token_info(handler, params)
+        except web.HTTPError as exc:  # oauthenticator's "no access token" answers
+            self.log.warning("login refused: reason=token_response_invalid")
+            raise LoginRefused(
+                "token_response_invalid",
+                "Your institution's sign-in answer could not be verified, so you were not "
+                f"logged in. Please try again; if it keeps failing, contact "
+                f"{self.support_contact}.",
+            ) from exc
+        except (HTTPClientError, OSError) as exc:
+            raise self._idp_failure("token", exc) from None
+        nonce = oidc_nonce(handler.settings["cookie_secret"], handler.get_state_url())
+        token_info["portal_id_claims"] = await self.validate_id_token(
+            token_info.get("id_token"), nonce
         )
-        userinfo = await self.token_to_user(token_info)
+        return token_info
+
+    async def token_to_user(self, token_info: dict[str, Any]) -> dict[str, Any]:
+        """Userinfo merged under the signed ID-token claims; it must be the same ``sub``."""
+        id_claims = token_info["portal_id_claims"]
+        try:
+            userinfo = await super().token_to_user(token_info)
+        except (HTTPClientError, OSError) as exc:
+            raise self._idp_failure("userinfo", exc) from None
         if not isinstance(userinfo, dict) or userinfo.get("sub") != id_claims["sub"]:
             self.log.warning("login refused: reason=userinfo_sub_mismatch")
             raise LoginRefused(
@@ -520,47 +650,143 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
                 f"Contact {self.support_contact}.",
             )
         # Signed ID-token claims win over userinfo; userinfo fills in what the token lacks.
-        claims = {**userinfo, **id_claims}
+        return {**userinfo, **id_claims}
+
+    def identity(self, claims: dict[str, Any]) -> Identity:
+        """The portal identity of these claims, or :class:`LoginRefused` saying why not."""
         result = map_claims(claims, self.claim_policy())
         if isinstance(result, Denial):
             self.log.warning(
                 "login refused: reason=%s sub=%s %s",
                 result.reason,
-                clip(id_claims["sub"], 80),
+                clip(claims.get("sub"), 80),
                 result.detail,
             )
             raise LoginRefused(result.reason, result.message)
-        return self.auth_model_for(result)
+        return result
 
-    def auth_model_for(self, identity: Identity) -> dict[str, Any]:
-        admin = identity.role == "operator" or identity.username in self.admin_users
-        self.log.info(
-            "login: %s role=%s org=%s groups=%s",
-            identity.username,
-            identity.role,
-            identity.home_organisation,
-            ",".join(identity.groups) or "-",
-        )
-        return {
-            "name": identity.username,
-            "admin": admin,
-            "groups": identity.groups,
-            "roles": roles_for(identity, admin=admin, extra_scopes=self.extra_role_scopes),
-            # Only the portal's view of the user: no tokens, no raw userinfo.
-            "auth_state": {"portal": identity.as_dict()},
-        }
-
-    async def check_allowed(self, username: str, auth_model: Any) -> bool:
-        """Allowed iff :meth:`authenticate` built a portal identity for this login."""
-        if auth_model is None:
-            return False
-        portal = (auth_model.get("auth_state") or {}).get("portal") or {}
-        return bool(portal.get("username") == username and portal.get("role") in ROLES)
-
-    async def refresh_user(self, user: Any, handler: Any = None, **kwargs: Any) -> bool:
-        # Claims, role and groups are re-read at the next login; nothing to refresh in between.
-        return True
+    def user_info_to_username(self, user_info: dict[str, Any]) -> str:
+        return self.identity(user_info).username
 
     def build_auth_state_dict(self, token_info: Any, user_info: Any) -> dict[str, Any]:
-        # Never persist tokens or the raw userinfo (unused by authenticate, kept safe anyway).
-        return {}
+        # Only the portal's view of the user: no tokens, no raw userinfo.
+        scope = token_info.get("scope", "")
+        return {
+            "portal": self.identity(user_info).as_dict(),
+            "oidc": {"iss": user_info["iss"], "sub": user_info["sub"]},
+            "scope": scope.split(" ") if isinstance(scope, str) else list(scope or []),
+        }
+
+    async def update_auth_model(self, auth_model: dict[str, Any]) -> dict[str, Any]:
+        """System accounts stay out; admin and the managed roles follow the portal role."""
+        name = auth_model["name"]
+        why = self.account_policy().refusal(name)
+        if why is not None:
+            self.log.warning("login refused: reason=system_account user=%s (%s)", clip(name), why)
+            raise LoginRefused(
+                "system_account",
+                f"The user name your institution sent ({clip(name, 60)}) is the name of a "
+                "system account on this portal, so you cannot log in with it. "
+                f"Contact {self.support_contact}.",
+            )
+        identity = Identity.from_dict({**auth_model["auth_state"]["portal"], "username": name})
+        admin = bool(
+            auth_model["admin"]
+            or identity.role == "operator"
+            or name in self.admin_users
+            or set(identity.groups) & set(self.admin_groups)
+        )
+        auth_model["admin"] = admin
+        auth_model["roles"] = roles_for(identity, admin=admin, extra_scopes=self.extra_role_scopes)
+        return auth_model
+
+    async def get_user_groups(self, auth_state: dict[str, Any]) -> set[str]:
+        return set(auth_state["portal"]["groups"])
+
+    async def check_blocked_users(self, username: str, auth_model: Any = None) -> bool:
+        passed = super().check_blocked_users(username, auth_model)
+        if inspect.isawaitable(passed):
+            passed = await passed
+        if passed:
+            return True
+        self.log.warning("login refused: reason=blocked user=%s", clip(username))
+        raise LoginRefused(
+            "blocked",
+            f"The account {clip(username, 60)} is blocked on this portal. "
+            f"Contact {self.support_contact}.",
+        )
+
+    async def check_allowed(self, username: str, auth_model: Any) -> bool:
+        """oauthenticator's allow rules, or membership of an allowed organisation."""
+        if auth_model is None:  # JupyterHub < 5 asks without a model; a login always has one
+            return False
+        portal = (auth_model.get("auth_state") or {}).get("portal") or {}
+        if portal.get("role") not in ROLES:
+            return False
+        if await super().check_allowed(username, auth_model):
+            return True
+        if self.allow_allowed_organisations and portal.get("home_organisation") in {
+            o.lower() for o in self.allowed_organisations
+        }:
+            return True
+        self.log.warning("login refused: reason=not_allowed user=%s", clip(username))
+        raise LoginRefused(
+            "not_allowed",
+            "Your account is not on this portal's access list (the operators admit users by "
+            f"name, course or project). Contact {self.support_contact}.",
+        )
+
+    async def run_post_auth_hook(self, handler: Any, authentication: Any) -> Any:
+        """Bind the account to its IdP subject (or refuse another subject), then the hook."""
+        name = authentication["name"]
+        oidc = authentication["auth_state"]["oidc"]
+        await self.check_binding(name, oidc["iss"], oidc["sub"])
+        portal = authentication["auth_state"]["portal"]
+        self.log.info(
+            "login: %s role=%s org=%s groups=%s",
+            name,
+            portal["role"],
+            portal["home_organisation"],
+            ",".join(authentication.get("groups") or portal["groups"]) or "-",
+        )
+        return await super().run_post_auth_hook(handler, authentication)
+
+    async def check_binding(self, username: str, issuer: str, subject: str) -> None:
+        """Refuse (403 ``subject_mismatch``) a subject other than the one bound to the name."""
+        try:
+            store = self.portal_store()
+            check = await asyncio.to_thread(bind_or_check, store, username, issuer, subject)
+        except SQLAlchemyError as exc:
+            self.log.error(
+                "login failed: reason=portal_db_unavailable user=%s %s",
+                clip(username),
+                clip(str(exc), 200),
+            )
+            raise LoginUnavailable(
+                "portal_db_unavailable",
+                "The portal cannot check your account right now. Try again in a minute.",
+            ) from None
+        if check.ok:
+            return
+        self.log.warning(
+            "login refused: reason=subject_mismatch user=%s iss=%s sub=%s "
+            "(the account is bound to another subject since %s)",
+            clip(username),
+            clip(issuer, 200),
+            clip(subject, 80),
+            check.binding.bound_at.isoformat(timespec="seconds"),
+        )
+        raise LoginRefused(
+            "subject_mismatch",
+            f"The portal account {clip(username, 60)} belongs to another identity at your "
+            "institution's sign-in service, so you were not logged in. This happens when two "
+            "sign-in identities map to the same portal user name, or when your institution "
+            "re-issued your identity. Contact "
+            f"{self.support_contact} and quote the account name: an operator can check it "
+            "and re-bind the account to you.",
+        )
+
+    async def refresh_user(self, user: Any, handler: Any = None, **kwargs: Any) -> bool:
+        # Claims, role and groups are re-read at the next login; nothing to refresh in between
+        # (no tokens are kept, so there is nothing to refresh them with).
+        return True

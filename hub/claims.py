@@ -91,6 +91,18 @@ class Identity:
         names += [PROJECT_GROUP.format(p) for p in self.projects]
         return sorted(names)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Identity:
+        """The inverse of :meth:`as_dict`."""
+        return cls(
+            username=str(data["username"]),
+            home_organisation=str(data["home_organisation"]),
+            role=str(data["role"]),
+            courses=frozenset(data.get("courses", ())),
+            teaching=frozenset(data.get("teaching", ())),
+            projects=frozenset(data.get("projects", ())),
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "username": self.username,

@@ -48,6 +48,9 @@ def configure(
 
     ``service_port`` is the loopback port of the portal service (compute-session
     admission); ``default_role`` is the portal role of a user whose login carries none;
+    ``idp`` holds ``issuer``, ``client_id``, ``client_secret_file``, the required
+    ``allowed_organisations`` (there is no default: production names its institutions) and
+    an optional ``support_contact``;
     ``inventory_source`` ("auto", "nvml" or "declared") is where the spawner and the
     service both take the box's devices from; ``residency`` maps a group to the countries
     its work may run in, for notebooks and sessions alike.
@@ -112,7 +115,16 @@ def configure(
         a.client_id = idp["client_id"]
         a.client_secret_file = idp["client_secret_file"]
         a.oauth_callback_url = f"http://{ip}:{port}/hub/oauth_callback"
-        a.allowed_organisations = set(idp.get("allowed_organisations", ["uni-a.example"]))
-        a.support_contact = "gpu-support@uni-a.example"
+        orgs = idp.get("allowed_organisations")
+        if not orgs or isinstance(orgs, str):
+            raise ValueError(
+                "configure(auth='idp'): idp['allowed_organisations'] must list the home "
+                "organisations whose members may log in, e.g. "
+                "idp={..., 'allowed_organisations': ['uni-a.example']} "
+                "nobody can log in without it"
+            )
+        a.allowed_organisations = {str(o) for o in orgs}
+        if idp.get("support_contact"):
+            a.support_contact = str(idp["support_contact"])
     else:
         raise ValueError(f"auth must be 'idp' or 'dev', got {auth!r}")

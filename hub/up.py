@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: The local IdP's sample institution (hub/idp/users.json) and its demo help desk.
+DEMO_ORGANISATIONS = ("uni-a.example",)
+DEMO_SUPPORT_CONTACT = "gpu-support@uni-a.example"
+
 
 class UpError(RuntimeError):
     """The portal cannot start; the message says what to do."""
@@ -204,6 +208,9 @@ def _start_idp(state: Path, args: argparse.Namespace) -> tuple[Any, dict[str, An
         "issuer": idp.issuer,
         "client_id": idp.client_id,
         "client_secret_file": str(idp.client_secret_file),
+        # The demo defaults live here, with the demo IdP's sample users, and nowhere else.
+        "allowed_organisations": list(DEMO_ORGANISATIONS),
+        "support_contact": DEMO_SUPPORT_CONTACT,
     }
     return idp, info
 

@@ -49,6 +49,7 @@ def portal_stack(workdir: Path) -> Iterator[tuple[HubProcess, LocalIdP]]:
             "issuer": idp.issuer,
             "client_id": idp.client_id,
             "client_secret_file": str(idp.client_secret_file),
+            "allowed_organisations": ["uni-a.example"],
         }
         config = CONFIGURE.format(
             state=str(hub.dir),

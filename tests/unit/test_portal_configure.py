@@ -10,7 +10,12 @@ from traitlets.config import Config
 
 pytestmark = pytest.mark.unit
 
-IDP = {"issuer": "http://127.0.0.1:1/", "client_id": "hub", "client_secret_file": "/dev/null"}
+IDP = {
+    "issuer": "http://127.0.0.1:1/",
+    "client_id": "hub",
+    "client_secret_file": "/dev/null",
+    "allowed_organisations": ["uni-b.example"],
+}
 
 
 def test_configure_runs_the_portal_service_on_the_spawners_leases(tmp_path: Path) -> None:
@@ -69,3 +74,23 @@ def test_configure_puts_the_portal_database_in_the_state_dir(tmp_path: Path) -> 
         assert store.current_revision() == store.head_revision()
     finally:
         store.dispose()
+
+
+@pytest.mark.parametrize("orgs", [None, [], "uni-a.example"])
+def test_production_configure_needs_an_explicit_allow_list(tmp_path: Path, orgs: object) -> None:
+    idp = {k: v for k, v in IDP.items() if k != "allowed_organisations"}
+    if orgs is not None:
+        idp["allowed_organisations"] = orgs
+    with pytest.raises(ValueError, match=r"idp\['allowed_organisations'\] must list"):
+        configure(Config(), str(tmp_path), auth="idp", idp=idp)
+
+
+def test_production_configure_holds_no_demo_values(tmp_path: Path) -> None:
+    c = Config()
+    configure(c, str(tmp_path), auth="idp", idp=IDP)
+    a = c.InstitutionalAuthenticator
+    assert a.allowed_organisations == {"uni-b.example"}
+    assert "support_contact" not in a  # the authenticator's own default, not a demo desk
+    c = Config()
+    configure(c, str(tmp_path), auth="idp", idp={**IDP, "support_contact": "hpc@uni-b.example"})
+    assert c.InstitutionalAuthenticator.support_contact == "hpc@uni-b.example"
