@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from jupyterhub.spawner import LocalProcessSpawner
+from jupyterhub.spawner import LocalProcessSpawner, SpawnException
 from tornado import web
 from traitlets import Bool, Enum, List, Unicode
 
+from .accounts import SystemAccountError, UnixAccountPolicy
 from .base import PortalSpawnerMixin
 from .inventory import (
     AllocationError,
@@ -165,8 +166,33 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
         self.devices = []
 
     # -- process environment ------------------------------------------------------------
+    def check_account(self) -> None:
+        """With switch_user, refuse (HTTP 403) a user whose Unix account is a system account
+        (:class:`~.accounts.UnixAccountPolicy`) or does not exist. Without it, servers run
+        as the hub's account and no user name becomes a process owner."""
+        if not self.switch_user:
+            return
+        try:
+            UnixAccountPolicy(parent=self).check(self.user.name)
+        except SystemAccountError as e:
+            raise SpawnException(
+                e.message,
+                reason="system_account",
+                log_message=f"Refused {self.user.name}: Unix account {e.account!r} is a "
+                f"system account ({e.why})",
+                status_code=403,
+            ) from None
+        except KeyError:
+            raise SpawnException(
+                f"Your account has no Unix account {self.user.name!r} on this machine yet; "
+                "ask the operators to create it.",
+                reason="no_unix_account",
+                status_code=403,
+            ) from None
+
     def make_preexec_fn(self, name: str) -> Any:
         if self.switch_user:
+            self.check_account()  # the process switches to this account: never a system one
             return super().make_preexec_fn(name)
         home = self._home()
 
@@ -205,6 +231,7 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> Any:
+        self.check_account()
         resolved = self.validate_request(self.user_options or {})
         if resolved.partition.backend != "local":
             raise web.HTTPError(400, f"partition {resolved.partition.name!r} is not local")
@@ -231,6 +258,7 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
             # A re-adopted server (not our child) that died but was not reaped yet by its
             # new parent: signal 0 still succeeds on it, yet it is dead.
             self.log.warning("Server of %s (pid %s) has died", self.owner, self.pid)
+            self.ledger_end_reason = "died"  # ledger (issue 10): why it ended
             self.clear_state()
             return 0
         status: int | None = await super().poll()
@@ -238,11 +266,13 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
             # The walltime is a promise to everyone else waiting for this box's GPUs.
             self.log.warning("Server of %s reached its walltime: stopping it", self.owner)
             self.ends_at = 0.0  # stop() polls again
+            self.ledger_end_reason = "walltime"  # ledger (issue 10): why it ended
             await super().stop()
             self._release()
             return 0
         if status is not None and self.devices:
             self.log.warning("Server of %s has died (status %s)", self.owner, status)
+            self.ledger_end_reason = self.ledger_end_reason or "died"  # ledger (issue 10)
             self._release()
         return status
 

@@ -32,7 +32,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "job-script --config /etc/jupyterhub/jupyterhub_config.py --user alice "
         "--group course-ml101 --size h100:3g.40gb --image ml101",
     )
-    p.add_argument("--user", required=True, help="hub user name (its Unix account must exist)")
+    p.add_argument(
+        "--user",
+        required=True,
+        help="hub user name (its Unix account must exist and not be a system account: "
+        "UnixAccountPolicy)",
+    )
     p.add_argument("--size", required=True, help="a size id: h100:3g.40gb, h100x2, b200x8")
     p.add_argument(
         "--partition", help="partition name (default: the first Slurm one open to the user)"
@@ -89,6 +94,10 @@ def job_script_command(args: argparse.Namespace) -> int:
         spawner = SlurmGPUSpawner(
             config=_config(args), user=SimpleNamespace(name=args.user, groups=groups)
         )
+        try:
+            spawner.account()  # a system account has no job to preview, as it has no spawn
+        except web.HTTPError as e:
+            return fail(str(getattr(e, "message", "") or e.log_message))
         site = spawner.site
         slurm = [p.name for p in site.partitions if p.backend == "slurm"]
         if not slurm:

@@ -36,6 +36,7 @@ from jupyterhub.spawner import Spawner, SpawnException
 from tornado import web
 from traitlets import Dict, Float, List, TraitError, Unicode, default, validate
 
+from ..accounts import SystemAccountError, UnixAccountPolicy
 from ..base import PortalSpawnerMixin
 from ..images import ImageAllowList, ImageError, NotebookImage, load_image_allow_list
 from ..request import Resolved
@@ -228,6 +229,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     _events: list[dict[str, Any]]
     _starting = False
     _notify: asyncio.Future[Any] | None = None
+    _hub_polls = False  # JupyterHub polls this server (start_polling until stop_polling)
 
     @validate("image_allow_list")
     def _check_image_allow_list(self, proposal: Any) -> str:
@@ -254,16 +256,34 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     def unix_user(self) -> str:
         return self.unix_user_template.format(username=self.user.name)
 
-    def _pw(self) -> pwd.struct_passwd:
+    def account(self) -> pwd.struct_passwd:
+        """The Unix account jobs run as, after :class:`~..accounts.UnixAccountPolicy`.
+
+        Every use of the account (token file, directories, job script, sbatch, the
+        job-script preview) goes through here: a system account (uid outside the policy's
+        range, gid 0, or a denied name) is refused with HTTP 403 before anything is written
+        or submitted, and so is an account that does not exist.
+        """
+        name = self.unix_user
         try:
-            return pwd.getpwnam(self.unix_user)
+            return UnixAccountPolicy(parent=self).check(name)
+        except SystemAccountError as e:
+            raise _user_error(
+                e.message,
+                reason="system_account",
+                log_message=f"Refused {self._label}: Unix account {name!r} is a system "
+                f"account ({e.why})",
+                status=403,
+            ) from None
         except KeyError:
             raise _user_error(
-                f"Your account has no Unix account {self.unix_user!r} on this cluster yet; "
+                f"Your account has no Unix account {name!r} on this cluster yet; "
                 "ask the operators to create it.",
                 reason="no_unix_account",
                 status=403,
             ) from None
+
+    _pw = account
 
     def _key(self) -> bytes:
         p = Path(self.tag_key_file)
@@ -280,10 +300,10 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         if not hasattr(self, "_events"):
             self._events = []
         self._events.append({"progress": progress, "message": message})
-        self.log.info("Server %s: %s", self._log_name, message)
+        self.log.info("Server %s: %s", self._label, message)
 
     @property
-    def _log_name(self) -> str:
+    def _label(self) -> str:
         return f"{self.user.name}/{self.name}" if self.name else self.user.name
 
     # -- state --------------------------------------------------------------------------------
@@ -309,7 +329,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         if self.job_id:
             last = self.poller.info(self.job_id)
             if last is not None and last.active:  # COMPLETING: log its final state later
-                job_id, name = self.job_id, self._log_name
+                job_id, name = self.job_id, self._label
                 self.poller.follow(job_id, lambda info: self._log_end(name, job_id, info))
             else:
                 self.poller.untrack(self.job_id)
@@ -490,6 +510,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         return f"Slurm partition {part!r} has: {', '.join(gres) or 'no GPUs'}"
 
     async def start(self) -> tuple[str, int]:
+        self.account()  # a system account is refused before anything else happens
         resolved = self.validate_request(self.user_options or {})
         if resolved.partition.backend != "slurm":
             raise web.HTTPError(400, f"partition {resolved.partition.name!r} is not a Slurm one")
@@ -523,7 +544,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         except SlurmError as e:
             TRACKED_TAGS.discard(tag)
             self._remove_token(spec.token_file)
-            self.log.error("sbatch for %s failed: %s", self._log_name, e)
+            self.log.error("sbatch for %s failed: %s", self._label, e)
             if "configuration is not available" in e.stderr or "Invalid" in e.stderr:
                 have = await self._available(resolved)
                 raise _user_error(
@@ -574,7 +595,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            self.log.info("Server %s: accepting connections on %s:%d", self._log_name, host, port)
+            self.log.info("Server %s: accepting connections on %s:%d", self._label, host, port)
             return
 
     async def _wait_running(self, resolved: Resolved) -> tuple[str, int]:
@@ -634,14 +655,23 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     def _job_ended(self, info: JobInfo) -> None:
         """The shared poll saw this server's job end: tell the hub now, not at its next poll.
 
-        Only while the hub polls this server (its poll callbacks are set) and no start or
-        stop is in progress: those handle the end themselves.
+        Only while the hub polls this server (between JupyterHub's public
+        ``start_polling`` and ``stop_polling``) and no start or stop is in progress: those
+        handle the end themselves.
         """
-        if self._stop_pending:
+        if self.pending == "stop":
             return  # a stop in progress: stop() waits for the job itself
         self._note_end(info)
-        if self._poll_callback is not None and not self.pending:
+        if self._hub_polls and not self.pending:
             self._notify = asyncio.ensure_future(self.poll_and_notify())
+
+    def start_polling(self) -> None:
+        super().start_polling()
+        self._hub_polls = self.poll_interval > 0  # JupyterHub does not poll at 0
+
+    def stop_polling(self) -> None:
+        self._hub_polls = False
+        super().stop_polling()
 
     # -- running ---------------------------------------------------------------------------------
     async def poll(self) -> int | None:
@@ -658,7 +688,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         return 1
 
     def _note_end(self, info: JobInfo) -> None:
-        reason = self._log_end(self._log_name, self.job_id, info, self.stop_reason)
+        reason = self._log_end(self._label, self.job_id, info, self.stop_reason)
         self.stop_reason = reason
 
     def _log_end(self, name: str, job_id: str, info: JobInfo, last: str = "") -> str:
@@ -724,10 +754,13 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
 
         A job is cancelled only if its comment carries a tag signed with this hub's key,
         no spawner in this process tracks that tag or job id (re-adopted, running, or being
-        started right now), and its owner is a plain Unix user name. Returns the ids.
+        started right now), and its owner is a plain Unix user name that is not a system
+        account (:class:`~..accounts.UnixAccountPolicy`): ``scancel`` never runs as one.
+        Returns the ids.
         """
         out = await call(["squeue", "-h", f"--name={JOB_NAME}", "-o", "%i|%u|%k"], env=slurm_env())
         key = self._key()
+        policy = UnixAccountPolicy(parent=self)
         seen, cancelled = 0, []
         for line in out.splitlines():
             job_id, user, comment = [*line.split("|", 2), "", ""][:3]
@@ -739,6 +772,16 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                 continue
             if not job_id.isdigit() or not valid_unix_user(user):
                 self.log.warning("Not touching portal job %r of %r: odd id or user", job_id, user)
+                continue
+            why = policy.refusal(user)
+            if why is not None:
+                self.log.error(
+                    "Untracked portal job %s runs as system account %s (%s): not cancelling it "
+                    "as that account; an operator must look at it",
+                    job_id,
+                    user,
+                    why,
+                )
                 continue
             self.log.warning(
                 "Untracked portal job %s of %s (tag %s): no server of this hub tracks it; "

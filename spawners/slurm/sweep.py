@@ -8,10 +8,14 @@ on its event loop, at every start::
     from sovereign_portal.spawners.slurm import sweep_on_hub_start
     sweep_on_hub_start()
 
-It waits for the hub to finish starting (JupyterHub's own start future resolves after
-``init_spawners`` has re-adopted every server in the database), then
-``orphan_grace_seconds``, then runs :meth:`SlurmGPUSpawner.sweep_orphans` in the hub
-process, where the set of tracked jobs is exact, including jobs of spawns in flight.
+It waits for the hub to finish starting, through a public route: the hub's own API
+address accepts connections. JupyterHub binds it in ``JupyterHub.start()``, after
+``initialize()`` has loaded every server in the database (each spawner's ``load_state``
+re-tracks its job). Then it waits ``orphan_grace_seconds`` and runs
+:meth:`SlurmGPUSpawner.sweep_orphans` in the hub process, where the set of tracked jobs is
+exact, including jobs of spawns in flight. (Server state read over REST with
+``admin:server_state`` would miss those: JupyterHub stores a spawner's state only after
+``start()`` returns, so a sweep outside the hub could cancel a queued job being started.)
 Without the call, the first spawner loaded schedules the same sweep (the older, weaker
 behaviour). One sweep per hub process.
 """
@@ -19,8 +23,11 @@ behaviour). One sweep per hub process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 if TYPE_CHECKING:
     from .spawner import SlurmGPUSpawner
@@ -45,13 +52,46 @@ def schedule_sweep(sweeper: SlurmGPUSpawner) -> asyncio.Task[None] | None:
     return task
 
 
+async def _accepts(url: str) -> bool:
+    """True when the server at ``url`` (http, https or http+unix) accepts a connection."""
+    u = urlparse(url)
+    try:
+        if u.scheme.startswith("http+unix"):
+            opened = asyncio.open_unix_connection(unquote(u.netloc))
+        else:
+            port = u.port or (443 if u.scheme == "https" else 80)
+            opened = asyncio.open_connection(u.hostname or "127.0.0.1", port)
+        _, writer = await asyncio.wait_for(opened, 2)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def wait_hub_listening(app: Any, interval: float = 0.2, within: float = 3600) -> bool:
+    """Wait until the hub's API address accepts connections: the hub has started.
+
+    JupyterHub binds it only in ``start()``, after ``initialize()`` has created a spawner
+    (and called its ``load_state``) for every server in the database. Public attributes
+    only (``app.hub.url``). False after ``within`` seconds.
+    """
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        hub = getattr(app, "hub", None)
+        url = getattr(hub, "url", "")
+        if url and await _accepts(url):
+            return True
+        await asyncio.sleep(interval)
+    return False
+
+
 async def _sweep_after_start(sweeper: SlurmGPUSpawner) -> None:
     app = _hub_app()
-    started = getattr(app, "_start_future", None)
-    if isinstance(started, asyncio.Future):
-        # Resolved at the end of JupyterHub.start(): every server in the database has been
-        # loaded (its job re-tracked) by then.
-        await asyncio.shield(started)
+    if app is not None and not await wait_hub_listening(app):
+        sweeper.log.error("The hub did not start listening within an hour: no orphan sweep")
+        return
     await asyncio.sleep(sweeper.orphan_grace_seconds)
     try:
         await sweeper.sweep_orphans()

@@ -6,6 +6,7 @@ The real-Slurm counterparts are in tests/hub/test_slurm_spawner.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shlex
 import subprocess
 import sys
@@ -250,13 +251,23 @@ def image_spawner(tmp_path: Path, groups: tuple[str, ...] = (), default: str = "
 
     allow = tmp_path / "images.toml"
     allow.write_text((f'default = "{default}"\n' if default else "") + ALLOW)
-    user = SimpleNamespace(name=ME, groups=[SimpleNamespace(name=g) for g in groups])
+    user = SimpleNamespace(name=me(), groups=[SimpleNamespace(name=g) for g in groups])
     return SlurmGPUSpawner(
         site_file=str(SITE_FILE), image_allow_list=str(allow), user=user, api_token="x" * 32
     )
 
 
-ME = __import__("pwd").getpwuid(__import__("os").getuid()).pw_name
+@functools.cache
+def me() -> str:
+    """A personal (uid >= 1000) account to preview jobs for: the spawner and job-script refuse
+    system accounts such as root (UnixAccountPolicy). The first Slurm test user, created
+    (idempotent useradd, as root) if missing."""
+    from tests.support.slurm_cluster import TEST_USERS, ensure_users
+
+    ensure_users(TEST_USERS[:1])
+    return TEST_USERS[0]
+
+
 H100 = {"partition": "gpu-fr", "gpus": 1}
 
 
@@ -365,7 +376,7 @@ def test_broken_allow_list_stops_the_configuration(tmp_path: Path) -> None:
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     cli = Path(sys.executable).with_name("sovereign-portal")
     return subprocess.run(
-        [str(cli), "job-script", "--user", ME, *args], capture_output=True, text=True, timeout=60
+        [str(cli), "job-script", "--user", me(), *args], capture_output=True, text=True, timeout=60
     )
 
 

@@ -1,0 +1,241 @@
+"""Upstream contracts: declared versions are the tested ones, and private names are fenced.
+
+- Every dependency in pyproject.toml has a floor (``>=X.Y``) equal to the installed (tested)
+  version's major.minor, the installed version satisfies every specifier, and JupyterHub and
+  oauthenticator are capped below their next major (the upgrade policy in
+  docs/reference/upstream.md).
+- Every private upstream name in :data:`sovereign_portal.spawners.upstream.PRIVATE_NAMES`
+  resolves in the installed versions, and its accessor works on a real object: an upgrade
+  that removes one fails here, by name, not in a login.
+- No portal module touches a private attribute of JupyterHub's Spawner, app or
+  Authenticator classes (the names are read from the installed JupyterHub, so a new one is
+  covered too).
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from importlib import metadata
+from multiprocessing.connection import Listener
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+from sovereign_portal.spawners import upstream
+from sovereign_portal.spawners.upstream import (
+    PRIVATE_NAMES,
+    PrivateName,
+    UpstreamChanged,
+    resolve,
+)
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+CAPPED = {"jupyterhub": 7, "oauthenticator": 18}
+
+
+def _requirements() -> list[Requirement]:
+    project = PYPROJECT["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    for extra in project["optional-dependencies"].values():
+        reqs += [Requirement(r) for r in extra]
+    return reqs
+
+
+REQUIREMENTS = _requirements()
+
+
+def test_the_runtime_dependencies_are_all_checked() -> None:
+    names = {r.name.lower() for r in REQUIREMENTS}
+    assert {"jupyterhub", "oauthenticator", "jupyter-server", "jupyterlab"} <= names
+    assert len(REQUIREMENTS) >= 25  # runtime, dask, test and docs extras
+
+
+@pytest.mark.parametrize("req", REQUIREMENTS, ids=lambda r: r.name)
+def test_floor_is_the_tested_major_minor(req: Requirement) -> None:
+    installed = Version(metadata.version(req.name))
+    floors = [s for s in req.specifier if s.operator == ">="]
+    assert len(floors) == 1, f"{req}: declare one floor, >=X.Y (the version CI tests)"
+    floor = Version(floors[0].version)
+    assert installed in req.specifier, f"installed {req.name} {installed} does not satisfy {req}"
+    tested = f"{installed.major}.{installed.minor}"
+    assert floor.release[:2] == installed.release[:2] and len(floor.release) <= 2, (
+        f"{req}: CI tests {req.name} {installed}; set the floor to >={tested} "
+        "(pyproject.toml, and the CHANGELOG), so that what is declared is what is tested"
+    )
+
+
+@pytest.mark.parametrize(("name", "major"), sorted(CAPPED.items()))
+def test_jupyterhub_and_oauthenticator_are_capped_below_the_next_major(
+    name: str, major: int
+) -> None:
+    req = next(r for r in REQUIREMENTS if r.name.lower() == name)
+    caps = [s for s in req.specifier if s.operator == "<"]
+    assert [c.version for c in caps] == [str(major)], req
+    assert Version(metadata.version(name)).major == major - 1
+
+
+def test_spawn_exception_of_jupyterhub_6_is_there() -> None:
+    """The reason for the floor: SpawnException (status_code, reason) is JupyterHub 6."""
+    from jupyterhub.spawner import SpawnException
+
+    e = SpawnException("no", reason="system_account", status_code=403)
+    assert (e.status_code, e.reason, e.log_message) == (403, "system_account", "no")
+
+
+# -- the fence ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PRIVATE_NAMES, ids=lambda n: n.qualname)
+def test_every_fenced_private_name_resolves_in_the_installed_versions(name: PrivateName) -> None:
+    assert resolve(name) is not None
+    assert name.used_by and name.instead
+
+
+def test_a_removed_name_fails_loudly_naming_package_version_and_user(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import oauthenticator.oauth2
+
+    monkeypatch.delattr(oauthenticator.oauth2, "_serialize_state")
+    with pytest.raises(UpstreamChanged) as e:
+        upstream.oauth_serialize_state({"state_id": "x"})
+    text = str(e.value)
+    version = metadata.version("oauthenticator")
+    assert f"oauthenticator.oauth2._serialize_state is gone in oauthenticator {version}" in text
+    assert "hub/auth.py" in text
+
+
+def test_oauth_state_round_trips() -> None:
+    state = {"state_id": "abc", "next_url": "/hub/home"}
+    encoded = upstream.oauth_serialize_state(state)
+    assert isinstance(encoded, str) and "abc" not in encoded  # base64, not plain JSON
+    assert upstream.oauth_deserialize_state(encoded) == state
+    assert upstream.oauth_deserialize_state("%%% not base64") == {}
+
+
+def test_oauth_client_secret_default_reads_oauthenticators_sources(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from oauthenticator.generic import GenericOAuthenticator
+
+    monkeypatch.setenv("OAUTH_CLIENT_SECRET", "from-env")
+    auth = GenericOAuthenticator()
+    assert upstream.oauth_client_secret_default(auth) == "from-env"
+    monkeypatch.setenv("MY_SECRET", "from-named-env")
+
+    class Named(GenericOAuthenticator):
+        client_secret_env = "MY_SECRET"
+
+    auth = Named()
+    assert upstream.oauth_client_secret_default(auth) == "from-named-env"
+
+
+def test_server_signal_stop_is_a_bound_method_of_the_server() -> None:
+    from jupyter_server.serverapp import ServerApp
+
+    app = ServerApp()
+    stop = upstream.server_signal_stop(app)
+    assert callable(stop) and stop.__self__ is app
+
+
+def test_listener_socket_is_the_listening_socket() -> None:
+    listener = Listener(("127.0.0.1", 0), authkey=b"k")
+    try:
+        sock = upstream.listener_socket(listener)
+        assert sock.getsockname() == listener.address
+    finally:
+        listener.close()
+
+
+def test_a_missing_instance_attribute_fails_loudly() -> None:
+    class NotAListener:
+        _listener = object()
+
+    with pytest.raises(UpstreamChanged, match="has no _socket"):
+        upstream.listener_socket(NotAListener())
+
+
+@pytest.mark.asyncio
+async def test_dask_correct_state_applies_a_smaller_worker_spec() -> None:
+    from distributed import LocalCluster
+
+    cluster = await LocalCluster(
+        n_workers=2,
+        processes=False,
+        asynchronous=True,
+        dashboard_address=None,
+    )
+    try:
+        assert len(cluster.workers) == 2
+        cluster.worker_spec = dict(list(cluster.worker_spec.items())[:1])
+        await upstream.dask_correct_state(cluster)
+        assert len(cluster.workers) == 1
+    finally:
+        await cluster.close()
+
+
+# -- no private JupyterHub names outside the fence ------------------------------------------
+#: Private attributes JupyterHub sets on instances (not visible on the classes).
+INSTANCE_PRIVATES = {"_start_future", "_service_map", "_periodic_callbacks", "_callbacks"}
+
+
+def _jupyterhub_private_names() -> set[str]:
+    from jupyterhub.app import JupyterHub
+    from jupyterhub.auth import Authenticator
+    from jupyterhub.spawner import LocalProcessSpawner
+
+    names: set[str] = set(INSTANCE_PRIVATES)
+    for cls in (LocalProcessSpawner, JupyterHub, Authenticator):
+        for k in cls.__mro__:
+            if k.__module__.startswith("jupyterhub"):
+                names |= {n for n in vars(k) if n.startswith("_") and not n.startswith("__")}
+    return names
+
+
+def _private_uses(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in names:
+            hits.append((node.lineno, node.attr))
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in names:
+            hits.append((node.lineno, f"def {node.name}"))  # an override of a private name
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value in names
+        ):
+            hits.append((node.lineno, f"{node.func.id}(..., {node.args[1].value!r})"))
+    return hits
+
+
+def test_the_scan_finds_the_names_it_must() -> None:
+    names = _jupyterhub_private_names()
+    assert {"_start_future", "_stop_pending", "_poll_callback", "_log_name"} <= names
+    code = (
+        "class S:\n"
+        "    def _log_name(self): ...\n"
+        "    def f(self, app):\n"
+        "        return self._stop_pending, getattr(app, '_start_future', None)\n"
+    )
+    found = {what for _, what in _private_uses(ast.parse(code), names)}
+    assert found == {"def _log_name", "_stop_pending", "getattr(..., '_start_future')"}
+
+
+def test_no_portal_module_touches_private_jupyterhub_names() -> None:
+    names = _jupyterhub_private_names()
+    hits = []
+    for package in ("spawners", "hub", "extension"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path.name == "upstream.py":
+                continue
+            for line, what in _private_uses(ast.parse(path.read_text()), names):
+                hits.append(f"{path.relative_to(REPO)}:{line}: {what}")
+    assert hits == [], "use a public route, or an accessor in spawners/upstream.py:\n" + "\n".join(
+        hits
+    )
