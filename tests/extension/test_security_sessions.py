@@ -21,7 +21,6 @@ import ssl
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client as MPClient
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.support.sessions import PortalServiceThread
+from tests.support.sessions import extension_call as call
 
 pytestmark = [pytest.mark.extension, pytest.mark.timeout(180)]
 
@@ -38,37 +37,9 @@ TOKEN = "server-token-of-mallorys-target"
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[PortalServiceThread]:
-    svc = PortalServiceThread(None, {TOKEN: {"name": "alice", "groups": ["researcher"]}})
-    yield svc.start()
-    svc.stop()
-
-
-@pytest.fixture
-def jp_server_config(service: PortalServiceThread, tmp_path: Path) -> dict[str, Any]:
-    return {
-        "ServerApp": {"jpserver_extensions": {"sovereign_portal.extension": True}},
-        "PortalExtension": {
-            "hub_service_url": service.url,
-            "hub_api_token": TOKEN,
-            "poll_interval": 0.2,
-            "memory_per_worker": "1GiB",
-            "session_root": str(tmp_path / "sessions"),
-        },
-    }
-
-
-async def call(jp_fetch: Any, method: str, *path: str, body: Any = None) -> tuple[int, Any]:
-    kw: dict[str, Any] = {"method": method, "raise_error": False}
-    if body is not None:
-        kw["body"] = body if isinstance(body, bytes) else json.dumps(body)
-    elif method == "POST":
-        kw["body"] = ""
-    r = await jp_fetch("sovereign-portal", "api", *path, **kw)
-    try:
-        return r.code, json.loads(r.body) if r.body else None
-    except ValueError:
-        return r.code, r.body
+def server_token() -> str:
+    """This module's server token (the service and ``jp_server_config`` of conftest.py)."""
+    return TOKEN
 
 
 async def ready(jp_fetch: Any, request: dict[str, Any]) -> dict[str, Any]:

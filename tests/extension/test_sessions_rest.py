@@ -5,54 +5,22 @@ Run as its own pytest session (pytest-jupyter conflicts with pytest-asyncio's au
     .venv/bin/pytest -p pytest_jupyter.jupyter_server tests/extension
 
 The portal service is the real app (admission, catalog, device leases) in a background
-thread; only hub authentication is replaced by a token table.
+thread; only hub authentication is replaced by a token table (fixtures: conftest.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from tornado.httpclient import HTTPClientError
 
 from tests.support.sessions import PortalServiceThread
+from tests.support.sessions import extension_call as call
 
 pytestmark = [pytest.mark.extension, pytest.mark.timeout(120)]
-
-TOKEN = "server-token-of-alice"
-
-
-@pytest.fixture(scope="module")
-def service() -> Iterator[PortalServiceThread]:
-    svc = PortalServiceThread(None, {TOKEN: {"name": "alice", "groups": ["researcher"]}})
-    yield svc.start()
-    svc.stop()
-
-
-@pytest.fixture
-def jp_server_config(service: PortalServiceThread) -> dict[str, Any]:
-    return {
-        "ServerApp": {"jpserver_extensions": {"sovereign_portal.extension": True}},
-        "PortalExtension": {
-            "hub_service_url": service.url,
-            "hub_api_token": TOKEN,
-            "poll_interval": 0.2,
-            "memory_per_worker": "1GiB",
-        },
-    }
-
-
-async def call(jp_fetch: Any, method: str, *path: str, body: Any = None) -> tuple[int, Any]:
-    kw: dict[str, Any] = {"method": method, "raise_error": False}
-    if body is not None:
-        kw["body"] = json.dumps(body)
-    if method == "POST" and body is None:
-        kw["body"] = ""
-    r = await jp_fetch("sovereign-portal", "api", *path, **kw)
-    return r.code, json.loads(r.body) if r.body else None
 
 
 async def wait_state(jp_fetch: Any, sid: str, states: tuple[str, ...], t: float = 60) -> Any:

@@ -15,34 +15,17 @@ from playwright.sync_api import sync_playwright
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, HostGuard
 from tests.support.hub import HubProcess
-from tests.support.idp import LocalIdP, hub_auth_config
+from tests.support.idp import LocalIdP
+from tests.support.stack import hub_with_idp, login_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.idp, pytest.mark.hub]
-
-SPAWN = """
-c.JupyterHub.spawner_class = "local-gpu"
-c.LocalGPUSpawner.inventory_source = "declared"
-c.LocalGPUSpawner.home_dir_template = "{home}/{{username}}"
-c.LocalGPUSpawner.default_url = "/lab"
-"""
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess, LocalIdP]]:
-    hub = HubProcess(tmp_path_factory.mktemp("hub"))
-    idp = LocalIdP(tmp_path_factory.mktemp("idp"), [f"{hub.url}/hub/oauth_callback"])
-    idp.start()
-    try:
-        config = hub_auth_config(idp, SPAWN.format(home=hub.dir / "home"))
-        hub.config_path.write_text(hub.config_path.read_text() + config)
-        hub.start()
-        try:
-            yield hub, idp
-        finally:
-            hub.close()
-            hub.assert_no_egress()
-    finally:
-        idp.stop()
+    config = login_config('c.LocalGPUSpawner.default_url = "/lab"')
+    with hub_with_idp(tmp_path_factory.mktemp("browser-login"), config) as s:
+        yield s
 
 
 def test_idp_login_spawn_jupyterlab_without_foreign_requests(

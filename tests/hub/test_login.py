@@ -19,33 +19,16 @@ import requests
 
 from tests.support.hub import HubProcess
 from tests.support.idp import SUPPORT_CONTACT, LocalIdP, hub_auth_config, oidc_login
+from tests.support.stack import hub_with_idp, login_config
 
 pytestmark = [pytest.mark.idp, pytest.mark.hub]
-
-SPAWN = """
-c.JupyterHub.spawner_class = "local-gpu"
-c.LocalGPUSpawner.inventory_source = "declared"
-c.LocalGPUSpawner.home_dir_template = "{home}/{{username}}"
-"""
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess, LocalIdP]]:
     """The IdP (attack mode on) and a hub that logs in through it."""
-    hub = HubProcess(tmp_path_factory.mktemp("hub"))  # ports are known before it starts
-    idp = LocalIdP(tmp_path_factory.mktemp("idp"), [f"{hub.url}/hub/oauth_callback"], tamper=True)
-    idp.start()
-    try:
-        config = hub_auth_config(idp, SPAWN.format(home=hub.dir / "home"))
-        hub.config_path.write_text(hub.config_path.read_text() + config)
-        hub.start()
-        try:
-            yield hub, idp
-        finally:
-            hub.close()
-            hub.assert_no_egress()
-    finally:
-        idp.stop()
+    with hub_with_idp(tmp_path_factory.mktemp("login"), login_config(), tamper=True) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import requests
 from .hub import HubProcess
 from .idp import LocalIdP, oidc_login
 from .paths import free_port
+from .stack import hub_with_idp
 
 CONFIGURE = """
 from sovereign_portal.hub.portal import configure
@@ -38,35 +39,32 @@ configure(
 """
 
 
+def configure_text(hub: HubProcess, idp: LocalIdP) -> str:
+    """The ``configure()`` call of an operator's config for this hub and IdP."""
+    info = {
+        "issuer": idp.issuer,
+        "client_id": idp.client_id,
+        "client_secret_file": str(idp.client_secret_file),
+        "allowed_organisations": ["uni-a.example"],
+    }
+    return CONFIGURE.format(
+        state=str(hub.dir),
+        port=hub.port,
+        hub_port=hub.hub_port,
+        proxy_api_port=hub.proxy_api_port,
+        idp=info,
+        service_port=free_port(),
+    )
+
+
 @contextmanager
 def portal_stack(workdir: Path) -> Iterator[tuple[HubProcess, LocalIdP]]:
-    """The IdP and a hub configured by ``configure()``, stopped by PID afterwards."""
-    hub = HubProcess(workdir / "hub")  # ports are known before it starts
-    idp = LocalIdP(workdir / "idp", [f"{hub.url}/hub/oauth_callback"])
-    idp.start()
-    try:
-        info = {
-            "issuer": idp.issuer,
-            "client_id": idp.client_id,
-            "client_secret_file": str(idp.client_secret_file),
-            "allowed_organisations": ["uni-a.example"],
-        }
-        config = CONFIGURE.format(
-            state=str(hub.dir),
-            port=hub.port,
-            hub_port=hub.hub_port,
-            proxy_api_port=hub.proxy_api_port,
-            idp=info,
-            service_port=free_port(),
-        )
-        hub.config_path.write_text(hub.config_path.read_text() + config)
-        hub.start()
-        try:
-            yield hub, idp
-        finally:
-            hub.close()
-    finally:
-        idp.stop()
+    """The IdP and a hub configured by ``configure()``, stopped by PID afterwards.
+
+    The callers check the egress log themselves, after their own last request.
+    """
+    with hub_with_idp(workdir, configure_text, check_egress=False) as stack:
+        yield stack
 
 
 def leases(hub: HubProcess) -> dict[str, str]:

@@ -4,12 +4,15 @@
 app: admission, catalog, leases) in a background event loop, with hub authentication
 replaced by a token table, for tests that have no JupyterHub. ``JupyterServer`` runs
 ``jupyter server`` with the sovereign_portal extension as a subprocess under the egress
-guard, pointed at that service; stop it by PID.
+guard, pointed at that service; stop it by PID. :func:`extension_call` calls the
+extension's REST API through pytest-jupyter's ``jp_fetch`` (tests/extension/conftest.py has
+that layer's fixtures).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -24,16 +27,38 @@ import requests
 from .paths import VENV_BIN, free_port, guarded_env
 
 
+async def extension_call(
+    jp_fetch: Any, method: str, *path: str, body: Any = None
+) -> tuple[int, Any]:
+    """``method /sovereign-portal/api/<path>`` on the in-process server: (status, JSON body).
+
+    ``body`` is sent as JSON (bytes as they are); a body that is not JSON comes back raw.
+    """
+    kw: dict[str, Any] = {"method": method, "raise_error": False}
+    if body is not None:
+        kw["body"] = body if isinstance(body, bytes) else json.dumps(body)
+    elif method == "POST":
+        kw["body"] = ""
+    r = await jp_fetch("sovereign-portal", "api", *path, **kw)
+    try:
+        return r.code, json.loads(r.body) if r.body else None
+    except ValueError:
+        return r.code, r.body
+
+
 class PortalServiceThread:
     """The portal service on 127.0.0.1:<free port>, users given as {token: user model}."""
 
     PREFIX = "/services/sovereign-portal/"
 
-    def __init__(self, site_file: str | None, users: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self, site_file: str | None, users: dict[str, dict[str, Any]], **config: Any
+    ) -> None:
+        """``config``: more PortalService traits, e.g. ``session_poll_interval=2.0``."""
         from sovereign_portal.hub.service import PortalService
 
         self.users = users
-        self.service = PortalService(site_file=site_file or "", default_role="student")
+        self.service = PortalService(site_file=site_file or "", default_role="student", **config)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}{self.PREFIX}"
         self.loop = asyncio.new_event_loop()
