@@ -12,7 +12,10 @@ POST     sessions/<id>/scale             ``{"workers": n}`` (Dask; at most the g
 =======  ==============================  =================================================
 
 Every handler requires an authenticated, authorized user of this server. Errors are JSON
-``{"error": "<plain words>", "reason": "<label>"}``.
+``{"error": "<plain words>", "reason": "<label>", "status": <code>}``, written in one place
+(``_Base.write_error``); handlers only raise. Bodies are parsed by
+:func:`sovereign_portal.spawners.strict.loads_json` (duplicate keys, NaN, deep nesting and
+bodies over 64 KiB refused).
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
+from ..spawners.errors import PortalError
+from ..spawners.strict import MAX_JSON_BYTES, loads_json, parse_decimal, parse_int
 from .sessions import MAX_WAIT_S, SessionError, SessionManager
 
 AUTH_RESOURCE = "sovereign_portal"
 #: Largest request body a handler reads (a session request is a few hundred bytes).
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = MAX_JSON_BYTES
 
 
 class _Base(APIHandler):
@@ -39,17 +44,35 @@ class _Base(APIHandler):
         manager: SessionManager = self.settings["sovereign_portal_sessions"]
         return manager
 
-    def fail(self, e: SessionError) -> None:
+    def fail(self, e: SessionError | PortalError) -> None:
+        """Answer with ``e`` as JSON (kept for callers; handlers may just raise)."""
         self.set_status(e.status)
-        self.finish(json.dumps({"error": str(e), "reason": e.reason}))
+        self.finish(json.dumps(_error_json(e)))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The one place this API turns an error into JSON (never with status 200)."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, PortalError | SessionError):
+            self.set_status(exc.status)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(_error_json(exc)))
+            return
+        super().write_error(status_code, **kwargs)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, PortalError | SessionError):
+            self.log.info("sovereign-portal refused (%s): %s", value.reason, value)
+            return
+        super().log_exception(typ, value, tb)
 
     def body(self) -> Any:
-        if len(self.request.body) > MAX_BODY_BYTES:
-            raise web.HTTPError(413, f"the body is over {MAX_BODY_BYTES} bytes")
-        try:
-            return json.loads(self.request.body or b"{}")
-        except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
-            raise web.HTTPError(400, "the body must be JSON") from None
+        return loads_json(self.request.body, limit=MAX_BODY_BYTES, empty={})
+
+
+def _error_json(e: SessionError | PortalError) -> dict[str, Any]:
+    if isinstance(e, PortalError):
+        return e.to_json()
+    return {"error": str(e), "reason": e.reason, "status": e.status}
 
 
 class CatalogHandler(_Base):
@@ -99,14 +122,8 @@ class SessionHandler(_Base):
 
     def _wait_args(self) -> tuple[int | None, float]:
         v, w = self.get_query_argument("version", None), self.get_query_argument("wait", "0")
-        try:
-            version = None if v is None else int(v)
-            wait_s = float(w)
-        except ValueError:
-            raise SessionError("version is a whole number and wait a number of seconds") from None
-        if not 0 <= wait_s <= MAX_WAIT_S:
-            raise SessionError(f"wait is a number of seconds from 0 to {MAX_WAIT_S:.0f}")
-        return version, wait_s
+        version = None if v is None else parse_int(v, "version", lo=0, hi=2**53)
+        return version, parse_decimal(w, "wait", lo=0, hi=MAX_WAIT_S)
 
     @web.authenticated
     @authorized

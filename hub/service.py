@@ -29,21 +29,28 @@ from typing import Any
 from urllib.parse import quote
 
 from sovereign_portal.spawners.base import cached_site
+from sovereign_portal.spawners.errors import (
+    Forbidden,
+    PortalError,
+    TooLarge,
+    Unauthenticated,
+)
 from sovereign_portal.spawners.inventory import (
     AllocationError,
     Allocator,
     box_devices,
     session_owner,
 )
-from sovereign_portal.spawners.request import RequestError
 from sovereign_portal.spawners.site import Site
 from sovereign_portal.spawners.sizes import Size
+from sovereign_portal.spawners.strict import MAX_JSON_BYTES, loads_json
 from tornado import httpclient, web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from traitlets import Dict, Float, Int, List, Unicode, default
 from traitlets.config import Application
 
+from . import lifeline
 from .admission import (
     DEFAULT_LIMITS,
     ROLES,
@@ -58,7 +65,14 @@ from .admission import (
 SERVICE_NAME = "sovereign-portal"
 RESIDENCY_ENV = "SOVEREIGN_PORTAL_RESIDENCY"
 #: Largest request body the service reads (a Request is a few hundred bytes).
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = MAX_JSON_BYTES
+#: A body up to this size is read to its end and answered 413; beyond it the connection is
+#: closed (tornado's max_body_size). Reading first is what lets the proxy relay the 413: a
+#: response sent while the client is still uploading ends in a reset, which the proxy
+#: turns into a 503.
+DRAIN_BODY_BYTES = 256 * 1024 * 1024
+#: Seconds between checks that the hub that started this service is still its parent.
+PARENT_CHECK_SECONDS = 1.0
 SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server"]
 
 #: A caller identity as the hub describes it: {"name", "groups", "roles", "admin"}.
@@ -91,7 +105,7 @@ class PortalService(Application):
         raw = os.environ.get(RESIDENCY_ENV)
         if not raw:
             return {}
-        rules = json.loads(raw)
+        rules = loads_json(raw, what=RESIDENCY_ENV)
         if not isinstance(rules, dict) or not all(
             isinstance(v, list) and all(isinstance(c, str) for c in v) for v in rules.values()
         ):
@@ -331,15 +345,20 @@ class PortalService(Application):
             port = urlparse(url).port or 80
         if not port:
             raise SystemExit("no port: set --port or run as a hub-managed service with a url")
-        # Bodies over 1 MiB are cut at the connection; the handlers answer 413 above 64 KiB.
-        server = HTTPServer(self.make_app(prefix), max_body_size=16 * MAX_BODY_BYTES)
-        server.listen(port, self.ip)
+        # Handlers that take a body read it streaming: up to 64 KiB is kept, the rest of a
+        # body up to DRAIN_BODY_BYTES is read and dropped, and the answer is 413.
+        server = HTTPServer(self.make_app(prefix), max_body_size=DRAIN_BODY_BYTES)
+        lifeline.exit_with_parent(self.log)
+        lifeline.listen_reclaiming(server, port, self.ip, self.log)
         self.log.info("sovereign-portal service on %s:%s%s", self.ip, port, prefix)
         PeriodicCallback(self.expire_leases, 30_000).start()
+        lifeline.watch_parent(self.log, PARENT_CHECK_SECONDS)
         IOLoop.current().start()
 
 
 class _Base(web.RequestHandler):
+    """Authenticates the caller; every error leaves through :meth:`write_error` as JSON."""
+
     caller: Caller | None = None
 
     @property
@@ -348,25 +367,67 @@ class _Base(web.RequestHandler):
         return portal
 
     async def prepare(self) -> None:
+        await self.authenticate()
+
+    async def authenticate(self) -> None:
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() not in ("token", "bearer") or not token.strip():
-            raise web.HTTPError(401, "send the server's API token: Authorization: token <...>")
+            raise Unauthenticated("send the server's API token: Authorization: token <...>")
         self.caller = await self.portal.caller_for(token.strip())
         if self.caller is None:
-            raise web.HTTPError(403, "this token is not allowed to use the portal service")
+            raise Forbidden("this token is not allowed to use the portal service")
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, PortalError):
+            who = self.caller.name if self.caller else "?"
+            self.portal.log.info("Refused %s for %s: %s", value.reason, who, value.log_message)
+            return
+        super().log_exception(typ, value, tb)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The one place the service turns an error into JSON (never with status 200)."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        message = getattr(exc, "log_message", None) or self._reason
-        reason = getattr(exc, "reason", None) or "http"
+        if isinstance(exc, PortalError):
+            body = exc.to_json()
+            self.set_status(exc.status)
+        else:
+            # tornado's own errors (405, a bad request line); never a traceback
+            message = exc.log_message if isinstance(exc, web.HTTPError) else None
+            body = {"error": message or self._reason, "reason": "http", "status": status_code}
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": message, "reason": reason, "status": status_code}))
+        self.finish(json.dumps(body))
 
-    def fail(self, status: int, e: RequestError) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": str(e), "reason": e.reason, "status": status}))
+
+@web.stream_request_body
+class _BodyBase(_Base):
+    """A handler that takes a JSON body, read streaming so that any size gets an answer.
+
+    Authentication waits for the end of the body too: an answer sent while the client is
+    still uploading would reach it through the proxy as a reset (a 503), not a 401 or 413.
+    """
+
+    _chunks: list[bytes]
+    _size: int
+
+    async def prepare(self) -> None:
+        self._chunks, self._size = [], 0
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= MAX_BODY_BYTES:
+            self._chunks.append(chunk)
+        else:
+            self._chunks = []  # over the limit: drop what came, count the rest
+
+    async def json_body(self) -> Any:
+        await self.authenticate()
+        if self._size > MAX_BODY_BYTES:
+            raise TooLarge(
+                f"the body is over {MAX_BODY_BYTES} bytes",
+                log_message=f"a body of {self._size} bytes",
+            )
+        return loads_json(b"".join(self._chunks), limit=MAX_BODY_BYTES)
 
 
 class HealthHandler(web.RequestHandler):
@@ -386,33 +447,18 @@ class CatalogHandler(_Base):
         self.finish(cat)
 
 
-class GrantsHandler(_Base):
+class GrantsHandler(_BodyBase):
     async def post(self) -> None:
+        raw = await self.json_body()
         assert self.caller is not None
-        if len(self.request.body) > MAX_BODY_BYTES:
-            self.fail(413, RequestError(f"the body is over {MAX_BODY_BYTES} bytes", "too_large"))
-            return
-        try:
-            raw = json.loads(self.request.body or b"null")
-        except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
-            self.fail(400, RequestError("the body must be a JSON object (a request)"))
-            return
         p = self.portal
-        try:
-            grant = admit(
-                p.site, raw, self.caller, residency=p.residency, ttl_seconds=p.grant_ttl_seconds
-            )
-            if grant.backend == "local":
-                from dataclasses import replace
+        grant = admit(
+            p.site, raw, self.caller, residency=p.residency, ttl_seconds=p.grant_ttl_seconds
+        )
+        if grant.backend == "local":
+            from dataclasses import replace
 
-                grant = replace(grant, devices=p.lease_devices(grant))
-        except AdmissionError as e:
-            p.log.info("Refused %s for %s: %s", e.reason, self.caller.name, e)
-            self.fail(409 if e.reason == "busy" else 403, e)
-            return
-        except RequestError as e:
-            self.fail(400, e)
-            return
+            grant = replace(grant, devices=p.lease_devices(grant))
         p.log.info(
             "Granted %s %s to %s on %s (%s)",
             grant.kind,

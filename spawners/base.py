@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from traitlets import Any as AnyTrait
 from traitlets import Dict, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
@@ -27,7 +28,10 @@ _SITES: dict[tuple[str, float], Site] = {}
 
 def cached_site(path: str | None) -> Site:
     """Load a site file once per process (reloaded when the file changes)."""
-    key = (path or "", os.stat(path).st_mtime if path else 0.0)
+    try:
+        key = (path or "", os.stat(path).st_mtime if path else 0.0)
+    except OSError:
+        return load_site(path)  # raises a SiteError naming the file and the reason
     if key not in _SITES:
         _SITES[key] = load_site(path)
     return _SITES[key]
@@ -64,7 +68,23 @@ class PortalSpawnerMixin(LoggingConfigurable):
         help="Image names a user may choose in the form; empty hides the image choice.",
     )
 
+    budget_display = AnyTrait(
+        None,
+        allow_none=True,
+        config=True,
+        help="""A callable ``(spawner, partitions) -> (notes, banner)`` that puts the user's
+        remaining budget on the spawn form: ``notes`` maps a form value
+        (``<partition>/<size id>``) to a short text shown next to that size, ``banner`` is a
+        line above the choices. ``configure()`` sets it from the hub's budgets; None shows
+        no budget.""",
+    )
+
     resolved: Resolved | None = None
+    #: Ledger (issue 10): why the server ended when the hub did not stop it, in the
+    #: ledger's words ("died", "walltime", "budget", "reclaimed"); set by the backend (or
+    #: by whoever stops it for a budget or a cull) and read by the hub's post_stop_hook.
+    #: Empty means a plain stop. The hub resets it before each start.
+    ledger_end_reason: str = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -104,7 +124,12 @@ class PortalSpawnerMixin(LoggingConfigurable):
                     "<p>No partition of this site is open to you. Ask your course instructor "
                     "or the operators to add you to a project.</p>"
                 )
-            return render_form(parts, spawner.free_devices, spawner.image_choices())
+            notes, banner = ({}, "")
+            if spawner.budget_display is not None:
+                notes, banner = spawner.budget_display(spawner, parts)
+            return render_form(
+                parts, spawner.free_devices, spawner.image_choices(), notes=notes, banner=banner
+            )
 
         return form
 

@@ -1,8 +1,10 @@
 """The site file: which partitions a deployment offers, where they are, what they cost.
 
-A site file is TOML. It is validated by the pydantic models below, whose JSON schema is
-published in the docs (``sovereign-portal site-schema``). A wrong file fails with the
-file, the key and the reason.
+A site file is TOML. It is validated by the pydantic models below, in strict mode (no
+string or bool where a number belongs; TOML integers are fine for decimal fields), whose
+JSON schema is published in the docs (``sovereign-portal site-schema``). Free text is
+bounded and holds no control or format characters. A wrong or unreadable file fails with
+one message naming the file, the key path and the reason.
 """
 
 from __future__ import annotations
@@ -12,31 +14,63 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .catalog import ACCELERATORS, GPUS_PER_HGX_NODE, LayoutError, accelerator, check_layout
+from .errors import ConfigError
+from .strict import control_character, printable
+
+
+def _no_control(value: str) -> str:
+    ch = control_character(value)
+    if ch is not None:
+        raise ValueError(f"text may not hold the control or format character {ch!a}")
+    return value
+
+
+#: Free text: bounded, with no control or format characters (see ``strict.printable``).
+Label = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_no_control)]
+Certification = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_control)]
+Line = Annotated[str, Field(max_length=256), AfterValidator(_no_control)]
+
 
 Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 SlurmWord = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 AcceleratorName = Literal["h100", "h200", "b200"]
 
 
-class SiteError(ValueError):
+class SiteError(ConfigError, ValueError):
     """A site file that cannot be used. The message names the file, the key and the reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            "the site's configuration is broken; the operators have been told",
+            log_message=message,
+        )
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.log_message
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Jurisdiction(_Strict):
     """Where a partition runs, legally."""
 
     country: Annotated[str, Field(pattern=r"^[A-Z]{2}$", description="ISO 3166-1 alpha-2")]
-    operator: Annotated[str, Field(min_length=1, max_length=128)] = Field(
-        description="the legal entity that runs the hardware"
-    )
-    certifications: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+    operator: Label = Field(description="the legal entity that runs the hardware")
+    certifications: Annotated[list[Certification], Field(max_length=32)] = Field(
         [], description="certifications held, e.g. ISO27001, HDS, SecNumCloud"
     )
 
@@ -44,12 +78,12 @@ class Jurisdiction(_Strict):
 class MigLayout(_Strict):
     """GPUs of a node type that run in MIG mode, and the instances on each of them."""
 
-    gpus: Annotated[list[Annotated[int, Field(ge=0, le=7)]], Field(min_length=1)] = Field(
-        description="GPU indices on each node that carry this layout"
+    gpus: Annotated[list[Annotated[int, Field(ge=0, le=7)]], Field(min_length=1, max_length=8)] = (
+        Field(description="GPU indices on each node that carry this layout")
     )
-    profiles: Annotated[list[str], Field(min_length=1)] = Field(
-        description="MIG profiles on each of those GPUs, e.g. ['3g.40gb', '3g.40gb']"
-    )
+    profiles: Annotated[
+        list[Annotated[str, Field(max_length=32)]], Field(min_length=1, max_length=64)
+    ] = Field(description="MIG profiles on each of those GPUs, e.g. ['3g.40gb', '3g.40gb']")
 
 
 class NodeType(_Strict):
@@ -64,8 +98,10 @@ class NodeType(_Strict):
     gres_type: SlurmWord | None = Field(
         None, description="Slurm GRES type of whole GPUs; defaults to the accelerator name"
     )
-    mig: list[MigLayout] = Field([], description="GPUs in MIG mode; the others are whole")
-    features: list[SlurmWord] = Field(
+    mig: Annotated[list[MigLayout], Field(max_length=8)] = Field(
+        [], description="GPUs in MIG mode; the others are whole"
+    )
+    features: Annotated[list[SlurmWord], Field(max_length=32)] = Field(
         [], description="Slurm node features; a size on this node type adds --constraint"
     )
 
@@ -118,9 +154,9 @@ class Partition(_Strict):
     backend: Literal["local", "slurm"] = Field(
         description="'local': one box run by LocalGPUSpawner; 'slurm': a Slurm partition"
     )
-    description: str = Field("", description="one line shown to users")
+    description: Line = Field("", description="one line shown to users")
     jurisdiction: Jurisdiction = Field(description="where the hardware is, legally")
-    nodes: Annotated[list[NodeType], Field(min_length=1)] = Field(
+    nodes: Annotated[list[NodeType], Field(min_length=1, max_length=64)] = Field(
         description="the node types of this partition"
     )
     price_eur_per_gpu_hour: dict[str, Annotated[float, Field(ge=0, le=10_000)]] = Field(
@@ -147,7 +183,7 @@ class Partition(_Strict):
     )
     account: SlurmWord | None = Field(None, description="the Slurm account jobs are charged to")
     qos: SlurmWord | None = Field(None, description="the Slurm QOS of jobs on this partition")
-    allowed_groups: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+    allowed_groups: Annotated[list[Label], Field(max_length=1024)] = Field(
         [], description="groups that may use this partition; empty means everyone"
     )
 
@@ -207,11 +243,9 @@ class Partition(_Strict):
 class Site(_Strict):
     """A whole deployment."""
 
-    name: Annotated[str, Field(min_length=1, max_length=128)] = Field(
-        description="the deployment's name, shown on pages"
-    )
-    description: str = Field("", description="one line about the deployment")
-    partitions: Annotated[list[Partition], Field(min_length=1)] = Field(
+    name: Label = Field(description="the deployment's name, shown on pages")
+    description: Line = Field("", description="one line about the deployment")
+    partitions: Annotated[list[Partition], Field(min_length=1, max_length=256)] = Field(
         description="where sizes run"
     )
 
@@ -254,10 +288,12 @@ def parse_site(data: Any, source: str = "<site>") -> Site:
     try:
         return Site.model_validate(data)
     except ValidationError as e:
-        lines = [f"{source}: invalid site file"]
-        for err in e.errors():
+        lines = [f"{printable(source)}: invalid site file"]
+        for err in e.errors()[:20]:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {_loc(err['loc'], data)}: {msg}")
+            lines.append(f"  {printable(_loc(err['loc'], data))}: {printable(msg)}")
+        if e.error_count() > 20:
+            lines.append(f"  and {e.error_count() - 20} more problem(s)")
         raise SiteError("\n".join(lines)) from None
 
 
@@ -267,12 +303,21 @@ def load_site(path: str | Path | None = None) -> Site:
         text = resources.files(__package__).joinpath("sites/example.toml").read_text()
         return parse_site(tomllib.loads(text), "example.toml")
     p = Path(path)
+    shown = printable(str(p))
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise SiteError(f"{p}: site file not found") from None
+        raise SiteError(f"{shown}: site file not found") from None
+    except IsADirectoryError:
+        raise SiteError(f"{shown}: is a directory, not a site file") from None
+    except PermissionError:
+        raise SiteError(f"{shown}: cannot read the site file (permission denied)") from None
+    except OSError as e:
+        raise SiteError(f"{shown}: cannot read the site file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise SiteError(f"{shown}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
-        raise SiteError(f"{p}: not valid TOML: {e}") from None
+        raise SiteError(f"{shown}: not valid TOML: {printable(str(e))}") from None
     return parse_site(data, str(p))
 
 

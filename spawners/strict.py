@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from typing import Any
 
 from .errors import RequestRefused, TooLarge
@@ -169,6 +170,55 @@ def parse_int(text: str | None, field: str, *, lo: int = 0, hi: int | None = Non
     return value
 
 
+_CANONICAL_DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,8})(?:\.[0-9]{1,6})?\Z")
+
+
+def parse_decimal(text: str | None, field: str, *, lo: float, hi: float) -> float:
+    """A number such as ``2`` or ``0.25`` in ASCII digits, from ``lo`` to ``hi``.
+
+    ``float()`` is not a test: it takes ``"nan"``, ``"inf"``, ``"1e9"``, ``" 2"`` and
+    ``"٢"``. This takes digits, at most one point and six decimals.
+    """
+    if not isinstance(text, str) or not _CANONICAL_DECIMAL.match(text):
+        shown = shorten(text, 20) if isinstance(text, str) else text
+        raise RequestRefused(
+            f"{field} must be a number from {lo:g} to {hi:g} written with the digits 0-9 "
+            f"and at most one '.', got {shown!r}",
+            field=field,
+        )
+    value = float(text)
+    if not lo <= value <= hi:
+        raise RequestRefused(f"{field} must be a number from {lo:g} to {hi:g}", field=field)
+    return value
+
+
+#: Unicode categories free text may not hold: controls, format characters (bidi overrides
+#: such as U+202E), surrogates, private use, unassigned, line and paragraph separators.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def control_character(text: str) -> str | None:
+    """The first character of ``text`` that free text may not hold, or ``None``."""
+    for ch in text:
+        if unicodedata.category(ch) in _UNPRINTABLE:
+            return ch
+    return None
+
+
+def printable(text: str, keep_newlines: bool = False) -> str:
+    """``text`` with every control or format character written as an escape (``\\x1b``),
+    for a terminal or a log. With ``keep_newlines``, ``\\n`` stays a line break."""
+    out = []
+    for ch in text:
+        if keep_newlines and ch == "\n":
+            out.append(ch)
+        elif unicodedata.category(ch) in _UNPRINTABLE:
+            out.append(ascii(ch)[1:-1])
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def is_canonical_int(text: str) -> bool:
     """Whether ``text`` is a canonical ASCII whole number (for ids read back from tools)."""
     return isinstance(text, str) and len(text) <= MAX_DIGITS and bool(_CANONICAL_INT.match(text))
@@ -178,8 +228,11 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_JSON_BYTES",
     "check_json_value",
+    "control_character",
     "is_canonical_int",
     "loads_json",
+    "parse_decimal",
     "parse_int",
+    "printable",
     "shorten",
 ]
