@@ -7,7 +7,9 @@ Subcommands:
 - ``up``: run the portal on its embedded default (hub, proxy, local IdP, local backend);
 - ``job-script`` (with the Slurm backend): print the batch script a spawn would submit;
 - ``ledger verify``: check the ledger's hash chain (exit 1 names the first broken record);
-- ``usage``: GPU-hours, €, energy and CO₂ from the ledger, filtered and grouped.
+- ``usage``: GPU-hours, €, energy and CO₂ from the ledger, filtered and grouped;
+- ``accounts show USER`` / ``accounts rebind USER --subject NEW --reason TEXT``: which IdP
+  subject a hub account is bound to, and the audited re-bind when the IdP re-issued it.
 """
 
 from __future__ import annotations
@@ -290,6 +292,175 @@ def _add_ledger_parsers(sub: Any) -> None:
     u.set_defaults(func=_cmd_usage)
 
 
+# -- accounts: the (iss, sub) each hub account is bound to (issue 9) ------------------------
+def _accounts_db_url(args: argparse.Namespace) -> str:
+    """``--db``, else ``c.PortalDatabase.url`` of ``--config``, else the state directory's."""
+    if args.db or not args.config:
+        return _db_url(args)
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+    from traitlets.config.loader import PyFileConfigLoader
+
+    path = Path(args.config).resolve()
+    try:
+        config = PyFileConfigLoader(path.name, str(path.parent)).load_config()
+    except Exception as e:
+        raise CLIError(f"--config: cannot load {path}: {type(e).__name__}: {e}") from None
+    section = config.get("PortalDatabase", {})
+    url = str(section["url"]) if "url" in section else "sqlite:///portal.sqlite"
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        db = Path(parsed.database)
+        if not db.is_absolute():  # relative to the hub's directory, where its config lives
+            url = parsed.set(database=str(path.parent / db)).render_as_string(False)
+    return url
+
+
+def _accounts_store(args: argparse.Namespace) -> Any:
+    from .store import PortalStore, redact_url
+
+    url = _accounts_db_url(args)
+    try:
+        store = PortalStore(url)
+        present = "account_bindings" in store.table_names()
+    except Exception as e:
+        raise CLIError(f"--db: cannot open {redact_url(url)}: {type(e).__name__}: {e}") from None
+    if not present:
+        raise CLIError(
+            f"--db: {redact_url(url)} has no account bindings (the hub creates them when it "
+            "starts; give the portal database's URL with --db or the hub's --config)"
+        )
+    return store
+
+
+def _actor() -> str:
+    import getpass
+    import os
+
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def _cmd_accounts_show(args: argparse.Namespace) -> int:
+    from .accounts import AccountError, audit_trail, check_username, get_binding
+
+    try:
+        username = check_username(args.user, "USER")
+    except AccountError as e:
+        raise CLIError(str(e)) from None
+    store = _accounts_store(args)
+    try:
+        binding = get_binding(store, username)
+        if binding is None:
+            raise CLIError(
+                f"USER: no account {username!r} is bound to a subject (it has never logged "
+                "in, or the name is not the exact hub user name, e.g. alice@uni-a.example)"
+            )
+        trail = audit_trail(store, username)
+    finally:
+        store.dispose()
+    if args.json:
+        json.dump({**binding.as_dict(), "audit": trail}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"account    {_printable(binding.username)}")
+    print(f"issuer     {_printable(binding.issuer)}")
+    print(f"subject    {_printable(binding.subject)}")
+    print(f"bound at   {binding.bound_at.isoformat(timespec='seconds')}")
+    print(f"updated at {binding.updated_at.isoformat(timespec='seconds')}")
+    for event in trail:
+        d = event["detail"]
+        print(
+            f"  {event['at'][:19]}Z {event['action']} by {_printable(event['actor'])}: "
+            f"{_printable(d.get('old_subject'))} -> {_printable(d.get('new_subject'))} "
+            f"({_printable(d.get('reason'))})"
+        )
+    return 0
+
+
+def _printable(value: Any) -> str:
+    """A value for the terminal: no raw control characters."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(value))
+
+
+def _cmd_accounts_rebind(args: argparse.Namespace) -> int:
+    import logging
+
+    from .accounts import AccountError, check_issuer, check_subject, check_username, rebind
+
+    # Check every argument before touching the database: bad input changes nothing.
+    try:
+        check_username(args.user, "USER")
+        check_subject(args.subject, "--subject")
+        if args.issuer is not None:
+            check_issuer(args.issuer, "--issuer")
+    except AccountError as e:
+        raise CLIError(str(e)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    store = _accounts_store(args)
+    try:
+        old, new = rebind(
+            store,
+            args.user,
+            subject=args.subject,
+            issuer=args.issuer,
+            reason=args.reason,
+            actor=_actor(),
+        )
+    except AccountError as e:
+        field = {"username": "USER", "subject": "--subject", "issuer": "--issuer"}
+        raise CLIError(f"{field.get(e.field, '--' + e.field)}: {e.message}") from None
+    finally:
+        store.dispose()
+    print(
+        f"{_printable(new.username)}: subject {_printable(old.subject)} -> "
+        f"{_printable(new.subject)}"
+        + (
+            f", issuer {_printable(old.issuer)} -> {_printable(new.issuer)}"
+            if old.issuer != new.issuer
+            else ""
+        )
+        + "; audit event written. The next login with the new subject gets in."
+    )
+    return 0
+
+
+def _add_accounts_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "accounts", help="which IdP subject each hub account is bound to; audited re-bind"
+    )
+    asub = p.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
+
+    def db_args(q: argparse.ArgumentParser) -> None:
+        _add_db_args(q)
+        q.add_argument(
+            "--config",
+            metavar="FILE",
+            help="the hub's jupyterhub_config.py: use its c.PortalDatabase.url (a relative "
+            "SQLite path is taken from the file's directory)",
+        )
+
+    s = asub.add_parser("show", help="the subject an account is bound to, and its audit trail")
+    s.add_argument("user", metavar="USER", help="the exact hub user name (alice@uni-a.example)")
+    s.add_argument("--json", action="store_true", help="JSON output for scripts")
+    db_args(s)
+    s.set_defaults(func=_cmd_accounts_show)
+
+    r = asub.add_parser(
+        "rebind",
+        help="bind an account to a new IdP subject (the IdP re-issued it); audited",
+        description="Bind USER to a new subject (and issuer). Writes an audit event (who, "
+        "when, old and new subject, reason) and a log line. Check with the IdP's operators "
+        "that the new subject is the same person before you run it.",
+    )
+    r.add_argument("user", metavar="USER", help="the exact hub user name (alice@uni-a.example)")
+    r.add_argument("--subject", required=True, help="the new `sub` the IdP sends for this person")
+    r.add_argument("--issuer", help="the new `iss`, when the account moves to another IdP")
+    r.add_argument("--reason", required=True, help="why (a ticket number): kept in the audit log")
+    db_args(r)
+    r.set_defaults(func=_cmd_accounts_rebind)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovereign-portal",
@@ -318,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_up)
 
     _add_ledger_parsers(sub)
+    _add_accounts_parsers(sub)
+    from .budget_cli import add_parsers as _add_budget_parsers
+
+    _add_budget_parsers(sub)
 
     for hook in _plugin_parsers():
         hook(sub)
