@@ -1,4 +1,15 @@
-"""Fixtures for tests against real services (hub, Slurm, IdP, browser)."""
+"""Fixtures for tests against real services (hub, Slurm, IdP, browser).
+
+- ``slurm_cluster`` / ``slurm_accounting_cluster``: the real local Slurm cluster (with
+  slurmdbd for the second), tests/support/slurm_cluster.py;
+- ``postgres_server``, ``portal_db_url``, ``portal_store``: PostgreSQL and the portal database
+  (tests/support/postgres.py, tests/support/portal_db.py).
+
+Rigs that a module wraps in its own module-scoped fixture, written once in tests/support:
+``stack.hub_with_idp`` (a hub that logs in through the local IdP, ``tamper=True`` for the
+attack mode), ``portal.portal_stack`` (the hub ``configure()`` sets up), ``hub.HubProcess``,
+and ``browser`` (the one Chromium launch configuration and its host guard).
+"""
 
 from tests.support.portal_db import portal_db_url, portal_store
 from tests.support.postgres import postgres_server
