@@ -66,15 +66,17 @@ class PortalExtension(ExtensionApp):
     poll_interval = Float(
         2.0,
         config=True,
-        help="""Seconds between polls of all sessions (one squeue call for every session's
-        jobs, kernel liveness, walltime).""",
+        help="""Seconds between checks of all sessions: kernel liveness, walltime, and new
+        Slurm job ids to register with the hub's portal service. No check calls the
+        scheduler: the service polls Slurm once per interval for every session of every
+        user, and this server long-polls it for its own sessions' job state (queue
+        position, reason, running, ended) and follows each change at once.""",
     )
     start_timeout = Float(
         600.0,
         config=True,
         help="Seconds a session may take from running jobs to all workers or ranks up.",
     )
-    squeue = Unicode("squeue", config=True, help="squeue command (argv[0]).")
     sbatch = Unicode("sbatch", config=True, help="sbatch command (argv[0]).")
     scancel = Unicode("scancel", config=True, help="scancel command (argv[0]).")
 
@@ -107,7 +109,6 @@ class PortalExtension(ExtensionApp):
             HubService(self.hub_service_url, self.hub_api_token),
             root,
             cfg,
-            squeue=self.squeue,
             start_timeout=self.start_timeout,
             kernel_alive=self._kernel_alive,
             logger=self.log,

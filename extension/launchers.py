@@ -6,16 +6,19 @@ command as an argv list. Job environments are an allow-list: ``sbatch`` runs in 
 environment made of the allow-listed names only (:func:`job_env`) and passes exactly that
 on (``--export=ALL``). ``--export=NAME,...`` or ``NONE`` would make slurmd load the user's
 login environment before the job starts (0.1-1.5 s per job on the test cluster, and
-variables the portal did not choose).
+variables the portal did not choose). Jobs are submitted and cancelled through the one
+scheduler client (:class:`~sovereign_portal.spawners.slurm.client.SlurmCLI`); their state
+comes from the hub's portal service, which polls once for every session (see
+:mod:`.sessions`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -23,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sovereign_portal.spawners.slurm.client import SchedulerClient, SlurmCLI
 
 FORBIDDEN_ENV = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
@@ -57,32 +62,6 @@ def _minutes_hms(minutes: int) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
 
 
-async def run_argv(
-    argv: list[str],
-    stdin: bytes | None = None,
-    limit_s: float = 60,
-    env: dict[str, str] | None = None,
-) -> str:
-    """Run a command (argv list), return stdout; raise with exit code, stdout and stderr.
-    With ``env``, the command gets that environment only (argv[0] is looked up here)."""
-    if env is not None:
-        argv = [shutil.which(argv[0]) or argv[0], *argv[1:]]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(stdin), limit_s)
-    if proc.returncode:
-        raise RuntimeError(
-            f"{argv[0]} exited {proc.returncode}: {err.decode().strip()[:2000]} "
-            f"{out.decode().strip()[:500]}"
-        )
-    return out.decode()
-
-
 @dataclass
 class LaunchConfig:
     """What launchers need from the extension's configuration."""
@@ -94,6 +73,10 @@ class LaunchConfig:
     sbatch: str = "sbatch"
     scancel: str = "scancel"
     python: str = sys.executable
+
+    def scheduler(self) -> SchedulerClient:
+        """The scheduler client that submits and cancels this server's session jobs."""
+        return SlurmCLI(sbatch=self.sbatch, scancel=self.scancel)
 
 
 class Launcher:
@@ -302,7 +285,7 @@ class SlurmDask(_DaskLauncher):
             job_directives_skip=["--mem"],
             job_extra_directives=self._extra(),
             job_name=f"portal-dask-{self.sid}",
-            job_cls=_slurm_job_cls(job_env(self.cfg.env_names)),
+            job_cls=_slurm_job_cls(self.cfg.scheduler(), job_env(self.cfg.env_names)),
             job_script_prologue=[
                 f"export SOVEREIGN_PORTAL_WORKERS_PER_JOB={per_job}",
                 f"export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES={shlex.quote(routes)}",
@@ -341,14 +324,26 @@ class SlurmDask(_DaskLauncher):
         self.cluster.scale(n=workers)
 
 
-def _slurm_job_cls(env: dict[str, str]) -> Any:
-    """dask-jobqueue's SLURMJob, submitting with ``env`` as sbatch's whole environment."""
+def _slurm_job_cls(client: SchedulerClient, env: dict[str, str]) -> Any:
+    """dask-jobqueue's SLURMJob, submitting and cancelling through the scheduler client,
+    with ``env`` as sbatch's whole environment."""
     from dask_jobqueue.slurm import SLURMJob
 
     class PortalSLURMJob(SLURMJob):
         async def _submit_job(self, script_filename: str) -> str:
-            argv = [*shlex.split(self.submit_command), script_filename]
-            return await run_argv(argv, env=env)
+            script = await asyncio.to_thread(Path(script_filename).read_text)
+            # submitted from the server's directory, as dask-jobqueue's own sbatch call
+            return await client.submit(script, env=env, cwd=os.getcwd())
+
+        @classmethod
+        async def _close_job(cls, job_id: str, cancel_command: str) -> None:
+            if job_id:
+                try:
+                    await client.cancel([str(job_id)])
+                except (RuntimeError, OSError, TimeoutError) as e:  # as dask-jobqueue does
+                    logging.getLogger("sovereign_portal.sessions").warning(
+                        "scancel %s failed: %s", job_id, e
+                    )
 
     return PortalSLURMJob
 
@@ -440,24 +435,26 @@ class SlurmTorch(_TorchLauncher):
         ]
         return "#!/bin/sh\n# sovereign-portal torch session\nexec " + shlex.join(srun) + "\n"
 
-    def sbatch_argv(self, script: Path) -> list[str]:
+    def sbatch_options(self) -> list[str]:
+        """sbatch's options for the job (the script goes on stdin)."""
         return [
-            self.cfg.sbatch,
-            "--parsable",
             f"--job-name=portal-torch-{self.sid}",
             f"--output={self.dir / 'logs' / 'slurm-%j.out'}",
             "--export=ALL",  # sbatch's own environment is the allow-list (module doc)
             f"--ntasks-per-node={self.grant['devices_per_node']}",
             *self.grant["scheduler_args"],
-            str(script),
         ]
 
     async def start(self) -> None:
         (self.dir / "logs").mkdir(exist_ok=True)
         script = self.dir / "job.sh"
         script.write_text(self.job_script())
-        out = await run_argv(self.sbatch_argv(script), env=job_env(self.cfg.env_names))
-        self.job_id = out.strip().split(";")[0]
+        self.job_id = await self.cfg.scheduler().submit(
+            script.read_text(),
+            self.sbatch_options(),
+            env=job_env(self.cfg.env_names),
+            cwd=os.getcwd(),
+        )
 
     def job_ids(self) -> list[str]:
         return [self.job_id] if self.job_id else []
@@ -465,7 +462,7 @@ class SlurmTorch(_TorchLauncher):
     async def stop(self) -> None:
         (self.dir / "stop").touch()
         if self.job_id:
-            await run_argv([self.cfg.scancel, self.job_id])
+            await self.cfg.scheduler().cancel([self.job_id])
 
 
 LAUNCHERS: dict[tuple[str, str], type[Launcher]] = {

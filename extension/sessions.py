@@ -2,9 +2,14 @@
 release.
 
 A :class:`SessionManager` owns every session of this server. One poll loop serves them
-all: one ``squeue`` call for every Slurm job of every session (queue position, pending
-reason, running), walltime expiry, dead local processes, and sessions whose kernel has
-gone away. Stopping the server stops every session.
+all: walltime expiry, dead local processes, sessions whose kernel has gone away, and the
+state of every Slurm job. That state comes from the hub: the server registers each
+session's job ids with the portal service (``PUT api/grants/<id>/jobs``) and long-polls
+it (``GET api/jobs?version=&wait=``); the service runs one scheduler query per interval
+for every session of every user (queue position, pending reason, running, gone). This
+server never calls ``squeue``. An unknown answer (the hub or Slurm not answering, a job
+not polled yet) keeps a session's state: it is not a dead job. Stopping the server stops
+every session.
 
 Readiness does not wait for that poll. While a session is queued or starting, a watch
 looks at local state only (the in-process Dask scheduler's workers, which wake it as they
@@ -29,7 +34,7 @@ from typing import Any
 
 from tornado import httpclient
 
-from .launchers import LAUNCHERS, LaunchConfig, Launcher, run_argv, write_meta, write_secret
+from .launchers import LAUNCHERS, LaunchConfig, Launcher, write_meta, write_secret
 
 ACTIVE = ("queued", "starting", "ready")
 STARTING = ("queued", "starting")
@@ -37,6 +42,10 @@ STARTING = ("queued", "starting")
 WATCH_INTERVAL = 0.05
 #: The longest a client may wait for a change in one request.
 MAX_WAIT_S = 30.0
+#: How long one long-poll of the hub's session-job state waits (under the service's 25 s).
+HUB_WAIT_S = 20
+#: Slurm states in which a session's job counts as its own (as squeue's default listing).
+LIVE_JOB_STATES = ("PENDING", "RUNNING", "CONFIGURING")
 log = logging.getLogger("sovereign_portal.sessions")
 
 
@@ -95,6 +104,21 @@ class HubService:
 
     async def release(self, grant_id: str) -> None:
         await self._call("DELETE", f"api/grants/{grant_id}")
+
+    async def register_jobs(self, grant_id: str, job_ids: list[str]) -> dict[str, Any]:
+        """Tell the service a session's Slurm jobs; returns the caller's job view."""
+        code, data = await self._call("PUT", f"api/grants/{grant_id}/jobs?jobs={','.join(job_ids)}")
+        if code != 200:
+            raise SessionError(_msg(data, code), code if code < 500 else 502, "hub")
+        return dict(data)
+
+    async def jobs(self, version: int, wait_s: int) -> dict[str, Any]:
+        """The caller's session jobs, once their version is not ``version`` (long-poll)."""
+        q = f"api/jobs?wait={wait_s}" + (f"&version={version}" if version >= 0 else "")
+        code, data = await self._call("GET", q)
+        if code != 200:
+            raise SessionError(_msg(data, code), code if code < 500 else 502, "hub")
+        return dict(data)
 
 
 def _msg(data: Any, code: int) -> str:
@@ -187,20 +211,23 @@ class SessionManager:
         root: Path,
         cfg: LaunchConfig,
         *,
-        squeue: str = "squeue",
         start_timeout: float = 600,
         kernel_alive: Any = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self.log = logger or log
         self.hub, self.root, self.cfg = hub, root, cfg
-        self.squeue = squeue
         self.start_timeout = start_timeout
         self.kernel_alive = kernel_alive  # callable(kernel_id) -> bool, or None
         self.sessions: dict[str, Session] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        # Slurm job state from the hub: its last view, the session job ids it knows
+        self._hub_view: dict[str, Any] | None = None
+        self._hub_version = -1
+        self._registered: dict[str, tuple[str, ...]] = {}
+        self._follower: asyncio.Task[None] | None = None
 
     # -- create / stop ----------------------------------------------------------------------
     async def create(self, request: Any, kernel_id: str | None = None) -> Session:
@@ -235,6 +262,9 @@ class SessionManager:
             s.message = "waiting for the scheduler" if s.state == "queued" else "starting"
             s.notify()
             self._kick()
+            if s.launcher.backend == "slurm":
+                await self._register(s)
+                self._ensure_follow()
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -265,12 +295,15 @@ class SessionManager:
             await self.hub.release(str(s.grant["id"]))
         except Exception as e:
             self.log.warning("Session %s: could not release grant: %s", s.id, e)
+        self._registered.pop(s.id, None)
         s.state, s.message, s.ended = state, message, time.time()
         s.notify()
         shutil.rmtree(s.dir / "tls", ignore_errors=True)
         self.log.info("Session %s %s: %s", s.id, state, message)
 
     async def stop_all(self, message: str = "the server stopped") -> None:
+        if self._follower is not None:
+            self._follower.cancel()
         await asyncio.gather(
             *(self._end(s, "stopped", message) for s in list(self.sessions.values())),
             return_exceptions=True,
@@ -345,11 +378,14 @@ class SessionManager:
             active = [s for s in self.sessions.values() if s.state in ACTIVE]
             if not active:
                 return
-            jobs = await self._squeue()
+            for s in active:
+                await self._register(s)
+            if any(s.launcher.backend == "slurm" for s in active):
+                self._ensure_follow()
             t = time.time()
             for s in active:
                 before = s.snapshot()
-                await self._update(s, jobs, t)
+                await self._update(s, self._jobs_for(s), t)
                 if s.state in ACTIVE and s.snapshot() != before:
                     s.notify()
             if any(s.state in STARTING for s in active):
@@ -366,6 +402,8 @@ class SessionManager:
         if s.task is not None and not s.task.done():
             return  # still submitting
         ids = s.launcher.job_ids()
+        if s.launcher.backend == "slurm" and ids and jobs is None:
+            return  # unknown (the hub, or Slurm, has not answered about them): keep state
         if s.launcher.backend == "slurm" and ids and jobs is not None:
             mine = [jobs[i] for i in ids if i in jobs]
             if not mine:
@@ -399,29 +437,71 @@ class SessionManager:
             if t - (s.started or t) > self.start_timeout:
                 await self._end(s, "failed", f"only {up} of {total} {_unit(s)} came up in time")
 
-    async def _squeue(self) -> dict[str, dict[str, Any]] | None:
-        if not any(s.launcher.backend == "slurm" for s in self.sessions.values()):
-            return {}
-        argv = [self.squeue, "--noheader", "--states=PENDING,RUNNING,CONFIGURING"]
-        argv.append("--format=%i|%T|%r|%P|%Q")
+    # -- Slurm job state, from the hub --------------------------------------------------------
+    async def _register(self, s: Session) -> None:
+        """Tell the hub this session's job ids when they change (no scheduler call)."""
+        if s.launcher.backend != "slurm" or s.state not in ACTIVE:
+            return
+        if s.task is not None and not s.task.done() and s.task is not asyncio.current_task():
+            return  # still submitting
+        ids = tuple(s.launcher.job_ids())
+        if self._registered.get(s.id) == ids:
+            return
         try:
-            out = await run_argv(argv, limit_s=20)
-        except (RuntimeError, OSError, TimeoutError) as e:
-            self.log.warning("squeue failed (sessions keep their state): %s", e)
-            return None  # a transient scheduler error is not a dead job
-        rows = [line.split("|") for line in out.splitlines() if line.count("|") == 4]
-        pend: dict[str, list[tuple[int, int, str]]] = {}
-        jobs: dict[str, dict[str, Any]] = {}
-        for jid, state, reason, part, prio in rows:
-            jobs[jid] = {"state": state, "reason": reason, "partition": part, "position": 0}
-            if state == "PENDING":
-                base = jid.split("_")[0]
-                num = int(base) if base.isdigit() else 0
-                pend.setdefault(part, []).append((-int(prio or 0), num, jid))
-        for lst in pend.values():
-            for pos, (_, _, jid) in enumerate(sorted(lst), start=1):
-                jobs[jid]["position"] = pos
-        return jobs
+            view = await self.hub.register_jobs(str(s.grant["id"]), list(ids))
+        except SessionError as e:
+            self.log.warning("Session %s: the hub did not take its job ids: %s", s.id, e)
+            return
+        self._registered[s.id] = ids
+        self._take(view)
+
+    def _take(self, view: dict[str, Any]) -> bool:
+        version = view.get("version")
+        if not isinstance(version, int) or version == self._hub_version:
+            return False
+        self._hub_version, self._hub_view = version, view
+        return True
+
+    def _ensure_follow(self) -> None:
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.create_task(self._follow())
+
+    def _slurm_active(self) -> bool:
+        return any(
+            s.launcher.backend == "slurm" and s.state in ACTIVE for s in self.sessions.values()
+        )
+
+    async def _follow(self) -> None:
+        """Long-poll the hub for this user's session jobs; poll the sessions on a change."""
+        failing = False
+        while self._slurm_active():
+            try:
+                view = await self.hub.jobs(self._hub_version, HUB_WAIT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the hub is away: sessions keep their state
+                if not failing:
+                    self.log.warning("The hub's session-job state is unavailable: %s", e)
+                failing = True
+                self._hub_view = None
+                await asyncio.sleep(2)
+                continue
+            failing = False
+            if self._take(view):
+                await self.poll()
+
+    def _jobs_for(self, s: Session) -> dict[str, dict[str, Any]] | None:
+        """This session's live jobs as the hub last saw them; None while unknown."""
+        if s.launcher.backend != "slurm":
+            return {}
+        view = self._hub_view
+        if view is None or not view.get("ok"):
+            return None
+        grant = (view.get("grants") or {}).get(str(s.grant["id"]))
+        ids = s.launcher.job_ids()
+        if not isinstance(grant, dict) or any(grant.get(i) is None for i in ids):
+            return None  # not registered, or not polled yet
+        return {i: grant[i] for i in ids if grant[i].get("state") in LIVE_JOB_STATES}
 
 
 def _unit(s: Session) -> str:

@@ -7,6 +7,14 @@ notebook extension calls it with the single-user server's own API token:
 ``GET  {prefix}api/catalog``        the catalog filtered for the caller, with € rates and queue
 ``POST {prefix}api/grants``         a Request (JSON object) → a Grant (201), 400 or 403
 ``DELETE {prefix}api/grants/<id>``  give a grant's local devices back (204)
+``PUT  {prefix}api/grants/<id>/jobs?jobs=a,b``  the Slurm jobs of that session (200)
+``GET  {prefix}api/jobs?version=V&wait=S``  the state, reason and queue position of the
+                                    caller's session jobs; answers once its version is
+                                    not V, or after S seconds (long-poll, at most 25)
+
+The service polls the scheduler once per ``session_poll_interval`` for every session job
+of every user and for the catalog's queue state (:mod:`.session_jobs`); the notebook
+servers never call it.
 
 Callers are identified through :class:`jupyterhub.services.auth.HubAuth` (the token must
 carry ``access:services!service=<name>``); their groups, JupyterHub roles and admin flag
@@ -18,7 +26,6 @@ never logged.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -43,7 +50,8 @@ from sovereign_portal.spawners.inventory import (
 )
 from sovereign_portal.spawners.site import Site
 from sovereign_portal.spawners.sizes import Size
-from sovereign_portal.spawners.strict import MAX_JSON_BYTES, loads_json
+from sovereign_portal.spawners.slurm.client import SlurmCLI, slurm_env
+from sovereign_portal.spawners.strict import MAX_JSON_BYTES, loads_json, parse_int
 from tornado import httpclient, web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
@@ -61,6 +69,7 @@ from .admission import (
     catalog_for,
     role_of,
 )
+from .session_jobs import JobsRequestError, SessionJobs, parse_job_ids
 
 SERVICE_NAME = "sovereign-portal"
 RESIDENCY_ENV = "SOVEREIGN_PORTAL_RESIDENCY"
@@ -134,7 +143,17 @@ class PortalService(Application):
     squeue = Unicode(
         "squeue",
         config=True,
-        help="squeue command used for the queue state of Slurm partitions.",
+        help="""squeue command (argv[0]) of the service's one scheduler query: the queue
+        state of Slurm partitions and the state of every compute session's jobs.""",
+    )
+    session_poll_interval = Float(
+        5.0,
+        config=True,
+        help="""Seconds between the service's scheduler queries while compute sessions run
+        on Slurm. One squeue of the whole queue per interval serves every session of every
+        user (state, reason, exact queue position) and the catalog's queue state; notebook
+        servers ask the service (long-poll), never the scheduler. A session whose jobs end
+        behind the portal's back ends within one interval.""",
     )
     queue_cache_seconds = Float(
         5.0,
@@ -165,7 +184,7 @@ class PortalService(Application):
         self._allocators: dict[str, Allocator] = {}
         # grant id -> (partition, lease owner, end time)
         self._leases: dict[str, tuple[str, str, float]] = {}
-        self._queue: tuple[float, dict[str, dict[str, int]]] = (0.0, {})
+        self._session_jobs: SessionJobs | None = None
 
     # -- site and identity ------------------------------------------------------------------
     @property
@@ -273,7 +292,16 @@ class PortalService(Application):
                 self.log.info("Walltime of grant %s is over: releasing its devices", gid)
                 self.release(gid)
 
-    # -- queue state --------------------------------------------------------------------
+    # -- session jobs and queue state: one scheduler query per interval ------------------
+    @property
+    def session_jobs(self) -> SessionJobs:
+        if self._session_jobs is None:
+            self._session_jobs = SessionJobs(
+                lambda: SlurmCLI(env=slurm_env(), squeue=self.squeue, timeout=20),
+                self.session_poll_interval,
+            )
+        return self._session_jobs
+
     async def queue_state(self, site: Site) -> dict[str, dict[str, int]]:
         """Pending and running jobs per Slurm partition; free sizes on local partitions."""
         out: dict[str, dict[str, int]] = {}
@@ -287,40 +315,11 @@ class PortalService(Application):
         slurm = [p.scheduler_partition for p in site.partitions if p.backend == "slurm"]
         if not slurm:
             return out
-        when, cached = self._queue
-        if time.monotonic() - when > self.queue_cache_seconds:
-            cached = await self._squeue(slurm)
-            self._queue = (time.monotonic(), cached)
+        cached = await self.session_jobs.queue_counts(self.queue_cache_seconds)
         for p in site.partitions:
             if p.backend == "slurm":
                 out[p.name] = cached.get(p.scheduler_partition, {"pending": 0, "running": 0})
         return out
-
-    async def _squeue(self, partitions: list[str]) -> dict[str, dict[str, int]]:
-        argv = [
-            self.squeue,
-            "--noheader",
-            "--partition=" + ",".join(partitions),
-            "--states=PENDING,RUNNING",
-            "--format=%P %T",
-        ]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-            )
-            out, err = await asyncio.wait_for(proc.communicate(), 10)
-        except (OSError, TimeoutError) as e:
-            self.log.warning("squeue failed: %s", e)
-            return {}
-        if proc.returncode:
-            self.log.warning("squeue exited %s: %s", proc.returncode, err.decode()[:500])
-            return {}
-        counts: dict[str, dict[str, int]] = {p: {"pending": 0, "running": 0} for p in partitions}
-        for line in out.decode().splitlines():
-            part, _, state = line.strip().partition(" ")
-            key = "pending" if state == "PENDING" else "running"
-            counts.setdefault(part, {"pending": 0, "running": 0})[key] += 1
-        return counts
 
     # -- app ----------------------------------------------------------------------------
     def make_app(self, prefix: str = "/") -> web.Application:
@@ -330,6 +329,8 @@ class PortalService(Application):
                 (prefix + "api/catalog", CatalogHandler),
                 (prefix + "api/grants", GrantsHandler),
                 (prefix + r"api/grants/([0-9a-f]{1,64})", GrantHandler),
+                (prefix + r"api/grants/([0-9a-f]{1,64})/jobs", GrantJobsHandler),
+                (prefix + "api/jobs", JobsHandler),
                 (prefix.rstrip("/") or "/", HealthHandler),
             ],
             portal=self,
@@ -459,6 +460,10 @@ class GrantsHandler(_BodyBase):
             from dataclasses import replace
 
             grant = replace(grant, devices=p.lease_devices(grant))
+        else:  # a Slurm session: its jobs are watched here, for its user only
+            p.session_jobs.note_grant(
+                grant.id, self.caller.name, grant.walltime_minutes, p.grant_ttl_seconds
+            )
         p.log.info(
             "Granted %s %s to %s on %s (%s)",
             grant.kind,
@@ -478,8 +483,40 @@ class GrantHandler(_Base):
         gone = self.portal.release(grant_id, self.caller.name)
         if gone:
             self.portal.log.info("Released %s of grant %s", ",".join(gone), grant_id)
+        self.portal.session_jobs.forget(grant_id, self.caller.name)
         self.set_status(204)
         self.finish()
+
+
+class GrantJobsHandler(_Base):
+    """``PUT api/grants/<id>/jobs?jobs=a,b``: the Slurm jobs of one of the caller's
+    sessions (the whole list; an empty one stops the watch). No body."""
+
+    async def put(self, grant_id: str) -> None:
+        assert self.caller is not None
+        try:
+            ids = parse_job_ids(self.get_query_argument("jobs", ""))
+        except JobsRequestError as e:
+            raise web.HTTPError(400, str(e)) from None
+        view = self.portal.session_jobs.register(grant_id, self.caller.name, ids)
+        if view is None:  # another user's grant answers like an unknown one
+            raise web.HTTPError(404, f"no grant {grant_id} of yours")
+        self.finish(view)
+
+
+class JobsHandler(_Base):
+    """``GET api/jobs?version=V&wait=S``: the caller's session jobs (long-poll)."""
+
+    async def get(self) -> None:
+        assert self.caller is not None
+        try:
+            raw_version = self.get_query_argument("version", "")
+            version = parse_int(raw_version, "'version'") if raw_version else -1
+            wait = parse_int(self.get_query_argument("wait", "0"), "'wait'", hi=3600)
+        except ValueError as e:  # RequestRefused: the message names the field
+            raise web.HTTPError(400, str(e)) from None
+        jobs = self.portal.session_jobs
+        self.finish(await jobs.wait(self.caller.name, version, float(wait)))
 
 
 # -- configuration helpers for jupyterhub_config.py ----------------------------------------

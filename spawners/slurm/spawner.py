@@ -40,6 +40,7 @@ from ..accounts import SystemAccountError, UnixAccountPolicy
 from ..base import PortalSpawnerMixin
 from ..images import ImageAllowList, ImageError, NotebookImage, load_image_allow_list
 from ..request import Resolved
+from .client import SchedulerClient, SchedulerError, SlurmCLI
 from .jobscript import (
     JOB_NAME,
     JobSpec,
@@ -58,7 +59,6 @@ from .scheduler import (
     JobInfo,
     JobPoller,
     SlurmError,
-    call,
     shared_poller,
     slurm_env,
 )
@@ -67,6 +67,8 @@ from .userfiles import UserFileError, below_home, remove_file, user_dir, write_s
 #: The tag of previews (``job_script``, ``sovereign-portal job-script``): never submitted.
 PREVIEW_TAG = _make_tag(b"preview", "0" * 12)
 _ALLOW_LISTS: dict[tuple[str, float], ImageAllowList] = {}
+#: One scheduler client per submit prefix (one, in practice).
+_CLIENTS: dict[tuple[str, ...], SchedulerClient] = {}
 
 
 def _load_allow_list(path: str) -> ImageAllowList:
@@ -251,6 +253,14 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         return shared_poller(
             self.scheduler_poll_interval, self.scheduler_poll_jitter, self.scheduler_fast_interval
         )
+
+    @property
+    def scheduler(self) -> SchedulerClient:
+        """The scheduler client (CLI transport) that submits and cancels as the user."""
+        key = tuple(self.submit_prefix)
+        if key not in _CLIENTS:
+            _CLIENTS[key] = SlurmCLI(env=slurm_env(), submit_prefix=key)
+        return _CLIENTS[key]
 
     @property
     def unix_user(self) -> str:
@@ -503,10 +513,10 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     async def _available(self, resolved: Resolved) -> str:
         part = resolved.partition.scheduler_partition
         try:
-            out = await call(["sinfo", "-h", "-p", part, "-o", "%n %G"], env=slurm_env())
-        except (SlurmError, TimeoutError, OSError):
+            nodes = await self.scheduler.nodes(part)
+        except (SchedulerError, TimeoutError, OSError):
             return f"Slurm partition {part!r} did not say what it has"
-        gres = sorted({g for line in out.splitlines() for g in line.split()[1:] if g != "(null)"})
+        gres = sorted({g for n in nodes.values() for g in n.gres})
         return f"Slurm partition {part!r} has: {', '.join(gres) or 'no GPUs'}"
 
     async def start(self) -> tuple[str, int]:
@@ -525,7 +535,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     async def _start(self, resolved: Resolved) -> tuple[str, int]:
         pw = self._pw()
         tag = _make_tag(self._key(), secrets.token_hex(6))
-        spec, argv, script = self.render_job(resolved, tag, self.get_env())
+        spec, _, script = self.render_job(resolved, tag, self.get_env())
         self._user_dir(str(Path(spec.output).parent))
         self._write_token(spec.token_file)
         TRACKED_TAGS.add(tag)
@@ -535,12 +545,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             f"({resolved.partition.jurisdiction.country}), {resolved.walltime_minutes} min",
         )
         try:
-            out = await call(
-                argv,
-                env=slurm_env(),
-                input=script,
-                cwd=pw.pw_dir,
-            )
+            job_id = await self.scheduler.submit(script, user=self.unix_user, cwd=pw.pw_dir)
         except SlurmError as e:
             TRACKED_TAGS.discard(tag)
             self._remove_token(spec.token_file)
@@ -557,7 +562,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             raise _user_error(
                 f"Slurm refused the job: {e.stderr.strip()[:300]}", reason="sbatch_failed"
             ) from None
-        self.job_id = out.strip().split(";")[0]
+        self.job_id = job_id
         self.job_tag = tag
         self.poller.track(self.job_id, hurry=True)
         self._schedule_sweep()
@@ -646,10 +651,8 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
 
     async def _node_addr(self, node: str) -> str:
         if node not in _NODE_ADDR:
-            out = await call(["sinfo", "-h", "-N", "-o", "%N %o"], env=slurm_env())
-            for line in out.splitlines():
-                name, _, addr = line.partition(" ")
-                _NODE_ADDR[name] = addr.strip() or name
+            for name, n in (await self.scheduler.nodes()).items():
+                _NODE_ADDR[name] = n.addr
         return _NODE_ADDR.get(node, node)
 
     def _job_ended(self, info: JobInfo) -> None:
@@ -706,10 +709,9 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         if not self.job_id:
             return
         try:
-            await call(self._as_user(["scancel", self.job_id]), env=slurm_env())
-        except SlurmError as e:
-            if "Invalid job id" not in e.stderr and "already completing" not in e.stderr:
-                self.log.warning("scancel %s failed: %s", self.job_id, e)
+            await self.scheduler.cancel([self.job_id], user=self.unix_user)
+        except (SchedulerError, TimeoutError, OSError) as e:  # an ended job is no error
+            self.log.warning("scancel %s failed: %s", self.job_id, e)
 
     async def stop(self, now: bool = False) -> None:
         if not self.job_id:
@@ -758,12 +760,14 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         account (:class:`~..accounts.UnixAccountPolicy`): ``scancel`` never runs as one.
         Returns the ids.
         """
-        out = await call(["squeue", "-h", f"--name={JOB_NAME}", "-o", "%i|%u|%k"], env=slurm_env())
+        found = await self.scheduler.query(name=JOB_NAME)
         key = self._key()
         policy = UnixAccountPolicy(parent=self)
         seen, cancelled = 0, []
-        for line in out.splitlines():
-            job_id, user, comment = [*line.split("|", 2), "", ""][:3]
+        for job in found.values():
+            if not job.active:
+                continue
+            job_id, user, comment = job.job_id, job.user, job.comment
             tag = comment_tag(comment)
             if tag is None or not tag_is_ours(key, tag):
                 continue
@@ -790,11 +794,10 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                 user,
                 tag,
             )
-            prefix = [a.format(unix_user=user) for a in self.submit_prefix]
             try:
-                await call([*prefix, "scancel", job_id], env=slurm_env())
+                await self.scheduler.cancel([job_id], user=user)
                 cancelled.append(job_id)
-            except SlurmError as e:
+            except (SchedulerError, TimeoutError, OSError) as e:
                 self.log.warning("scancel of untracked job %s failed: %s", job_id, e)
         self.log.info(
             "Orphan sweep: %d active portal job(s) of this hub, %d untracked, cancelled %s",
