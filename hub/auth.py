@@ -392,15 +392,19 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
         env = str(getattr(self, "client_secret_env", "") or "")
         return (os.environ.get(env, "") if env else "") or os.environ.get("OAUTH_CLIENT_SECRET", "")
 
+    @staticmethod
+    def _managed_error(name: str) -> ValueError:
+        return ValueError(
+            f"InstitutionalAuthenticator.{name} must stay True: course, project and "
+            "instructor groups and the portal roles come from the IdP's claims at every "
+            "login, and the instructors' RBAC roles filter on those groups. Remove the "
+            "setting (or set it to True)."
+        )
+
     @validate("manage_groups", "manage_roles")
     def _keep_managed(self, proposal: Any) -> bool:
         if not proposal.value:
-            raise ValueError(
-                f"InstitutionalAuthenticator.{proposal.trait.name} must stay True: course, "
-                "project and instructor groups and the portal roles come from the IdP's claims "
-                "at every login, and the instructors' RBAC roles filter on those groups. "
-                "Remove the setting (or set it to True)."
-            )
+            raise self._managed_error(proposal.trait.name)
         return True
 
     # --- state -----------------------------------------------------------------------------
@@ -413,6 +417,9 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
         self.used_nonces = _OnceCache()
         self._store: PortalStore | None = None
         self._account_policy: UnixAccountPolicy | None = None
+        for name in ("manage_groups", "manage_roles"):  # config loading skips @validate
+            if not getattr(self, name):
+                raise self._managed_error(name)
 
     def claim_policy(self) -> ClaimPolicy:
         return ClaimPolicy(

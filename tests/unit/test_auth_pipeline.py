@@ -1,0 +1,82 @@
+"""The authenticator's contract with oauthenticator: options it cannot honour are refused at
+start-up, and it reaches no private upstream name."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+from sovereign_portal.hub import auth
+from sovereign_portal.hub.auth import InstitutionalAuthenticator, oidc_nonce
+from traitlets.config import Config
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("option", ["manage_groups", "manage_roles"])
+def test_managed_groups_and_roles_cannot_be_turned_off(option: str) -> None:
+    c = Config()
+    c.InstitutionalAuthenticator[option] = False
+    with pytest.raises(ValueError, match=f"InstitutionalAuthenticator.{option} must stay True"):
+        InstitutionalAuthenticator(config=c)
+    assert getattr(InstitutionalAuthenticator(), option) is True
+
+
+def test_the_portal_allow_rule_counts_as_allow_config(caplog: pytest.LogCaptureFixture) -> None:
+    a = InstitutionalAuthenticator(allowed_organisations={"uni-a.example"})
+    assert a.any_allow_config
+    a.allow_allowed_organisations = False
+    a.allowed_users = set()
+    assert a.any_allow_config  # allowed_organisations itself is allow config
+
+
+def test_the_nonce_is_bound_to_the_state_and_the_secret() -> None:
+    n = oidc_nonce(b"k" * 32, "state-1")
+    assert n == oidc_nonce(b"k" * 32, "state-1") == oidc_nonce("k" * 32, "state-1")
+    assert n != oidc_nonce(b"k" * 32, "state-2")
+    assert n != oidc_nonce(b"j" * 32, "state-1")
+    assert len(n) == 64 and "state" not in n
+
+
+def _private_upstream_uses(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+            "oauthenticator",
+            "jupyterhub",
+            "tornado",
+        ):
+            found += [a.name for a in node.names if a.name.startswith("_")]
+        # super()._name(...): a private method of a parent class
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name)
+            and node.value.func.id == "super"
+        ):
+            found.append(f"super().{node.attr}")
+    return found
+
+
+def test_the_authenticator_uses_no_private_upstream_name() -> None:
+    source = Path(auth.__file__).read_text()
+    assert _private_upstream_uses(ast.parse(source)) == []
+    # The check does see such uses:
+    bad = "from oauthenticator.oauth2 import _serialize_state\nx = super()._client_secret_default()"
+    assert _private_upstream_uses(ast.parse(bad)) == [
+        "_serialize_state",
+        "super()._client_secret_default",
+    ]
+
+
+def test_client_secret_file_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OAUTH_CLIENT_SECRET", "from-env")
+    assert InstitutionalAuthenticator().client_secret == "from-env"
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    assert InstitutionalAuthenticator(client_secret_file=str(secret)).client_secret == "from-file"
+    logging.getLogger(__name__).debug("no secret is logged here")
