@@ -174,7 +174,11 @@ def _prepare(cmd: Command, tmp_path: Path) -> tuple[list[str], bool]:
             try:
                 pwd.getpwnam(value)
             except KeyError:
-                argv[i + 1], changed = pwd.getpwuid(os.getuid()).pw_name, True
+                # A personal account: job-script refuses system accounts such as root.
+                from tests.support.slurm_cluster import TEST_USERS, ensure_users
+
+                ensure_users(TEST_USERS[:1])
+                argv[i + 1], changed = TEST_USERS[0], True
     return argv, changed
 
 
