@@ -165,6 +165,25 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ledger_reconcile(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sovereign_portal.spawners.slurm.client import SchedulerError
+
+    from .reconcile import print_differences, reconcile
+
+    ledger = _ledger(args)
+    since = args.since if args.since is not None else 0.0
+    rows = [r for r in ledger.chained() if (r.ended_at or 0.0) >= since]
+    try:
+        checked, diffs = asyncio.run(reconcile(rows, tolerance_s=args.tolerance_seconds))
+    except (SchedulerError, OSError) as e:
+        print(f"ledger reconcile: sacct failed (is slurmdbd running?): {e}", file=sys.stderr)
+        return 2
+    print_differences(checked, diffs, args.json, sys.stdout)
+    return 1 if diffs else 0
+
+
 def _time_arg(name: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         from datetime import UTC, datetime
@@ -181,6 +200,15 @@ def _time_arg(name: str) -> Callable[[str], float]:
 
     parse.__name__ = name
     return parse
+
+
+def _tolerance(text: str) -> float:
+    from sovereign_portal.spawners.strict import parse_int
+
+    try:
+        return float(parse_int(text, "--tolerance-seconds", lo=0, hi=86400))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _word_arg(name: str, pattern: str, example: str) -> Callable[[str], str]:
@@ -262,6 +290,24 @@ def _add_ledger_parsers(sub: Any) -> None:
     v = lsub.add_parser("verify", help="check every closed record's hash chain")
     _add_db_args(v)
     v.set_defaults(func=_cmd_ledger_verify)
+    r = lsub.add_parser(
+        "reconcile",
+        help="compare closed records with Slurm's accounting (sacct): report differences",
+        description="One batched sacct call for every Slurm job of the closed records; "
+        "prints each record whose elapsed time or device count disagrees beyond the "
+        "tolerance, or whose job Slurm has no record of. Exit 1 when there are differences. "
+        "Nothing is changed: correct a record with an adjustment.",
+    )
+    _add_db_args(r)
+    r.add_argument("--since", type=_time_arg("since"), help="records that ended at or after (UTC)")
+    r.add_argument(
+        "--tolerance-seconds",
+        type=_tolerance,
+        default=30.0,
+        help="seconds of difference always tolerated (default 30; 5 %% more on top)",
+    )
+    r.add_argument("--json", action="store_true", help="JSON output for scripts")
+    r.set_defaults(func=_cmd_ledger_reconcile)
 
     from .ledger_store import GROUP_BY
 

@@ -119,3 +119,36 @@ def compare(
                 )
             )
     return out
+
+
+async def reconcile(
+    records: Iterable[Record],
+    *,
+    env: Mapping[str, str] | None = None,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    tolerance_fraction: float = DEFAULT_TOLERANCE_FRACTION,
+) -> tuple[int, list[Difference]]:
+    """(records checked, differences): one batched sacct for every job of ``records``."""
+    from sovereign_portal.spawners.slurm.sacct import sacct_jobs
+
+    todo = reconcilable(records)
+    jobs = [j for r in todo for j in r.job_ids]
+    slurm = await sacct_jobs(jobs, env=env) if jobs else {}
+    return len(todo), compare(
+        todo, slurm, tolerance_s=tolerance_s, tolerance_fraction=tolerance_fraction
+    )
+
+
+def print_differences(checked: int, diffs: list[Difference], as_json: bool, out: object) -> None:
+    import json
+
+    write = out.write  # type: ignore[attr-defined]
+    if as_json:
+        write(json.dumps({"checked": checked, "differences": [d.to_json() for d in diffs]}))
+        write("\n")
+        return
+    for d in diffs:
+        jobs = ",".join(d.job_ids)
+        write(f"{d.what:8} record {d.record_id} ({d.user}, job {jobs}): {d.detail}\n")
+    verdict = "agree with Slurm" if not diffs else f"{len(diffs)} difference(s)"
+    write(f"ledger reconcile: {checked} Slurm record(s) checked, {verdict}\n")

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from sovereign_portal.hub.ledger import Rates, Record, close
+from sovereign_portal.hub.ledger_store import LedgerStore
 from sovereign_portal.hub.reconcile import compare
+from sovereign_portal.hub.store import PortalStore
 from sovereign_portal.spawners.slurm.sacct import sacct_jobs
 
 from tests.support.slurm_cluster import SlurmCluster
@@ -83,3 +90,60 @@ def test_ledger_and_sacct_agree_and_differences_are_reported(
     ]
     found = {(d.record_id, d.what) for d in compare(wrong, slurm)}
     assert found == {("long", "elapsed"), ("more", "devices"), ("ghost", "missing")}
+
+
+def test_ledger_reconcile_cli_against_sacct(
+    slurm_accounting_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """`sovereign-portal ledger reconcile` reads the portal database and asks sacct once."""
+    c = slurm_accounting_cluster
+    job, start, end = _run_job(c, "gpu:h100:1", 2)
+    _sacct(c, [job], also=[])
+    url = f"sqlite:///{tmp_path / 'portal.sqlite'}"
+    store = PortalStore(url)
+    store.upgrade()
+    ledger = LedgerStore(store)
+    opened = Record(
+        id="ok",
+        user="spcarol",
+        gpus=1,
+        job_ids=(job,),
+        opened_at=start,
+        started_at=start,
+        rates=RATES,
+    )
+    ledger.open(opened)
+    ledger.close("ok", ended_at=end, reason="stopped")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sovereign_portal.hub.cli",
+                "ledger",
+                "reconcile",
+                "--db",
+                url,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=c.env(),
+            timeout=60,
+        )
+
+    r = cli()
+    assert r.returncode == 0, r.stderr
+    assert "1 Slurm record(s) checked, agree with Slurm" in r.stdout
+
+    ledger.open(replace(opened, id="overbilled", opened_at=start, started_at=start))
+    ledger.close("overbilled", ended_at=start + 900, reason="stopped")
+    r = cli("--json")
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert out["checked"] == 2
+    assert [(d["record"], d["what"]) for d in out["differences"]] == [("overbilled", "elapsed")]
+
+    bad = cli("--tolerance-seconds", "٣٠")
+    assert bad.returncode == 2 and "--tolerance-seconds" in bad.stderr
