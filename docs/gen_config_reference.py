@@ -419,6 +419,16 @@ def render_site_schema(schema: dict[str, Any] | None = None) -> str:
         "`[partitions.jurisdiction]` table and `[[partitions.nodes]]` (**NodeType**); a node "
         "type may have `[[partitions.nodes.mig]]` (**MigLayout**).",
         "",
+        "Values are checked in strict mode: where a number or a list of numbers belongs, a "
+        "string (`gpus = \"8\"`) or a boolean (`gpus = true`) is an error; a TOML integer is "
+        "fine where a decimal belongs (`pue = 1`). Free text (names, descriptions, the "
+        "operator, certifications, groups) is bounded as the tables say and may not hold "
+        "control or format characters (`\\u001b`, `\\u202e`). Every error names the file "
+        "and the key path, for example `site.toml: invalid site file` then "
+        "`partitions[1] (name='gpu-de').nodes[0] (name='hgx-b200').gpus: Input should be a "
+        "valid integer`; an unreadable file (missing, a directory, not UTF-8, not TOML) is "
+        "one line naming the file.",
+        "",
     ]
     out += _schema_table(str(top.get("title", "Site")), top)
     for name in sorted(defs):
