@@ -258,10 +258,12 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
             # A re-adopted server (not our child) that died but was not reaped yet by its
             # new parent: signal 0 still succeeds on it, yet it is dead.
             self.log.warning("Server of %s (pid %s) has died", self.owner, self.pid)
-            self.ledger_end_reason = "died"  # ledger (issue 10): why it ended
+            self._ledger_died()
             self.clear_state()
             return 0
         status: int | None = await super().poll()
+        if status is not None:
+            self._ledger_died()
         if status is None and self.ends_at and time.time() >= self.ends_at:
             # The walltime is a promise to everyone else waiting for this box's GPUs.
             self.log.warning("Server of %s reached its walltime: stopping it", self.owner)
@@ -272,9 +274,13 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
             return 0
         if status is not None and self.devices:
             self.log.warning("Server of %s has died (status %s)", self.owner, status)
-            self.ledger_end_reason = self.ledger_end_reason or "died"  # ledger (issue 10)
             self._release()
         return status
+
+    def _ledger_died(self) -> None:
+        """Ledger (issue 10): the server ended by itself, not in a stop (nor its walltime)."""
+        if self.pending != "stop" and not self.ledger_end_reason:
+            self.ledger_end_reason = "died"
 
     async def stop(self, now: bool = False) -> None:
         try:
