@@ -36,6 +36,8 @@ PR_SET_PDEATHSIG = 1
 #: What marks a process as an instance of the portal service (its ``-m`` module).
 SERVICE_MODULE = "sovereign_portal.hub.service"
 
+#: Our parent when this module was imported (early in the service's start-up).
+_START_PPID = os.getppid()
 _parent_pid: int | None = None
 
 
@@ -49,15 +51,17 @@ def exit_with_parent(log: logging.Logger | Any) -> bool:
     global _parent_pid
     if not managed():
         return False
-    _parent_pid = os.getppid()
+    _parent_pid = _START_PPID
     ok = False
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         ok = libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
         if not ok:
             log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
-    if os.getppid() != _parent_pid or _parent_pid == 1:
-        # the hub died before the prctl: nobody would stop us
+    if os.getppid() != _parent_pid:
+        # the hub died before the prctl: nobody would stop us. (A parent of pid 1 is not
+        # proof of that: a hub may run as pid 1 in a container. An orphan made before the
+        # import is stopped by the next hub's service, see listen_reclaiming.)
         log.warning("The hub that started this service is gone: exiting")
         sys.exit(0)
     return ok
