@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,13 @@ def pytest_report_header(config: pytest.Config) -> str:
     if mode == "random":
         return f"test order: random, seed {seed} (again: --order=random:{seed})"
     return f"test order: {mode}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The order once more at the end (``-q`` hides the header), so it can be run again."""
+    mode, _ = _order(config)
+    if mode != "file":
+        terminalreporter.write_line(pytest_report_header(config))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

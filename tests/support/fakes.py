@@ -27,6 +27,10 @@ fast inner layer.
   fixed hub environment in place of ``get_env()`` (there is no hub in this layer).
 - :func:`slurm_script` installs it all for one test (used by the ``slurm_fake`` fixture of
   tests/unit/test_spawner_fakes.py).
+- :func:`local_spawner` is a ``LocalGPUSpawner`` whose server process is one of the failure
+  modes (:data:`EXITS_AT_ONCE`, :data:`NO_SUCH_PROGRAM`, or :data:`RUNS` for a server that
+  stays up), with its own lease file: JupyterHub's Bad and Slow spawners, for the device
+  leases.
 """
 
 from __future__ import annotations
@@ -362,3 +366,57 @@ def slurm_script(monkeypatch: pytest.MonkeyPatch, workdir: Path) -> SlurmScript:
     if hasattr(spawner_mod, "_CLIENTS"):
         monkeypatch.setattr(spawner_mod, "_CLIENTS", {})
     return SlurmScript(commands, account, workdir)
+
+
+# -- the local GPU spawner -----------------------------------------------------------------------
+#: Servers that fail the way real ones do, as the process LocalGPUSpawner starts (``cmd``).
+#: Each ignores the server arguments appended to it.
+EXITS_AT_ONCE = ["-c", "import sys; sys.exit(3)"]
+RUNS = ["-c", "import time; time.sleep(60)"]
+NO_SUCH_PROGRAM = "/nonexistent/jupyterhub-singleuser"
+
+
+def local_spawner(workdir: Path, server: Sequence[str] | str = RUNS, **config: Any) -> Any:
+    """A LocalGPUSpawner of user ``alice`` on the embedded one-box site, with its own lease
+    file under ``workdir`` (no lease is shared with another test), declared devices, and a
+    hub that is only the addresses ``get_env()`` reads. ``server`` is the server process:
+    python arguments (:data:`EXITS_AT_ONCE`, :data:`RUNS`) or a program path."""
+    import sys
+
+    from sovereign_portal.spawners.local import LocalGPUSpawner
+
+    name = config.pop("user_name", "alice")
+    user = SimpleNamespace(
+        name=name, escaped_name=name, groups=[], url=f"/user/{name}/", spawners={}
+    )
+    hub = SimpleNamespace(
+        api_url="http://127.0.0.1:9/hub/api",
+        base_url="/hub/",
+        public_host="",
+        url="http://127.0.0.1:9/hub/",
+    )
+    cmd = [server] if isinstance(server, str) else [sys.executable, *server]
+    settings: dict[str, Any] = {
+        "user": user,
+        "hub": hub,
+        "api_token": "t0ken-" + "l" * 26,
+        "inventory_source": "declared",
+        "lease_file": str(workdir / "leases.json"),
+        "home_dir_template": str(workdir / "home" / "{username}"),
+        "cmd": cmd,
+        "user_options": {"gpus": 1},
+    }
+    settings.update(config)
+    sp = LocalGPUSpawner(**settings)
+    user.spawners[""] = sp
+    return sp
+
+
+def leases(workdir: Path) -> dict[str, str]:
+    """The lease file of :func:`local_spawner`: device id -> owner."""
+    import json
+
+    path = workdir / "leases.json"
+    if not path.exists():
+        return {}
+    return {d: lease["owner"] for d, lease in json.loads(path.read_text())["leases"].items()}

@@ -24,8 +24,13 @@ from tornado import web
 
 from tests.support.fakes import (
     ANY,
+    EXITS_AT_ONCE,
+    NO_SUCH_PROGRAM,
+    RUNS,
     ScriptedSlurmSpawner,
     SlurmScript,
+    leases,
+    local_spawner,
     port_comment,
     sinfo_answer,
     slurm_script,
@@ -377,3 +382,116 @@ def test_scripted_replay_refuses_an_unscripted_command(slurm_fake: SlurmScript) 
     assert c.unexpected and "squeue" in c.unexpected[0]
     c.unexpected.clear()  # seen and checked: the fixture's final check is for the others
     assert os.path.isdir(slurm_fake.account.home)
+
+
+# -- the local GPU spawner's failure modes -------------------------------------------------------
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[Any]:
+    """Make LocalGPUSpawners (tests/support/fakes.local_spawner); their processes are
+    stopped by PID afterwards."""
+    made: list[Any] = []
+
+    def make(server: Any = RUNS, **config: Any) -> Any:
+        sp = local_spawner(tmp_path, server, **config)
+        made.append(sp)
+        return sp
+
+    yield make
+    for sp in made:
+        proc = getattr(sp, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+async def until_dead(sp: Any, timeout: float = 10) -> int | None:  # noqa: ASYNC109
+    for _ in range(int(timeout / 0.05)):
+        status = await sp.poll()
+        if status is not None:
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"server of {sp.owner} still running after {timeout}s")
+
+
+def test_local_server_that_exits_at_once_is_dead_and_frees_its_gpu(
+    local: Any, tmp_path: Path
+) -> None:
+    async def run() -> tuple[dict[str, str], int | None, str]:
+        sp = local(EXITS_AT_ONCE)
+        await sp.start()
+        held = leases(tmp_path)
+        return held, await until_dead(sp), sp.ledger_end_reason
+
+    held, status, why = asyncio.run(run())
+    assert list(held.values()) == ["alice"] and status == 3 and why == "died"
+    assert leases(tmp_path) == {}
+
+
+def test_local_server_that_cannot_start_frees_its_gpu(local: Any, tmp_path: Path) -> None:
+    async def run() -> None:
+        sp = local(NO_SUCH_PROGRAM)
+        with pytest.raises(OSError):
+            await sp.start()
+        assert sp.devices == []
+
+    asyncio.run(run())
+    assert leases(tmp_path) == {}
+
+
+def test_full_box_is_409_and_starts_nothing(local: Any, tmp_path: Path) -> None:
+    from sovereign_portal.spawners.inventory import AllocationError
+
+    async def run() -> Any:
+        sp = local(RUNS, user_options={"gpus": 1})
+        size = sp.validate_request(sp.user_options).size
+        for n in range(64):  # other servers hold every whole GPU of the box
+            try:
+                sp.allocator.allocate(f"bob-{n}", size)
+            except AllocationError:
+                break
+        with pytest.raises(web.HTTPError) as e:
+            await sp.start()
+        assert e.value.status_code == 409
+        return sp
+
+    sp = asyncio.run(run())
+    assert getattr(sp, "proc", None) is None and sp.devices == []
+    held = leases(tmp_path)
+    assert held and all(owner.startswith("bob-") for owner in held.values())  # none moved
+
+
+def test_local_walltime_stops_the_server_and_frees_its_gpu(local: Any, tmp_path: Path) -> None:
+    async def run() -> tuple[int | None, str, int | None]:
+        sp = local(RUNS)
+        await sp.start()
+        assert await sp.poll() is None
+        sp.ends_at = 1.0  # long past
+        return await sp.poll(), sp.ledger_end_reason, sp.proc.poll()
+
+    status, why, exit_code = asyncio.run(run())
+    assert (status, why) == (0, "walltime") and exit_code is not None
+    assert leases(tmp_path) == {}
+
+
+def test_local_readoption_keeps_the_gpu_and_notices_a_dead_server(
+    local: Any, tmp_path: Path
+) -> None:
+    """A new hub re-adopts the running server (its pid and devices from the database); when
+    the process dies (a zombie not yet reaped counts as dead) the devices go back."""
+
+    async def run() -> list[Any]:
+        first = local(RUNS)
+        await first.start()
+        state = first.get_state()
+        devices = leases(tmp_path)
+        again = local(RUNS)  # the restarted hub's spawner: the same lease file
+        again.load_state(state)
+        seen: list[Any] = [devices, [d.id for d in again.devices], await again.poll()]
+        first.proc.kill()  # the server dies; its parent (the old hub) has not reaped it
+        seen.append(await until_dead(again))
+        first.proc.wait(5)
+        return seen
+
+    devices, readopted, alive, dead = asyncio.run(run())
+    assert readopted == list(devices) and alive is None and dead == 0
+    assert leases(tmp_path) == {}
