@@ -4,12 +4,23 @@ start-up, and it reaches no private upstream name."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from sovereign_portal.hub import auth
-from sovereign_portal.hub.auth import InstitutionalAuthenticator, oidc_nonce
+from sovereign_portal.hub.auth import (
+    InstitutionalAuthenticator,
+    LoginRefused,
+    LoginUnavailable,
+    oidc_nonce,
+)
 from traitlets.config import Config
 
 pytestmark = pytest.mark.unit
@@ -80,3 +91,86 @@ def test_client_secret_file_or_environment(tmp_path: Path, monkeypatch: pytest.M
     secret.write_text("from-file\n")
     assert InstitutionalAuthenticator(client_secret_file=str(secret)).client_secret == "from-file"
     logging.getLogger(__name__).debug("no secret is logged here")
+
+
+# --- the IdP failing mid-login: fast inner layer (the real-IdP test is in tests/hub) ------
+class _Answer(BaseHTTPRequestHandler):
+    status = 500
+
+    def _reply(self) -> None:
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": "temporarily_unavailable"}')
+
+    do_GET = do_POST = _reply
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def idp_answering() -> Iterator[Callable[[int], str]]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(status: int) -> str:
+        handler = type("Answer", (_Answer,), {"status": status})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+TOKEN = {"access_token": "at", "token_type": "Bearer", "portal_id_claims": {"sub": "s"}}
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "label"),
+    [(None, 503, "idp_unreachable"), (500, 503, "idp_unreachable"), (503, 503, "idp_unreachable"),
+     (401, 403, "idp_refused")],
+)  # fmt: skip
+def test_userinfo_failing_is_a_page_not_a_500(
+    idp_answering: Callable[[int], str], answer: int | None, status: int, label: str
+) -> None:
+    a = InstitutionalAuthenticator()
+    base = _closed_port() if answer is None else idp_answering(answer)
+    a.userdata_url = f"{base}/userinfo"
+    with pytest.raises(LoginRefused) as info:
+        asyncio.run(a.token_to_user(dict(TOKEN)))
+    assert (info.value.status_code, info.value.label) == (status, label)
+    if status == 503:
+        assert isinstance(info.value, LoginUnavailable)
+        assert "not reachable. Try again" in info.value.jupyterhub_message
+
+
+class _Handler:
+    settings: ClassVar[dict[str, bytes]] = {"cookie_secret": b"k" * 32}
+
+    def get_state_url(self) -> str:
+        return "state"
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "label"),
+    [(None, 503, "idp_unreachable"), (502, 503, "idp_unreachable"), (400, 403, "idp_refused")],
+)
+def test_token_endpoint_failing_is_a_page_not_a_500(
+    idp_answering: Callable[[int], str], answer: int | None, status: int, label: str
+) -> None:
+    a = InstitutionalAuthenticator()
+    base = _closed_port() if answer is None else idp_answering(answer)
+    a.token_url = f"{base}/token"
+    with pytest.raises(LoginRefused) as info:
+        asyncio.run(a.get_token_info(_Handler(), {"code": "c", "grant_type": "authorization_code"}))
+    assert (info.value.status_code, info.value.label) == (status, label)
