@@ -8,15 +8,15 @@ Checks, in order: the request's shape (:func:`~sovereign_portal.spawners.request
 the partitions open to the caller (groups and residency,
 :func:`~sovereign_portal.spawners.policy.allowed_partitions`), the placement on the site
 (:func:`~sovereign_portal.spawners.request.resolve`), the session kind's own rules, and the
-caller's role limits. Budgets come later, with the ledger.
+caller's role limits, then the budget step (``budget=``, :mod:`.budget_store`).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sovereign_portal.spawners.policy import allowed_partitions
@@ -205,8 +205,14 @@ def admit(
     ttl_seconds: int = 300,
     now: float | None = None,
     grant_id: str | None = None,
+    budget: Callable[[Resolved], int] | None = None,
 ) -> Grant:
     """Admit a raw compute request for ``caller`` and write its Grant.
+
+    ``budget``, when given, is the budget step (:mod:`.budget_store`): called with the
+    placed request after every other check, it holds what the request may cost and returns
+    the walltime to grant (the asked one, or a shortened one that fits), or raises
+    :class:`AdmissionError` (reason ``budget``) saying what is left and what would fit.
 
     Raises :class:`RequestError` for a malformed or impossible request (HTTP 400) and
     :class:`AdmissionError` when policy refuses it (HTTP 403). Both messages are safe to
@@ -262,6 +268,10 @@ def admit(
             f"{lim.max_walltime_minutes} min",
             reason="walltime",
         )
+    if budget is not None:
+        minutes = budget(r)
+        if minutes != r.walltime_minutes:
+            r = replace(r, walltime_minutes=minutes)
     t = time.time() if now is None else now
     per_node = r.size.devices_per_node
     return Grant(

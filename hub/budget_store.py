@@ -21,16 +21,22 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from sovereign_portal.spawners.request import Resolved
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
+from traitlets import Bool, Dict, Int, List, default, validate
+from traitlets import Float as FloatTrait
+from traitlets.config import Configurable
 
 from .budgets import (
     Balance,
     Budget,
     BudgetError,
+    BudgetRefused,
     Charge,
     Decision,
     Owner,
@@ -39,10 +45,16 @@ from .budgets import (
     balance_of,
     check_allowance,
     decide,
+    describe,
     make_budget,
 )
 from .ledger import Amounts, Rates
-from .store import AuditEvent, Base, PortalStore, UTCDateTime, utcnow
+from .store import AuditEvent, Base, PortalDatabase, PortalStore, UTCDateTime, utcnow
+
+BUDGETS_ENV = "SOVEREIGN_PORTAL_BUDGETS"
+#: The portal database URL for a process the hub starts (the portal service): in its
+#: environment, never on its argv.
+DB_URL_ENV = "SOVEREIGN_PORTAL_DB_URL"
 
 HELD, SETTLED, RELEASED = "held", "settled", "released"
 #: A hold not settled this long after its walltime ends is charged in full (the ledger
@@ -309,9 +321,63 @@ class BudgetStore:
         return {a.user: a.amount for a in s.scalars(q)}
 
     # -- balances and admission -----------------------------------------------------------
+    def _settle_from_ledger(self, s: Session, budget_id: int) -> None:
+        """Settle the holds of ``budget_id`` whose ledger record has closed: the record with
+        the hold's ``ref`` as its ``source``, opened after the hold was written."""
+        from .budgets import amount_in
+        from .ledger_store import records
+
+        held = s.execute(
+            select(BudgetCharge, BudgetRow.unit)
+            .join(BudgetRow)
+            .where(BudgetCharge.budget_id == budget_id, BudgetCharge.state == HELD)
+        ).all()
+        for charge, unit in held:
+            since = charge.created_at.timestamp() - 1.0
+            rec = s.execute(
+                select(records.c.gpu_seconds, records.c.eur, records.c.energy_wh)
+                .where(
+                    records.c.source == charge.ref,
+                    records.c.row_type == "usage",
+                    records.c.opened_at >= since,
+                    records.c.ended_at.is_not(None),
+                )
+                .order_by(records.c.opened_at)
+                .limit(1)
+            ).first()
+            if rec is not None:
+                used = Amounts(
+                    gpu_seconds=rec[0] or 0.0, eur=rec[1] or 0.0, energy_wh=rec[2] or 0.0
+                )
+                charge.state, charge.closed_at = SETTLED, utcnow()
+                charge.settled = max(0.0, amount_in(used, unit))
+
+    def release_unrecorded(self, ref: str, user: str | None = None) -> int:
+        """Release the holds of ``ref`` that no ledger record covers (the job never started:
+        a failed spawn, a grant never used); holds with a record wait for it to close."""
+        from .ledger_store import records
+
+        with self.store.begin() as s:
+            n = 0
+            q = select(BudgetCharge).where(BudgetCharge.ref == ref, BudgetCharge.state == HELD)
+            if user is not None:  # only the caller's own holds
+                q = q.where(BudgetCharge.user == user)
+            for charge in s.scalars(q):
+                since = charge.created_at.timestamp() - 1.0
+                has = s.execute(
+                    select(records.c.id)
+                    .where(records.c.source == ref, records.c.opened_at >= since)
+                    .limit(1)
+                ).first()
+                if has is None:
+                    charge.state, charge.closed_at = RELEASED, utcnow()
+                    n += 1
+            return n
+
     def _balance(
         self, s: Session, row: BudgetRow, b: Budget, user: str | None, now: datetime
     ) -> Balance:
+        self._settle_from_ledger(s, row.id)
         q = select(BudgetCharge).where(
             BudgetCharge.budget_id == row.id, BudgetCharge.state != RELEASED
         )
@@ -386,6 +452,28 @@ class BudgetStore:
             )
             return d
 
+    def admit_resolved(
+        self,
+        user: str,
+        groups: Iterable[str],
+        resolved: Resolved,
+        ref: str,
+        policy: BudgetPolicy | None = None,
+    ) -> Decision:
+        """:meth:`admit` for a placed request: its own rates, its size as the message names it."""
+        r = resolved
+        pol = policy or BudgetPolicy()
+        return self.admit(
+            user,
+            groups,
+            Rates.from_resolved(r),
+            r.walltime_minutes,
+            describe(r.size.to_json(r.node_type), r.request.count),
+            ref,
+            shorten=pol.shorten_walltime,
+            min_minutes=pol.min_walltime_minutes,
+        )
+
     def settle(self, ref: str, amounts: Amounts | None = None, used: float | None = None) -> int:
         """Settle the open holds of ``ref`` at what was used (ledger amounts, in each budget's
         unit, or ``used`` directly). Returns how many holds were settled."""
@@ -414,22 +502,30 @@ class BudgetStore:
                 n += 1
             return n
 
-    def holds(self, ref: str | None = None) -> list[dict[str, Any]]:
+    def holds(self, ref: str | None = None, budget: str | None = None) -> list[dict[str, Any]]:
+        """Charges (held, settled, released), oldest first; by ``ref`` or Budget.key."""
         with self.store.begin() as s:
-            q = select(BudgetCharge).order_by(BudgetCharge.created_at)
+            q = select(BudgetCharge, BudgetRow).join(BudgetRow).order_by(BudgetCharge.created_at)
             if ref is not None:
                 q = q.where(BudgetCharge.ref == ref)
-            return [
-                {
-                    "id": c.id,
-                    "user": c.user,
-                    "ref": c.ref,
-                    "state": c.state,
-                    "held": c.held,
-                    "settled": c.settled,
-                }
-                for c in s.scalars(q)
-            ]
+            out = []
+            for c, b in s.execute(q).all():
+                key = f"{b.owner_kind}:{b.owner_id}@{b.period}"
+                if budget is not None and key != budget:
+                    continue
+                out.append(
+                    {
+                        "id": c.id,
+                        "budget": key,
+                        "user": c.user,
+                        "ref": c.ref,
+                        "state": c.state,
+                        "held": c.held,
+                        "settled": c.settled,
+                        "created_at": c.created_at.isoformat(),
+                    }
+                )
+            return out
 
     # -- audit --------------------------------------------------------------------------------
     def _audit(self, s: Session, actor: str, action: str, target: str, **detail: Any) -> None:
@@ -483,3 +579,194 @@ def apply_config(
                 )
             )
     return out
+
+
+def _from_env(key: str) -> Any:
+    import os
+
+    from sovereign_portal.spawners.strict import loads_json
+
+    raw = os.environ.get(BUDGETS_ENV)
+    if not raw:
+        return None
+    data = loads_json(raw, what=BUDGETS_ENV)
+    if not isinstance(data, dict):
+        raise ValueError(f"{BUDGETS_ENV} must be a JSON object with periods and budgets")
+    return data.get(key)
+
+
+class BudgetPolicy(Configurable):
+    """How admission uses budgets (``c.BudgetPolicy``), and the budgets an operator sets in
+    config. The hub (spawn path) and the portal service (grants) each build one."""
+
+    shorten_walltime = Bool(
+        False,
+        config=True,
+        help="""When a request does not fit what is left of its budget, shorten its walltime
+        to the longest that fits (at least min_walltime_minutes) instead of refusing it
+        with 403. The grant or the server then runs for the shorter time, and the user is
+        told why.""",
+    )
+    min_walltime_minutes = Int(
+        10,
+        config=True,
+        help="""Shortest walltime that shorten_walltime will grant, in minutes; below it the
+        request is refused with what is left and what would fit.""",
+    )
+    warn_at = List(
+        FloatTrait(),
+        [0.8, 0.95],
+        config=True,
+        help="""Fractions of a budget (or a student's allowance) spent or held at which the
+        user is warned: on the spawn form, in the widget's cost line and in
+        GET api/budgets. 1.0 (spent) always shows as 100 %.""",
+    )
+    periods = Dict(
+        config=True,
+        help="""Budget periods by name, each {"start": ISO date, "end": ISO date}, e.g.
+        {"2026-autumn": {"start": "2026-09-01", "end": "2027-02-01"}}. Applied to the portal
+        database when the portal service starts, with budgets. `sovereign-portal budgets
+        set --period NAME --start --end` defines periods too.""",
+    )
+    budgets = List(
+        Dict(),
+        config=True,
+        help="""Budgets set by the operator: a list of {"owner": "course:ml101" |
+        "project:<id>" | "user:<name>", "period": NAME, "unit": "gpu_hours" | "eur" | "kwh",
+        "amount": N, "per_student": N (courses only, optional)}. Applied (created or
+        changed) when the portal service starts; a bad entry stops the start with the field
+        named, and nothing is changed. configure() passes them to the service.""",
+    )
+
+    @default("periods")
+    def _periods_env(self) -> dict[str, Any]:
+        return dict(_from_env("periods") or {})
+
+    @default("budgets")
+    def _budgets_env(self) -> list[Any]:
+        return list(_from_env("budgets") or [])
+
+    @validate("warn_at")
+    def _check_warn_at(self, proposal: Any) -> list[float]:
+        values = list(proposal["value"])
+        if not all(0 < v < 1 for v in values):
+            raise ValueError("BudgetPolicy.warn_at: fractions between 0 and 1, e.g. [0.8, 0.95]")
+        return sorted(values)
+
+    def open(self, *, apply: bool = True) -> BudgetStore:
+        """The budget store on the portal database (``c.PortalDatabase``), with the config's
+        periods and budgets applied."""
+        import os
+
+        db = PortalDatabase(parent=self)
+        if os.environ.get(DB_URL_ENV) and "url" not in self.config.get("PortalDatabase", {}):
+            db.url = os.environ[DB_URL_ENV]
+        bs = BudgetStore(db.open())
+        if apply and (self.periods or self.budgets):
+            apply_config(bs, self.periods, self.budgets)
+        return bs
+
+
+# -- the hub's spawn path -------------------------------------------------------------------------
+class SpawnBudgetGate:
+    """The budget step of a notebook spawn, from the hub side (spawners never import hub).
+
+    :func:`.portal.configure` sets :meth:`pre_spawn_hook` and :meth:`post_stop_hook` on
+    ``c.Spawner``. Before anything is submitted, the hook checks the request that the
+    spawner has validated (``spawner.resolved``) against the user's budget and holds its
+    maximum (ref ``server:<user>/<server name>``, the ledger record's source); a request
+    that does not fit is refused with 403 and the message, and nothing starts. With
+    ``BudgetPolicy.shorten_walltime`` the server's walltime is shortened instead. After a
+    stop, a hold that no ledger record covers (the server never started) is released.
+    """
+
+    def __init__(self, previous_pre: Any = None, previous_post: Any = None) -> None:
+        self._stores: dict[str, BudgetStore] = {}
+        self._previous = (previous_pre, previous_post)
+
+    def __deepcopy__(self, memo: Any) -> SpawnBudgetGate:
+        # traitlets deep-copies config values (the hooks are bound methods of this gate):
+        # every spawner shares the one gate and its database engines.
+        return self
+
+    def _store(self, spawner: Any) -> tuple[BudgetStore, BudgetPolicy]:
+        policy = BudgetPolicy(parent=spawner)
+        url = PortalDatabase(parent=spawner).url
+        if url not in self._stores:
+            self._stores[url] = policy.open()
+        return self._stores[url], policy
+
+    @staticmethod
+    def ref(spawner: Any) -> str:
+        return f"server:{spawner.user.name}/{spawner.name or ''}"
+
+    def display(self, spawner: Any, partitions: Any) -> tuple[dict[str, str], str]:
+        """``budget_display`` of the spawn form: per-size notes and a banner, as plain data."""
+        from sovereign_portal.spawners.request import (
+            RequestError,
+            parse_request,
+            request_from_size_id,
+            resolve,
+        )
+        from sovereign_portal.spawners.sizes import partition_sizes
+
+        from .budgets import banner_text, size_note
+
+        bs, policy = self._store(spawner)
+        groups = [g.name for g in getattr(spawner.user, "groups", []) or []]
+        bals = bs.balances(spawner.user.name, groups)
+        if not bals:
+            return {}, ""
+        b = bals[0]
+        notes: dict[str, str] = {}
+        for p in partitions:
+            for size in partition_sizes(p):
+                if size.nodes > 1:
+                    continue
+                try:
+                    req = parse_request(request_from_size_id(size.id, partition=p.name))
+                    r = resolve(spawner.site, req, default_partition=p.name)
+                except RequestError:
+                    continue
+                notes[f"{p.name}/{size.id}"] = size_note(b, Rates.from_resolved(r))
+        return notes, banner_text(b, policy.warn_at)
+
+    async def pre_spawn_hook(self, spawner: Any) -> None:
+        import inspect
+
+        if self._previous[0] is not None:
+            out = self._previous[0](spawner)
+            if inspect.isawaitable(out):
+                await out
+        resolved = getattr(spawner, "resolved", None)
+        if resolved is None:
+            return  # not a portal spawner: nothing was placed, nothing to charge
+        bs, policy = self._store(spawner)
+        groups = [g.name for g in getattr(spawner.user, "groups", []) or []]
+        ref = self.ref(spawner)
+        bs.release_unrecorded(ref)  # a hold left by an earlier spawn that never started
+        try:
+            d = bs.admit_resolved(spawner.user.name, groups, resolved, ref, policy)
+        except BudgetRefused as e:
+            spawner.log.info("Budget refused %s: %s", spawner.user.name, e)
+            raise e.spawn_exception() from None
+        if d.shortened:
+            spawner.log.info("Budget shortened %s: %s", spawner.user.name, d.message)
+            spawner.user_options = {
+                **(spawner.user_options or {}),
+                "walltime_minutes": d.walltime_minutes,
+            }
+            spawner.resolved = replace(resolved, walltime_minutes=d.walltime_minutes)
+
+    async def post_stop_hook(self, spawner: Any) -> None:
+        import inspect
+
+        try:
+            if getattr(spawner, "resolved", None) is not None:
+                bs, _ = self._store(spawner)
+                bs.release_unrecorded(self.ref(spawner))
+        finally:
+            if self._previous[1] is not None:
+                out = self._previous[1](spawner)
+                if inspect.isawaitable(out):
+                    await out

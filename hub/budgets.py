@@ -422,6 +422,37 @@ def left_text(balance: Balance) -> str:
     return f"{balance.budget.label} has {amount} left{who}"
 
 
+def fit_minutes(balance: Balance, rates: Rates, cap: int = 30 * 24 * 60) -> int:
+    """The longest walltime (minutes, at most ``cap``) whose most cost fits what is left."""
+    unit = balance.budget.unit
+    per_minute = need(rates, 60, unit) / 60
+    if per_minute <= 0:
+        return cap
+    minutes = min(cap, math.floor(balance.left / per_minute + 1e-9))
+    while minutes > 0 and need(rates, minutes, unit) > balance.left + 1e-9:
+        minutes -= 1
+    return max(0, minutes)
+
+
+def banner_text(balance: Balance, warn_at: Sequence[float] = DEFAULT_WARN_AT) -> str:
+    """The line above the spawn form: what is left, and the warning level reached."""
+    level = warning_level(balance, warn_at)
+    if level is None:
+        return left_text(balance)
+    if level == 100:
+        return f"{left_text(balance)}: the budget is spent"
+    return f"{left_text(balance)} ({level} % used)"
+
+
+def size_note(balance: Balance, rates: Rates) -> str:
+    """The text next to one size on the spawn form: its rate, and how long fits."""
+    unit = balance.budget.unit
+    per_hour = fmt(need(rates, 60, unit), up=True)
+    rate = f"€{per_hour}/h" if unit == "eur" else f"{per_hour} {UNIT_LABELS[unit]}/h"
+    m = fit_minutes(balance, rates)
+    return f"{rate}, fits {m} min of your budget" if m >= 1 else f"{rate}, over your budget"
+
+
 @dataclass(frozen=True)
 class Decision:
     """Admission's budget answer: the (maybe shortened) walltime, and what to hold where."""

@@ -43,6 +43,8 @@ def configure(
     default_role: str = "student",
     inventory_source: str = "auto",
     residency: dict[str, list[str]] | None = None,
+    budgets: dict[str, Any] | None = None,
+    shorten_walltime: bool = False,
 ) -> None:
     """Configure JupyterHub's config object ``c`` as a sovereign portal.
 
@@ -53,7 +55,10 @@ def configure(
     an optional ``support_contact``;
     ``inventory_source`` ("auto", "nvml" or "declared") is where the spawner and the
     service both take the box's devices from; ``residency`` maps a group to the countries
-    its work may run in, for notebooks and sessions alike.
+    its work may run in, for notebooks and sessions alike. ``budgets`` is
+    ``{"periods": {...}, "budgets": [...]}`` (see ``BudgetPolicy``): checked and held at
+    every spawn and grant; ``shorten_walltime`` shortens a request to what is left instead
+    of refusing it.
     """
     from .service import configure_hub
 
@@ -99,7 +104,26 @@ def configure(
         default_role=default_role,
         inventory_source=inventory_source,
         residency=residency,
+        db_url=c.PortalDatabase.url,
+        budgets=budgets,
+        shorten_walltime=shorten_walltime,
     )
+    # Budgets on the spawn path, from the hub side: check and hold before anything starts.
+    from .budget_store import SpawnBudgetGate
+
+    if budgets:
+        c.BudgetPolicy.periods = dict(budgets.get("periods", {}))
+        c.BudgetPolicy.budgets = list(budgets.get("budgets", []))
+    c.BudgetPolicy.shorten_walltime = shorten_walltime
+    gate = SpawnBudgetGate(c.Spawner.get("pre_spawn_hook"), c.Spawner.get("post_stop_hook"))
+    c.Spawner.pre_spawn_hook = gate.pre_spawn_hook
+    c.Spawner.post_stop_hook = gate.post_stop_hook
+    c.Spawner.budget_display = gate.display  # the remaining budget on the spawn form
+    # The ledger (issue 10), around the budget gate: a record opens once the budget has
+    # admitted the spawn, and closes before the gate releases what was not used.
+    from .ledger_hub import install as install_ledger
+
+    install_ledger(c)
 
     if auth == "dev":
         c.JupyterHub.authenticator_class = "dummy"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,7 @@ from sovereign_portal.spawners.errors import (
     PortalError,
     TooLarge,
     Unauthenticated,
+    Unavailable,
 )
 from sovereign_portal.spawners.inventory import (
     AllocationError,
@@ -69,6 +71,9 @@ from .admission import (
     catalog_for,
     role_of,
 )
+from .budget_store import BUDGETS_ENV, DB_URL_ENV, BudgetPolicy, BudgetStore
+from .budgets import BudgetError
+from .claims import COURSE_GROUP, INSTRUCTOR_GROUP
 from .session_jobs import JobsRequestError, SessionJobs, parse_job_ids
 
 SERVICE_NAME = "sovereign-portal"
@@ -82,6 +87,8 @@ MAX_BODY_BYTES = MAX_JSON_BYTES
 DRAIN_BODY_BYTES = 256 * 1024 * 1024
 #: Seconds between checks that the hub that started this service is still its parent.
 PARENT_CHECK_SECONDS = 1.0
+#: ``api/budgets/course/<id>/<period>``: a course pool, for its instructors.
+COURSE_BUDGET = r"api/budgets/course/([a-z0-9-]{1,40})/([a-z0-9._-]{1,32})"
 SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server"]
 
 #: A caller identity as the hub describes it: {"name", "groups", "roles", "admin"}.
@@ -184,13 +191,60 @@ class PortalService(Application):
         self._allocators: dict[str, Allocator] = {}
         # grant id -> (partition, lease owner, end time)
         self._leases: dict[str, tuple[str, str, float]] = {}
+        self._budgets: BudgetStore | None = None
+        self._groups_of: Callable[[str], Awaitable[list[str] | None]] | None = None
         self._session_jobs: SessionJobs | None = None
+
+    # -- budgets ----------------------------------------------------------------------------
+    @property
+    def budget_policy(self) -> BudgetPolicy:
+        return BudgetPolicy(parent=self)
+
+    @property
+    def budgets(self) -> BudgetStore:
+        """The budget store on the portal database (opened, and the config's budgets
+        applied, on first use: :meth:`start` does it before listening)."""
+        if self._budgets is None:
+            self._budgets = self.budget_policy.open()
+        return self._budgets
+
+    def budget_step(self, caller: Caller, ref: str) -> Callable[[Any], int]:
+        """The ``budget=`` step of :func:`.admission.admit` for one grant."""
+
+        def step(resolved: Any) -> int:
+            d = self.budgets.admit_resolved(
+                caller.name, caller.groups, resolved, ref, self.budget_policy
+            )
+            if d.budget is not None:
+                self.log.info("Budget %s for %s: %s", d.budget, caller.name, d.message)
+            return d.walltime_minutes
+
+        return step
 
     # -- site and identity ------------------------------------------------------------------
     @property
     def site(self) -> Site:
         # Parsed once per file version, as the spawner does: not on every request.
         return cached_site(str(Path(self.site_file).resolve()) if self.site_file else None)
+
+    async def groups_of(self, name: str) -> list[str] | None:
+        """A hub user's groups (None: no such user), with the service's own token."""
+        if self._groups_of is not None:
+            return await self._groups_of(name)
+        from jupyterhub.services.auth import HubAuth
+
+        hub_auth: HubAuth = getattr(self, "_hub_auth", None) or HubAuth()
+        self._hub_auth = hub_auth
+        resp = await httpclient.AsyncHTTPClient().fetch(
+            f"{hub_auth.api_url}/users/{quote(name, safe='')}",
+            headers={"Authorization": f"token {hub_auth.api_token}"},
+            raise_error=False,
+        )
+        if resp.code == 404:
+            return None
+        if resp.code != 200:
+            raise Unavailable(f"the hub did not answer for user {name[:64]!r} (HTTP {resp.code})")
+        return list(json.loads(resp.body).get("groups") or [])
 
     def set_authenticator(self, fn: Authenticate) -> None:
         """Replace hub authentication (used by tests of the extension, which have no hub)."""
@@ -331,6 +385,9 @@ class PortalService(Application):
                 (prefix + r"api/grants/([0-9a-f]{1,64})", GrantHandler),
                 (prefix + r"api/grants/([0-9a-f]{1,64})/jobs", GrantJobsHandler),
                 (prefix + "api/jobs", JobsHandler),
+                (prefix + "api/budgets", BudgetsHandler),
+                (prefix + COURSE_BUDGET, CourseBudgetHandler),
+                (prefix + COURSE_BUDGET + "/allowances/([^/]{1,128})", AllowanceHandler),
                 (prefix.rstrip("/") or "/", HealthHandler),
             ],
             portal=self,
@@ -346,6 +403,9 @@ class PortalService(Application):
             port = urlparse(url).port or 80
         if not port:
             raise SystemExit("no port: set --port or run as a hub-managed service with a url")
+        # Open the portal database and apply the configured budgets before listening: a
+        # bad budget entry stops the start here, with its field named.
+        self.log.info("Budgets: %d in the portal database", len(self.budgets.budgets()))
         # Handlers that take a body read it streaming: up to 64 KiB is kept, the rest of a
         # body up to DRAIN_BODY_BYTES is read and dropped, and the answer is 413.
         server = HTTPServer(self.make_app(prefix), max_body_size=DRAIN_BODY_BYTES)
@@ -445,7 +505,73 @@ class CatalogHandler(_Base):
         queue = await p.queue_state(site)
         for part in cat["partitions"]:
             part["queue"] = queue.get(part["name"], {})
+        # What is left of the budget a session would charge (the widget's cost line).
+        bals = p.budgets.balances(self.caller.name, self.caller.groups)
+        cat["budget"] = bals[0].to_json(p.budget_policy.warn_at) if bals else None
         self.finish(cat)
+
+
+class BudgetsHandler(_Base):
+    """``GET api/budgets``: the caller's balances, in the order admission charges them."""
+
+    async def get(self) -> None:
+        assert self.caller is not None
+        p = self.portal
+        bals = p.budgets.balances(self.caller.name, self.caller.groups)
+        self.finish({"budgets": [b.to_json(p.budget_policy.warn_at) for b in bals]})
+
+
+def _may_manage(caller: Caller, course: str) -> bool:
+    """An instructor of ``course`` (group ``instructors-<id>``) or an operator."""
+    return caller.role == "operator" or INSTRUCTOR_GROUP.format(course) in caller.groups
+
+
+class CourseBudgetHandler(_Base):
+    """``GET api/budgets/course/<id>/<period>``: a course pool and its allowances, for its
+    instructors."""
+
+    async def get(self, course: str, period: str) -> None:
+        assert self.caller is not None
+        if not _may_manage(self.caller, course):
+            raise Forbidden(f"only an instructor of {course} may see its budget", field="course")
+        bs = self.portal.budgets
+        bal = bs.balance(f"course:{course}", period)
+        self.finish(
+            {
+                **bal.to_json(self.portal.budget_policy.warn_at),
+                "per_student": bal.budget.per_student,
+                "allowances": bs.allowances(course, period),
+            }
+        )
+
+
+class AllowanceHandler(_BodyBase):
+    """``PUT api/budgets/course/<id>/<period>/allowances/<user>`` with ``{"amount": N}``:
+    an instructor of that course sets one student's allowance within the pool."""
+
+    async def put(self, course: str, period: str, user: str) -> None:
+        raw = await self.json_body()
+        assert self.caller is not None
+        if not _may_manage(self.caller, course):
+            raise Forbidden(
+                f"only an instructor of {course} may set its allowances", field="course"
+            )
+        if not isinstance(raw, dict) or set(raw) != {"amount"}:
+            raise BudgetError("amount", 'send a JSON object {"amount": N}')
+        groups = await self.portal.groups_of(user)
+        if groups is None or COURSE_GROUP.format(course) not in groups:
+            raise BudgetError("user", f"{user[:64]!r} is not a student of {course}", status=404)
+        bs = self.portal.budgets
+        amount = bs.set_allowance(course, period, user, raw["amount"], self.caller.name)
+        self.portal.log.info(
+            "Allowance of %s in %s/%s set to %g by %s",
+            user,
+            course,
+            period,
+            amount,
+            self.caller.name,
+        )
+        self.finish({"course": course, "period": period, "user": user, "amount": amount})
 
 
 class GrantsHandler(_BodyBase):
@@ -453,13 +579,25 @@ class GrantsHandler(_BodyBase):
         raw = await self.json_body()
         assert self.caller is not None
         p = self.portal
+        grant_id = secrets.token_hex(8)
+        ref = f"grant:{grant_id}"  # the ledger record's source; the hold settles with it
         grant = admit(
-            p.site, raw, self.caller, residency=p.residency, ttl_seconds=p.grant_ttl_seconds
+            p.site,
+            raw,
+            self.caller,
+            residency=p.residency,
+            ttl_seconds=p.grant_ttl_seconds,
+            grant_id=grant_id,
+            budget=p.budget_step(self.caller, ref),
         )
         if grant.backend == "local":
             from dataclasses import replace
 
-            grant = replace(grant, devices=p.lease_devices(grant))
+            try:
+                grant = replace(grant, devices=p.lease_devices(grant))
+            except PortalError:
+                p.budgets.release(ref)  # nothing was granted: nothing stays held
+                raise
         else:  # a Slurm session: its jobs are watched here, for its user only
             p.session_jobs.note_grant(
                 grant.id, self.caller.name, grant.walltime_minutes, p.grant_ttl_seconds
@@ -481,6 +619,8 @@ class GrantHandler(_Base):
         assert self.caller is not None
         # Another user's grant id answers like an unknown one: nothing is released.
         gone = self.portal.release(grant_id, self.caller.name)
+        # A grant whose session never opened a ledger record gives its budget hold back.
+        self.portal.budgets.release_unrecorded(f"grant:{grant_id}", self.caller.name)
         if gone:
             self.portal.log.info("Released %s of grant %s", ",".join(gone), grant_id)
         self.portal.session_jobs.forget(grant_id, self.caller.name)
@@ -531,10 +671,16 @@ def service_config(
     extra_env: dict[str, str] | None = None,
     lease_file: str | None = None,
     inventory_source: str = "auto",
+    db_url: str | None = None,
+    budgets: dict[str, Any] | None = None,
+    shorten_walltime: bool = False,
 ) -> dict[str, Any]:
     """The ``c.JupyterHub.services`` entry that runs the portal service under the hub.
 
-    Pass the spawner's ``lease_file`` when notebooks and sessions share a local box.
+    Pass the spawner's ``lease_file`` when notebooks and sessions share a local box, and
+    the hub's ``c.PortalDatabase.url`` as ``db_url`` (it travels in the environment, never
+    on argv). ``budgets`` is ``{"periods": {...}, "budgets": [...]}`` as in
+    ``BudgetPolicy``; ``shorten_walltime`` is ``BudgetPolicy.shorten_walltime``.
     """
     if default_role not in ROLES:
         raise ValueError(f"default_role must be one of {', '.join(ROLES)}")
@@ -544,12 +690,18 @@ def service_config(
     cmd.append(f"--PortalService.inventory_source={inventory_source}")
     if lease_file:
         cmd.append(f"--PortalService.lease_file={Path(lease_file).resolve()}")
+    if shorten_walltime:
+        cmd.append("--BudgetPolicy.shorten_walltime=True")
     if site_path:
         cmd.append(f"--site-file={Path(site_path).resolve()}")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(extra_env or {})}
     if residency:
         # A Dict trait does not travel well as a command-line flag: use the environment.
         env[RESIDENCY_ENV] = json.dumps(residency)
+    if db_url:
+        env[DB_URL_ENV] = db_url
+    if budgets:
+        env[BUDGETS_ENV] = json.dumps(budgets)
     for key in ("PYTHONPATH", "EGRESS_LOG"):
         if key in os.environ and key not in env:
             env[key] = os.environ[key]

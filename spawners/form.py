@@ -19,11 +19,15 @@ def render_form(
     free: Callable[[Partition, Size], int | None] | None = None,
     images: Sequence[str] = (),
     notebook_only: bool = True,
+    notes: Mapping[str, str] | None = None,
+    banner: str = "",
 ) -> str:
     """HTML for JupyterHub's spawn page: one choice per size this user may run.
 
     ``free`` returns how many of a size are free right now (``None`` when unknown); a size
-    with none free is shown but disabled, so the user sees what exists.
+    with none free is shown but disabled, so the user sees what exists. ``notes`` maps a
+    form value (``<partition>/<size id>``) to text shown after its price, and ``banner`` is
+    a line above the choices: the hub passes the remaining budget there as plain data.
     """
     rows: list[str] = []
     first = True
@@ -39,6 +43,9 @@ def render_form(
             text = f"{s.label} · €{price:.2f}/h"
             if n is not None:
                 text += f" · {n} free"
+            note = (notes or {}).get(f"{p.name}/{s.id}")
+            if note:
+                text += f" · {note}"
             disabled = " disabled" if n == 0 else ""
             selected = " selected" if first and not disabled else ""
             first = first and bool(disabled)
@@ -48,6 +55,7 @@ def render_form(
     wall_max = max((p.max_walltime_minutes for p in partitions), default=60)
     wall_default = min((p.default_walltime_minutes for p in partitions), default=60)
     parts = [
+        *([f'<p class="sp-budget">{escape(banner)}</p>'] if banner else []),
         '<div class="form-group">',
         '<label for="sp-size">Size</label>',
         '<select class="form-control" id="sp-size" name="size" required>',
