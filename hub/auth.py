@@ -20,24 +20,22 @@ Builds on oauthenticator's GenericOAuthenticator and adds what a federation logi
 It rides oauthenticator's login pipeline and calls ``super()`` at each step, so the inherited
 options work as the oauthenticator docs say:
 
-==================  ===========================================================================
-step                what the portal adds
-==================  ===========================================================================
-get_token_info      503 when the token endpoint is down; the ID token is validated here (its
-                    nonce is an HMAC of the OAuth ``state``, so no private state format is read)
-token_to_user       503 when userinfo is down; userinfo must have the ID token's ``sub``; the
-                    signed claims win
-user_info_to_name   claims -> :class:`~.claims.Identity`, or a refusal page
-build_auth_state    only the portal's view (identity, ``iss``/``sub``, scopes): never tokens
-update_auth_model   the system-account rule, admin (operator role, ``admin_users``,
-                    ``admin_groups``) and the managed RBAC roles
-get_user_groups     course/project groups (``manage_groups`` must stay on: RBAC filters on them)
-check_blocked_users ``blocked_users``, with a refusal page
-check_allowed       ``allow_all``, ``allowed_users``, ``allowed_groups``, ``allowed_scopes``,
-                    admins, and (unless ``allow_allowed_organisations = False``) every member
-                    of an allowed organisation
-run_post_auth_hook  the subject binding, then the operator's ``post_auth_hook``
-==================  ===========================================================================
+- ``get_token_info``: 503 when the token endpoint is down; the ID token is validated here (its
+  nonce is an HMAC of the OAuth ``state``, so no private state format is read);
+- ``token_to_user``: 503 when userinfo is down; userinfo must carry the ID token's ``sub``;
+  the signed claims win;
+- ``user_info_to_username``: claims -> :class:`~.claims.Identity`, or a refusal page;
+- ``build_auth_state_dict``: only the portal's view (identity, ``iss``/``sub``, scopes),
+  never tokens;
+- ``update_auth_model``: the system-account rule, admin (operator role, ``admin_users``,
+  ``admin_groups``) and the managed RBAC roles;
+- ``get_user_groups``: course and project groups (``manage_groups`` must stay on: the
+  instructors' RBAC roles filter on them);
+- ``check_blocked_users``: ``blocked_users``, with a refusal page;
+- ``check_allowed``: ``allow_all``, ``allowed_users``, ``allowed_groups``, ``allowed_scopes``,
+  admins, and (unless ``allow_allowed_organisations = False``) every member of an allowed
+  organisation;
+- ``run_post_auth_hook``: the subject binding, then the operator's ``post_auth_hook``.
 """
 
 from __future__ import annotations
