@@ -335,7 +335,7 @@ def make_spawner(account: FakeAccount, workdir: Path, **config: Any) -> Scripted
         "scheduler_fast_interval": 0.01,
         "connect_poll_interval": 0.01,
         "orphan_grace_seconds": 0.0,
-        "stop_wait_timeout": 2.0,
+        "stop_wait_timeout": 10.0,
         "http_timeout": 5,
         "user_options": {"partition": "gpu-fr", "gpus": 1},
     }

@@ -346,7 +346,7 @@ def test_readoption_after_a_restart_polls_once_and_never_guesses(
 
     state = asyncio.run(first_hub())
     assert state["job_id"] == "42"
-    (old_tag,) = {submitted_tag(c)}
+    old_tag = submitted_tag(c)
 
     async def second_hub() -> list[Any]:
         sp = slurm_fake.spawner()  # a fresh process: a new poller that knows nothing yet
