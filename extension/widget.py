@@ -162,7 +162,15 @@ class SessionForm(HasTraits):
             f"{self.count} × {s['label']} → {self.workers()} {unit} · "
             f"€{c['eur_per_hour']:.2f}/h, at most €{c['eur_max']:.2f} and "
             f"{c['gpu_hours_max']:g} GPU-hours for {self.walltime_minutes} min"
-        )
+        ) + self.budget_text()
+
+    def budget_text(self) -> str:
+        """What is left of the budget a session charges, as the portal service words it
+        (``catalog["budget"]["banner"]``): `` · ml101 has 1.2 GPU-hours left for you``."""
+        b = self.catalog.get("budget")
+        if not isinstance(b, dict) or not isinstance(b.get("banner"), str):
+            return ""
+        return f" · {b['banner']}"
 
     def request(self) -> dict[str, Any]:
         s = self.size()

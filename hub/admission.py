@@ -148,6 +148,8 @@ class Grant:
     issued_at: float
     expires_at: float
     devices: list[str] = field(default_factory=list)
+    #: The budget this grant charges (``course:ml101@2026-autumn``), None without one.
+    budget: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -750,6 +750,10 @@ class SpawnBudgetGate:
         except BudgetRefused as e:
             spawner.log.info("Budget refused %s: %s", spawner.user.name, e)
             raise e.spawn_exception() from None
+        if d.budget is not None:
+            # the ledger record (hub/ledger_hub.py) charges the budget that admitted it
+            owner = Owner.parse(d.budget.rsplit("@", 1)[0])
+            spawner.ledger_charge_to = (owner.kind, owner.id)
         if d.shortened:
             spawner.log.info("Budget shortened %s: %s", spawner.user.name, d.message)
             spawner.user_options = {

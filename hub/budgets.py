@@ -320,6 +320,7 @@ class Balance:
             "used_fraction": round(self.used_fraction, 6),
             "warning": warning_level(self, warn_at),
             "text": left_text(self),
+            "banner": banner_text(self, warn_at),
         }
 
 
@@ -423,15 +424,18 @@ def left_text(balance: Balance) -> str:
 
 
 def fit_minutes(balance: Balance, rates: Rates, cap: int = 30 * 24 * 60) -> int:
-    """The longest walltime (minutes, at most ``cap``) whose most cost fits what is left."""
-    unit = balance.budget.unit
+    """The longest walltime (minutes, at most ``cap``) whose most cost fits what is left:
+    the largest ``m`` with ``need(rates, m) <= left`` (the cost rises with the walltime)."""
+    unit, left = balance.budget.unit, balance.left + 1e-9
     per_minute = need(rates, 60, unit) / 60
     if per_minute <= 0:
         return cap
-    minutes = min(cap, math.floor(balance.left / per_minute + 1e-9))
-    while minutes > 0 and need(rates, minutes, unit) > balance.left + 1e-9:
-        minutes -= 1
-    return max(0, minutes)
+    m = max(0, min(cap, math.floor(balance.left / per_minute)))
+    while m < cap and need(rates, m + 1, unit) <= left:  # rounding in the amounts
+        m += 1
+    while m > 0 and need(rates, m, unit) > left:
+        m -= 1
+    return m
 
 
 def banner_text(balance: Balance, warn_at: Sequence[float] = DEFAULT_WARN_AT) -> str:
@@ -491,11 +495,7 @@ def decide(
     )
     if most <= left + 1e-9:
         return Decision(walltime_minutes, balance.budget.key, most, head)
-    per_minute = most / walltime_minutes if walltime_minutes else most
-    minutes = math.floor(left / per_minute + 1e-9) if per_minute > 0 else 0
-    # rounding in the amounts: step down until the rounded cost fits
-    while minutes > 0 and need(rates, minutes, unit) > left + 1e-9:
-        minutes -= 1
+    minutes = fit_minutes(balance, rates, cap=walltime_minutes)
     if shorten and minutes >= min_minutes:
         return Decision(
             minutes,

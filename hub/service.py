@@ -208,18 +208,9 @@ class PortalService(Application):
             self._budgets = self.budget_policy.open()
         return self._budgets
 
-    def budget_step(self, caller: Caller, ref: str) -> Callable[[Any], int]:
+    def budget_step(self, caller: Caller, ref: str) -> BudgetStep:
         """The ``budget=`` step of :func:`.admission.admit` for one grant."""
-
-        def step(resolved: Any) -> int:
-            d = self.budgets.admit_resolved(
-                caller.name, caller.groups, resolved, ref, self.budget_policy
-            )
-            if d.budget is not None:
-                self.log.info("Budget %s for %s: %s", d.budget, caller.name, d.message)
-            return d.walltime_minutes
-
-        return step
+        return BudgetStep(self, caller, ref)
 
     # -- site and identity ------------------------------------------------------------------
     @property
@@ -417,6 +408,22 @@ class PortalService(Application):
         IOLoop.current().start()
 
 
+class BudgetStep:
+    """The budget step of one grant: hold its maximum, remember which budget it charges."""
+
+    def __init__(self, portal: PortalService, caller: Caller, ref: str) -> None:
+        self.portal, self.caller, self.ref = portal, caller, ref
+        self.budget: str | None = None
+
+    def __call__(self, resolved: Any) -> int:
+        p, who = self.portal, self.caller.name
+        d = p.budgets.admit_resolved(who, self.caller.groups, resolved, self.ref, p.budget_policy)
+        if d.budget is not None:
+            p.log.info("Budget %s for %s: %s", d.budget, who, d.message)
+        self.budget = d.budget
+        return d.walltime_minutes
+
+
 class _Base(web.RequestHandler):
     """Authenticates the caller; every error leaves through :meth:`write_error` as JSON."""
 
@@ -588,11 +595,12 @@ class GrantsHandler(_BodyBase):
             residency=p.residency,
             ttl_seconds=p.grant_ttl_seconds,
             grant_id=grant_id,
-            budget=p.budget_step(self.caller, ref),
+            budget=(step := p.budget_step(self.caller, ref)),
         )
-        if grant.backend == "local":
-            from dataclasses import replace
+        from dataclasses import replace
 
+        grant = replace(grant, budget=step.budget)
+        if grant.backend == "local":
             try:
                 grant = replace(grant, devices=p.lease_devices(grant))
             except PortalError:

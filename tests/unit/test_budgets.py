@@ -396,3 +396,42 @@ def test_hold_uses_the_requests_own_rates() -> None:
     rates = Rates.from_resolved(r)
     assert math.isclose(need(rates, 120, "gpu_hours"), r.gpu_hours, abs_tol=1e-3)
     assert math.isclose(need(rates, 120, "eur"), r.cost_json()["eur_max"], abs_tol=0.01)
+
+
+def test_banner_and_widget_cost_line_show_what_is_left() -> None:
+    from sovereign_portal.extension.widget import SessionForm
+    from sovereign_portal.hub.admission import Caller, catalog_for
+
+    spent = balance_of(pool(10), [Charge("course:ml101@2026-autumn", SAM, 8.5, True)], SAM)
+    assert spent.to_json()["banner"] == "ml101 has 1.5 GPU-hours left for you (80 % used)"
+    cat = catalog_for(load_site(None), Caller(SAM, frozenset({"course-ml101"}), "student"))
+    plain = SessionForm(cat)
+    assert "left" not in plain.summary()
+    cat["budget"] = spent.to_json()
+    f = SessionForm(cat)
+    assert f.summary().startswith(plain.summary())
+    assert f.summary().endswith(" · ml101 has 1.5 GPU-hours left for you (80 % used)")
+    gone = balance_of(pool(10), [Charge("course:ml101@2026-autumn", SAM, 10, True)], SAM)
+    cat["budget"] = gone.to_json()
+    assert SessionForm(cat).summary().endswith("has 0 GPU-hours left for you: the budget is spent")
+
+
+def test_form_notes_show_the_remaining_budget_next_to_each_size() -> None:
+    from sovereign_portal.hub.budgets import banner_text, size_note
+    from sovereign_portal.spawners.form import render_form
+
+    site = load_site(None)
+    part = site.partitions[0]
+    b = student_balance(0.2)
+    r = resolve(
+        site,
+        parse_request({"accelerator": "h100", "slice": "1g.10gb"}),
+        default_partition=part.name,
+    )
+    note = size_note(b, Rates.from_resolved(r))
+    assert note == "0.15 GPU-hours/h, fits 84 min of your budget"
+    html = render_form([part], notes={f"{part.name}/h100:1g.10gb": note}, banner=banner_text(b))
+    assert '<p class="sp-budget">ml101 has 0.2 GPU-hours left for you</p>' in html
+    assert "€0.30/h · 0.15 GPU-hours/h, fits 84 min of your budget</option>" in html
+    gpu = resolve(site, parse_request({"accelerator": "h100", "gpus": 1}), part.name)
+    assert size_note(student_balance(0.01), Rates.from_resolved(gpu)).endswith("over your budget")
