@@ -41,7 +41,8 @@ from typing import Any
 from . import ledger as L
 from .ledger_store import LedgerStore
 
-log = logging.getLogger("sovereign_portal.ledger")
+#: The hub's own log (JupyterHub's application logger), so ledger lines sit with the rest.
+log = logging.getLogger("JupyterHub")
 
 
 def source_of(spawner: Any) -> str:
@@ -212,8 +213,16 @@ class HubLedger:
                     rec.id, job_ids=[job_id], nodes=info.nodes, started_at=now
                 )
             return  # a running server: its stop (post_stop_hook) closes it
+        if not rec.job_ids:
+            return
+        for j in rec.job_ids:
+            if j not in poller.tracked:
+                # Followed to its end by its spawner, then dropped before its final state
+                # reached us: the next batched poll answers for it.
+                poller.track(j)
+                live.tracked_by_us = True
         infos = [poller.jobs.get(j) for j in rec.job_ids]
-        if not infos or any(i is None for i in infos):
+        if any(i is None for i in infos):
             return
         reasons = [L.slurm_end_reason(i.state) for i in infos]
         if any(r is None for r in reasons):
@@ -314,9 +323,9 @@ def _schedule_start(hub: HubLedger) -> None:
     app = JupyterHub.instance()
 
     async def after_start() -> None:
-        started = getattr(app, "_start_future", None)
-        if isinstance(started, asyncio.Future):
-            await asyncio.shield(started)
+        from sovereign_portal.spawners.upstream import wait_hub_listening
+
+        await wait_hub_listening(app)  # public route: the hub has re-adopted its servers
         poller = None
         try:
             from sovereign_portal.spawners.slurm.spawner import SlurmGPUSpawner

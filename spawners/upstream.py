@@ -2,7 +2,8 @@
 
 The portal goes through public routes where upstream has them: JupyterHub's REST API and
 scopes, ``Spawner.pending``, ``start_polling``/``stop_polling``, the hub's own API
-address to know that the hub has started. What has no public route yet is reached here,
+address to know that the hub has started (:func:`wait_hub_listening`, instead of
+``JupyterHub._start_future``). What has no public route yet is reached here,
 and only here: one accessor per private name, each listed in :data:`PRIVATE_NAMES` with
 where it is used and what would replace it. ``tests/unit/test_upstream.py`` resolves every
 name against the installed versions, so an upgrade that removes or renames one fails that
@@ -15,10 +16,14 @@ accessor is called.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 
 class UpstreamChanged(RuntimeError):
@@ -126,6 +131,42 @@ def resolve(name: PrivateName) -> Any:
     return obj
 
 
+# -- public routes used instead of private names --------------------------------------------
+async def _accepts(url: str) -> bool:
+    """True when the server at ``url`` (http, https or http+unix) accepts a connection."""
+    u = urlparse(url)
+    try:
+        if u.scheme.startswith("http+unix"):
+            opened = asyncio.open_unix_connection(unquote(u.netloc))
+        else:
+            port = u.port or (443 if u.scheme == "https" else 80)
+            opened = asyncio.open_connection(u.hostname or "127.0.0.1", port)
+        _, writer = await asyncio.wait_for(opened, 2)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def wait_hub_listening(app: Any, interval: float = 0.2, within: float = 3600) -> bool:
+    """Wait until the hub's API address accepts connections: the hub has started.
+
+    JupyterHub binds it only in ``start()``, after ``initialize()`` has created a spawner
+    (and called its ``load_state``) for every server in the database. Public attributes
+    only (``app.hub.url``). False after ``within`` seconds.
+    """
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        hub = getattr(app, "hub", None)
+        url = getattr(hub, "url", "")
+        if url and await _accepts(url):
+            return True
+        await asyncio.sleep(interval)
+    return False
+
+
 # -- one accessor per name ------------------------------------------------------------------
 def oauth_serialize_state(state: dict[str, Any]) -> str:
     """oauthenticator's encoding of the OAuth ``state`` (base64 of JSON)."""
@@ -187,4 +228,5 @@ __all__ = [
     "resolve",
     "resolve_on",
     "server_signal_stop",
+    "wait_hub_listening",
 ]

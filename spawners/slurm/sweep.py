@@ -23,11 +23,10 @@ behaviour). One sweep per hub process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
+
+from ..upstream import wait_hub_listening
 
 if TYPE_CHECKING:
     from .spawner import SlurmGPUSpawner
@@ -50,41 +49,6 @@ def schedule_sweep(sweeper: SlurmGPUSpawner) -> asyncio.Task[None] | None:
         return None
     task = _SWEEP["sweep"] = asyncio.ensure_future(_sweep_after_start(sweeper))
     return task
-
-
-async def _accepts(url: str) -> bool:
-    """True when the server at ``url`` (http, https or http+unix) accepts a connection."""
-    u = urlparse(url)
-    try:
-        if u.scheme.startswith("http+unix"):
-            opened = asyncio.open_unix_connection(unquote(u.netloc))
-        else:
-            port = u.port or (443 if u.scheme == "https" else 80)
-            opened = asyncio.open_connection(u.hostname or "127.0.0.1", port)
-        _, writer = await asyncio.wait_for(opened, 2)
-    except (OSError, TimeoutError, ValueError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
-async def wait_hub_listening(app: Any, interval: float = 0.2, within: float = 3600) -> bool:
-    """Wait until the hub's API address accepts connections: the hub has started.
-
-    JupyterHub binds it only in ``start()``, after ``initialize()`` has created a spawner
-    (and called its ``load_state``) for every server in the database. Public attributes
-    only (``app.hub.url``). False after ``within`` seconds.
-    """
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        hub = getattr(app, "hub", None)
-        url = getattr(hub, "url", "")
-        if url and await _accepts(url):
-            return True
-        await asyncio.sleep(interval)
-    return False
 
 
 async def _sweep_after_start(sweeper: SlurmGPUSpawner) -> None:

@@ -239,3 +239,60 @@ def test_no_portal_module_touches_private_jupyterhub_names() -> None:
     assert hits == [], "use a public route, or an accessor in spawners/upstream.py:\n" + "\n".join(
         hits
     )
+
+
+def test_the_upgrade_policy_page_lists_the_floors_and_every_private_name() -> None:
+    page = (REPO / "docs" / "reference" / "upstream.md").read_text()
+    for name in ("jupyterhub", "oauthenticator"):
+        req = next(r for r in REQUIREMENTS if r.name.lower() == name)
+        assert f"`{name}{req.specifier}`" in page or f"`{name}{_spec(req)}`" in page, req
+    for private in PRIVATE_NAMES:
+        assert f"`{private.qualname}`" in page, private.qualname
+
+
+def _spec(req: Requirement) -> str:
+    """The specifier as pyproject.toml writes it (floor first)."""
+    return ",".join(sorted((str(s) for s in req.specifier), key=lambda s: not s.startswith(">")))
+
+
+# -- the public route that replaced JupyterHub._start_future --------------------------------
+@pytest.mark.asyncio
+async def test_wait_hub_listening_returns_once_the_hub_address_accepts(tmp_path: Path) -> None:
+    """A stand-in for the hub app whose API address starts listening later (TCP), and one on
+    a unix socket (``http+unix://``), as JupyterHub binds in ``start()``."""
+    import asyncio
+    import socket
+    import time
+    from types import SimpleNamespace
+    from urllib.parse import quote
+
+    from sovereign_portal.spawners.upstream import wait_hub_listening
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = SimpleNamespace(hub=None)  # before init_hub: no address yet
+    waiter = asyncio.ensure_future(wait_hub_listening(app, interval=0.05, within=10))
+    await asyncio.sleep(0.3)
+    app.hub = SimpleNamespace(url=f"http://127.0.0.1:{port}/hub/")
+    await asyncio.sleep(0.3)
+    assert not waiter.done()  # an address that does not accept yet: still waiting
+    t0 = time.monotonic()
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+    try:
+        assert await waiter is True
+        assert time.monotonic() - t0 < 2
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    path = tmp_path / "hub.sock"
+    unix = await asyncio.start_unix_server(lambda r, w: w.close(), str(path))
+    try:
+        app = SimpleNamespace(hub=SimpleNamespace(url=f"http+unix://{quote(str(path), '')}/hub/"))
+        assert await wait_hub_listening(app, interval=0.05, within=5) is True
+    finally:
+        unix.close()
+        await unix.wait_closed()
+    closed = SimpleNamespace(hub=SimpleNamespace(url=f"http://127.0.0.1:{port}/hub/"))
+    assert await wait_hub_listening(closed, interval=0.05, within=0.5) is False
