@@ -67,7 +67,7 @@ def closed_record(hub: HubProcess, ledger: LedgerStore, user: str) -> L.Record:
         recs = [r for r in records(ledger, user) if r.closed]
         return recs[-1] if recs else None
 
-    rec = hub.wait_for(one, 30, f"{user}'s record closed")
+    rec = hub.wait_for(one, 90, f"{user}'s record closed")
     assert isinstance(rec, L.Record)
     return rec
 
@@ -110,7 +110,7 @@ def test_stop_closes_the_record_with_its_amounts(hub: HubProcess, ledger: Ledger
 def test_kill9_of_the_server_closes_it_as_died(hub: HubProcess, ledger: LedgerStore) -> None:
     hub.spawn("ben", {"slice": "3g.40gb"})
     os.kill(server_pid(hub, "ben"), 9)
-    hub.wait_for(lambda: gone(hub, "ben"), 30, "ben's server noticed dead")
+    hub.wait_for(lambda: gone(hub, "ben"), 90, "ben's server noticed dead")
     done = closed_record(hub, ledger, "ben")
     assert done.end_reason == "died" and done.slice == "3g.40gb"
     assert done.amounts is not None and done.amounts.gpu_seconds_basis == "measured"
@@ -124,8 +124,8 @@ def test_hub_kill9_keeps_a_surviving_servers_record_open(
     hub.spawn("cleo", {"gpus": 1})
     (rec,) = records(ledger, "cleo")
     hub.kill()
-    hub.start()
-    hub.wait_ready("cleo", timeout=30)
+    hub.start(timeout=180)
+    hub.wait_ready("cleo", timeout=120)
     time.sleep(2)  # past the start-up reconciliation
     assert [r.id for r in records(ledger, "cleo")] == [rec.id]
     assert not records(ledger, "cleo")[0].closed
@@ -140,8 +140,8 @@ def test_server_that_died_while_the_hub_was_down_is_closed_estimated(
     pid = server_pid(hub, "dora")
     hub.kill()
     os.kill(pid, 9)
-    hub.start()
-    hub.wait_for(lambda: gone(hub, "dora"), 30, "dora cleaned up at start-up")
+    hub.start(timeout=180)
+    hub.wait_for(lambda: gone(hub, "dora"), 90, "dora cleaned up at start-up")
     done = closed_record(hub, ledger, "dora")
     assert done.end_reason == "died"
     assert done.amounts is not None and done.amounts.gpu_seconds_basis == "estimated"
@@ -159,8 +159,8 @@ def test_walltime_closes_it_as_walltime(hub: HubProcess, ledger: LedgerStore) ->
         state = json.loads(raw)
         state["ends_at"] -= 61
         db.execute("UPDATE spawners SET state = ? WHERE id = ?", (json.dumps(state), sid))
-    hub.start()
-    hub.wait_for(lambda: gone(hub, "eli"), 30, "eli stopped at its walltime")
+    hub.start(timeout=180)
+    hub.wait_for(lambda: gone(hub, "eli"), 90, "eli stopped at its walltime")
     assert closed_record(hub, ledger, "eli").end_reason == "walltime"
 
 
