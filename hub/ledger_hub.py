@@ -9,8 +9,10 @@ keep (``resolved``, ``job_id``, ``stop_reason``, ``ledger_end_reason``) and the 
 Slurm poll.
 
 - **Open** (``pre_spawn_hook``): one record per server, ``source = server:<user>/<name>``,
-  with the request's rates. Local servers hold their devices from here; a Slurm record
-  starts when the poll first sees its job RUNNING (job id and node list attached then).
+  with the request's rates, charged to ``spawner.ledger_charge_to`` (``(owner_type,
+  owner)``, set by the budget gate that admitted it) or else to the user. Local servers
+  hold their devices from here; a Slurm record starts when the poll first sees its job
+  RUNNING (job id and node list attached then).
 - **Close** (``post_stop_hook``, which JupyterHub runs on every stop: the user's, an
   admin's, a server found dead by a poll or at start-up):
   - the hub stopped it: ``stopped`` (or the spawner's ``ledger_end_reason``: ``budget``,
