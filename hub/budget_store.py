@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from sovereign_portal.spawners.errors import Unavailable
 from sovereign_portal.spawners.request import Resolved
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, UniqueConstraint, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from traitlets import Bool, Dict, Int, List, default, validate
 from traitlets import Float as FloatTrait
@@ -57,6 +60,8 @@ BUDGETS_ENV = "SOVEREIGN_PORTAL_BUDGETS"
 DB_URL_ENV = "SOVEREIGN_PORTAL_DB_URL"
 
 HELD, SETTLED, RELEASED = "held", "settled", "released"
+#: Attempts of one admission when SQLite's write lock stays taken past its busy timeout.
+LOCK_RETRIES = 5
 #: A hold not settled this long after its walltime ends is charged in full (the ledger
 #: closes every record; a hold this old covers a job that was never recorded).
 HOLD_SLACK = timedelta(hours=1)
@@ -422,6 +427,33 @@ class BudgetStore:
         in one transaction with the budget row locked. Raises BudgetRefused (403)."""
         t = now or utcnow()
         groups = list(groups)
+        for attempt in range(LOCK_RETRIES):
+            try:
+                return self._admit(
+                    user, groups, rates, walltime_minutes, what, ref, shorten, min_minutes, t
+                )
+            except OperationalError as e:
+                # SQLite: the write lock stayed taken past busy_timeout (a loaded host)
+                if "locked" not in str(e) or attempt == LOCK_RETRIES - 1:
+                    raise Unavailable(
+                        "the budget database is busy: try again in a moment",
+                        log_message=f"budget admission of {user}: {e}",
+                    ) from None
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _admit(
+        self,
+        user: str,
+        groups: list[str],
+        rates: Rates,
+        walltime_minutes: int,
+        what: str,
+        ref: str,
+        shorten: bool,
+        min_minutes: int,
+        t: datetime,
+    ) -> Decision:
         with self.store.begin() as s:
             pairs = self._budgets(s)
             found = applicable([b for _, b in pairs], user, groups, t)
