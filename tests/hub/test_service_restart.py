@@ -24,6 +24,7 @@ import requests
 
 from tests.support.hub import HubProcess
 from tests.support.paths import free_port
+from tests.support.portal import local_service_config
 
 pytestmark = [pytest.mark.hub, pytest.mark.timeout(240)]
 
@@ -69,14 +70,7 @@ def wait_until(pred: object, timeout: float, what: str) -> float:
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[HubProcess]:
     port = free_port()
-    config = f"""
-from sovereign_portal.hub.service import configure_hub
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.allow_all = True
-c.JupyterHub.spawner_class = "local-gpu"
-c.LocalGPUSpawner.inventory_source = "declared"
-configure_hub(c, None, port={port}, inventory_source="declared")
-"""
+    config = local_service_config(port)
     h = HubProcess(tmp_path / "hub", config)
     h.service_port = port  # type: ignore[attr-defined]
     yield h

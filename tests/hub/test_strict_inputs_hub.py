@@ -21,6 +21,7 @@ import requests
 
 from tests.support.hub import HubProcess
 from tests.support.paths import free_port
+from tests.support.portal import local_service_config
 
 pytestmark = [pytest.mark.hub, pytest.mark.timeout(240)]
 
@@ -32,15 +33,7 @@ ACCESS = ["access:servers!server", "access:services!service=sovereign-portal"]
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     port = free_port()
     home = tmp_path_factory.mktemp("homes")
-    config = f"""
-from sovereign_portal.hub.service import configure_hub
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.allow_all = True
-c.JupyterHub.spawner_class = "local-gpu"
-c.LocalGPUSpawner.inventory_source = "declared"
-c.LocalGPUSpawner.home_dir_template = "{home}/{{username}}"
-configure_hub(c, None, port={port}, default_role="researcher")
-"""
+    config = local_service_config(port, default_role="researcher", home=home)
     h = HubProcess(tmp_path_factory.mktemp("hub-strict"), config).start()
     yield h
     h.close()

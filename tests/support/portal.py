@@ -117,3 +117,24 @@ class UserBrowser:
             headers={"X-XSRFToken": self.xsrf()},
             timeout=60,
         )
+
+
+def local_service_config(
+    service_port: int, *, default_role: str = "student", home: Path | None = None
+) -> str:
+    """``jupyterhub_config.py`` lines for a hub with the dummy login, the local GPU spawner
+    (declared devices) and the portal service on ``service_port`` (:func:`configure_hub`)."""
+    lines = [
+        "from sovereign_portal.hub.service import configure_hub",
+        'c.JupyterHub.authenticator_class = "dummy"',
+        "c.Authenticator.allow_all = True",
+        'c.JupyterHub.spawner_class = "local-gpu"',
+        'c.LocalGPUSpawner.inventory_source = "declared"',
+    ]
+    if home is not None:
+        lines.append(f'c.LocalGPUSpawner.home_dir_template = "{home}/{{username}}"')
+    lines.append(
+        f"configure_hub(c, None, port={service_port}, default_role={default_role!r}, "
+        'inventory_source="declared")'
+    )
+    return "\n".join(lines) + "\n"
