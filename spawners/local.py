@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from jupyterhub.spawner import LocalProcessSpawner, SpawnException
+from jupyterhub.spawner import LocalProcessSpawner
 from tornado import web
 from traitlets import Bool, Enum, List, Unicode
 
 from .accounts import SystemAccountError, UnixAccountPolicy
 from .base import PortalSpawnerMixin
+from .errors import Forbidden
 from .inventory import (
     AllocationError,
     Allocator,
@@ -175,20 +176,16 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
         try:
             UnixAccountPolicy(parent=self).check(self.user.name)
         except SystemAccountError as e:
-            raise SpawnException(
-                e.message,
-                reason="system_account",
-                log_message=f"Refused {self.user.name}: Unix account {e.account!r} is a "
-                f"system account ({e.why})",
-                status_code=403,
+            log = f"Unix account {e.account!r} is a system account ({e.why})"
+            raise self.portal_error(
+                Forbidden(e.message, reason="system_account", log_message=log)
             ) from None
         except KeyError:
-            raise SpawnException(
+            message = (
                 f"Your account has no Unix account {self.user.name!r} on this machine yet; "
-                "ask the operators to create it.",
-                reason="no_unix_account",
-                status_code=403,
-            ) from None
+                "ask the operators to create it."
+            )
+            raise self.portal_error(Forbidden(message, reason="no_unix_account")) from None
 
     def make_preexec_fn(self, name: str) -> Any:
         if self.switch_user:

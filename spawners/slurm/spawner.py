@@ -38,6 +38,7 @@ from traitlets import Dict, Float, List, TraitError, Unicode, default, validate
 
 from ..accounts import SystemAccountError, UnixAccountPolicy
 from ..base import PortalSpawnerMixin
+from ..errors import Forbidden
 from ..images import ImageAllowList, ImageError, NotebookImage, load_image_allow_list
 from ..request import Resolved
 from .client import SchedulerClient, SchedulerError, SlurmCLI
@@ -278,20 +279,16 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         try:
             return UnixAccountPolicy(parent=self).check(name)
         except SystemAccountError as e:
-            raise _user_error(
-                e.message,
-                reason="system_account",
-                log_message=f"Refused {self._label}: Unix account {name!r} is a system "
-                f"account ({e.why})",
-                status=403,
+            log = f"Unix account {name!r} is a system account ({e.why})"
+            raise self.portal_error(
+                Forbidden(e.message, reason="system_account", log_message=log)
             ) from None
         except KeyError:
-            raise _user_error(
+            message = (
                 f"Your account has no Unix account {name!r} on this cluster yet; "
-                "ask the operators to create it.",
-                reason="no_unix_account",
-                status=403,
-            ) from None
+                "ask the operators to create it."
+            )
+            raise self.portal_error(Forbidden(message, reason="no_unix_account")) from None
 
     _pw = account
 

@@ -179,7 +179,8 @@ def test_rest_spawn_as_a_system_account_is_refused_and_submits_nothing(
     assert server(hub, name) is None
     assert queue(slurm_cluster) == before
     assert home_snapshot(account) == home_before
-    assert f"Refused {name}: Unix account {name!r} is a system account" in hub.log_text()
+    log = f"Refused for {name} (system_account): Unix account {name!r} is a system account ("
+    assert log in hub.log_text()
 
 
 def test_the_reason_names_the_rule(hub: HubProcess) -> None:
