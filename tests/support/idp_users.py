@@ -3,8 +3,9 @@
 - :func:`idp_user`: one IdP user (login, password, ``sub``, claims) in the format of
   ``hub/idp/users.json``, a student of uni-a.example unless the claims say otherwise;
 - :func:`write_users`: the sample users plus extra ones, as a users file;
-- :func:`hub_with_users` (context manager): that IdP and a real hub (institutional login, the
-  local spawner, ``extra`` config lines), stopped by PID afterwards, the egress log checked.
+- :func:`hub_with_users` (context manager): that IdP and a real hub
+  (:func:`~.stack.hub_with_idp`: institutional login, the local spawner, ``extra`` config
+  lines), stopped by PID afterwards, the egress log checked.
 """
 
 from __future__ import annotations
@@ -16,13 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .hub import HubProcess
-from .idp import LocalIdP, hub_auth_config, sample_users
-
-LOCAL_SPAWN = """
-c.JupyterHub.spawner_class = "local-gpu"
-c.LocalGPUSpawner.inventory_source = "declared"
-c.LocalGPUSpawner.home_dir_template = "{home}/{{username}}"
-"""
+from .idp import LocalIdP, sample_users
+from .stack import hub_with_idp, login_config
 
 
 def idp_user(login: str, sub: str, preferred_username: str, **claims: Any) -> dict[str, Any]:
@@ -57,23 +53,11 @@ def password(users_file: Path, login: str) -> str:
 
 @contextmanager
 def hub_with_users(
-    workdir: Path, users: list[dict[str, Any]], extra: str = "", **idp_kw: Any
+    workdir: Path, users: list[dict[str, Any]], extra: str = ""
 ) -> Iterator[tuple[HubProcess, LocalIdP]]:
+    """:func:`~.stack.hub_with_idp` with the sample users plus ``users``, and ``extra``
+    config lines."""
     workdir.mkdir(parents=True, exist_ok=True)
     users_file = write_users(workdir / "users.json", users)
-    hub = HubProcess(workdir / "hub")
-    idp = LocalIdP(
-        workdir / "idp", [f"{hub.url}/hub/oauth_callback"], users_file=users_file, **idp_kw
-    )
-    idp.start()
-    try:
-        config = hub_auth_config(idp, LOCAL_SPAWN.format(home=hub.dir / "home") + extra)
-        hub.config_path.write_text(hub.config_path.read_text() + config)
-        hub.start()
-        try:
-            yield hub, idp
-        finally:
-            hub.close()
-            hub.assert_no_egress()
-    finally:
-        idp.stop()
+    with hub_with_idp(workdir, login_config(extra), idp_kw={"users_file": users_file}) as s:
+        yield s

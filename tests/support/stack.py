@@ -55,11 +55,16 @@ def hub_with_idp(
     *,
     tamper: bool = False,
     check_egress: bool = True,
+    idp_kw: dict[str, Any] | None = None,
     **hub_kw: Any,
 ) -> Iterator[tuple[HubProcess, LocalIdP]]:
-    """The IdP and a hub configured by ``config(hub, idp)``, stopped by PID afterwards."""
+    """The IdP and a hub configured by ``config(hub, idp)``, stopped by PID afterwards.
+
+    ``idp_kw`` goes to :class:`LocalIdP` (e.g. ``users_file``), ``hub_kw`` to the hub."""
     hub = HubProcess(workdir / "hub", **hub_kw)  # ports are known before it starts
-    idp = LocalIdP(workdir / "idp", [f"{hub.url}/hub/oauth_callback"], tamper=tamper)
+    idp = LocalIdP(
+        workdir / "idp", [f"{hub.url}/hub/oauth_callback"], tamper=tamper, **(idp_kw or {})
+    )
     idp.start()
     try:
         hub.config_path.write_text(hub.config_path.read_text() + config(hub, idp))
