@@ -7,8 +7,9 @@ starts 1, 10 and ``--servers`` notebook servers as Slurm jobs, one per bench use
 then a Slurm Dask session in EACH server (through the server's REST API, behind the
 proxy: one worker job on a MIG slice). For each count it prints the job-info RPCs
 (``REQUEST_JOB_INFO*``, what ``squeue`` sends) per poll interval, counted by slurmctld
-itself over ``--intervals`` intervals, first with the servers alone and then with every
-server's session running, and the ratio to the 1-server case. The goal is one query per
+itself over ``--intervals`` intervals, first before the new servers' sessions start (the
+servers, and the sessions of the smaller counts) and then with every server's session
+running, and the ratio to the 1-server case. The goal is one query per
 interval per polling process whatever the count: the hub's spawner poller (servers) and
 the portal service (every session of every user, and the queue state), that is 2 per
 interval for the whole portal with both running, and no notebook server calls squeue.
@@ -68,15 +69,28 @@ class Sessions:
             self.tokens[user] = r.json()["token"]
         return {"Authorization": f"token {self.tokens[user]}"}
 
-    def create(self, user: str) -> None:
-        r = requests.post(
-            self._url(user, "sessions"),
-            json={"request": SESSION},
-            headers=self._headers(user),
-            timeout=60,
-        )
-        assert r.status_code == 201, f"{user}: {r.status_code} {r.text[:300]}"
-        self.ids[user] = r.json()["id"]
+    def create(self, user: str, tries: int = 4) -> bool:
+        """Start a session (retrying while the hub is too busy to answer); False if it
+        never started."""
+        for i in range(tries):
+            try:
+                r = requests.post(
+                    self._url(user, "sessions"),
+                    json={"request": SESSION},
+                    headers=self._headers(user),
+                    timeout=120,
+                )
+            except requests.RequestException as e:
+                print(f"  {user}: session request failed ({e}); retrying", flush=True)
+            else:
+                if r.status_code == 201:
+                    self.ids[user] = r.json()["id"]
+                    return True
+                print(f"  {user}: HTTP {r.status_code} {r.text[:200]}", flush=True)
+                if r.status_code < 500:
+                    return False
+            time.sleep(5 * (i + 1))
+        return False
 
     def state(self, user: str) -> str:
         r = requests.get(
@@ -164,8 +178,13 @@ svc["command"].append("--PortalService.session_poll_interval={INTERVAL}")
             running = users[:n]
             alone = per_interval(cluster, a.intervals)
             t1 = time.monotonic()
-            for u in new:
-                sessions.create(u)
+            refused = [u for u in new if not sessions.create(u)]
+            if refused:
+                print(
+                    f"{len(refused)} of {n} sessions could not be started; stopping at "
+                    f"{n - len(refused)} sessions"
+                )
+                break
             stuck = sessions.wait_ready(new, timeout=900)
             if stuck:
                 print(
@@ -178,14 +197,14 @@ svc["command"].append("--PortalService.session_poll_interval={INTERVAL}")
             print(
                 f"{n:>2} servers (started in {took:.0f}s), each with a running Slurm Dask "
                 f"session (ready in {time.monotonic() - t1:.0f}s): squeue RPCs per "
-                f"{INTERVAL:g}s interval: servers alone {alone:.2f}, with the sessions "
+                f"{INTERVAL:g}s interval: before their sessions {alone:.2f}, with them "
                 f"{with_sessions:.2f}",
                 flush=True,
             )
         if results:
             s1 = results[0][2]
             print(f"\nscheduler job-info RPCs per interval (sdiag), {a.intervals} intervals each:")
-            print(f"{'servers':>8} {'alone':>7} {'+sessions':>10} {'ratio to 1':>11}")
+            print(f"{'servers':>8} {'before':>7} {'+sessions':>10} {'ratio to 1':>11}")
             for n, alone, with_s in results:
                 print(f"{n:>8} {alone:>7.2f} {with_s:>10.2f} {with_s / s1 if s1 else 0:>11.2f}")
             print(

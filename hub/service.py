@@ -26,6 +26,7 @@ never logged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -153,6 +154,15 @@ class PortalService(Application):
         help="""squeue command (argv[0]) of the service's one scheduler query: the queue
         state of Slurm partitions and the state of every compute session's jobs.""",
     )
+    caller_cache_seconds = Float(
+        30.0,
+        config=True,
+        help="""Seconds the hub's answer about a caller's token (name, groups, roles, admin
+        flag) is reused. Every notebook server long-polls the service for its sessions'
+        job state, so without reuse each poll would cost the hub two API calls. A change of
+        a user's groups or roles, or a revoked token, takes effect within this time. 0
+        asks the hub on every request.""",
+    )
     session_poll_interval = Float(
         5.0,
         config=True,
@@ -194,6 +204,7 @@ class PortalService(Application):
         self._budgets: BudgetStore | None = None
         self._groups_of: Callable[[str], Awaitable[list[str] | None]] | None = None
         self._session_jobs: SessionJobs | None = None
+        self._callers: dict[bytes, tuple[float, UserModel]] = {}
 
     # -- budgets ----------------------------------------------------------------------------
     @property
@@ -244,7 +255,7 @@ class PortalService(Application):
     async def caller_for(self, token: str) -> Caller | None:
         if not token:
             return None
-        auth = self._authenticate or self._hub_authenticate
+        auth = self._authenticate or self._hub_authenticate_cached
         model = await auth(token)
         if not model:
             return None
@@ -257,6 +268,25 @@ class PortalService(Application):
             hub_roles=model.get("roles") or [],
         )
         return Caller(name=model["name"], groups=groups, role=role)
+
+    async def _hub_authenticate_cached(self, token: str) -> UserModel | None:
+        """The hub's answer for ``token``, reused for ``caller_cache_seconds``.
+
+        Every server long-polls its sessions' job state (``GET api/jobs``): without the
+        cache each of those requests would cost the hub two API calls. Keyed by a digest
+        of the token (the token itself is not kept); refusals are not cached.
+        """
+        key = hashlib.sha256(token.encode()).digest()
+        now = time.monotonic()
+        hit = self._callers.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        model = await self._hub_authenticate(token)
+        if model and self.caller_cache_seconds > 0:
+            if len(self._callers) > 10_000:
+                self._callers = {k: v for k, v in self._callers.items() if v[0] > now}
+            self._callers[key] = (now + self.caller_cache_seconds, model)
+        return model
 
     async def _hub_authenticate(self, token: str) -> UserModel | None:
         from jupyterhub.services.auth import HubAuth

@@ -172,3 +172,31 @@ def test_queue_counts_come_from_the_same_query() -> None:
         return first
 
     assert asyncio.run(run()) == {"gpu-fr": {"pending": 1, "running": 2}}
+
+
+def test_the_service_reuses_the_hubs_answer_about_a_token_for_a_while() -> None:
+    """Long-polls must not cost the hub two API calls each; refusals are never reused."""
+    from sovereign_portal.hub.service import PortalService
+
+    asked: list[str] = []
+
+    async def hub(token: str) -> dict[str, object] | None:
+        asked.append(token)
+        return {"name": "alice", "groups": ["researcher"]} if token == "good" else None
+
+    async def run() -> None:
+        svc = PortalService(caller_cache_seconds=30)
+        svc._hub_authenticate = hub  # type: ignore[method-assign]
+        for _ in range(3):
+            caller = await svc.caller_for("good")
+            assert caller is not None and caller.name == "alice"
+            assert await svc.caller_for("bad") is None
+        assert asked == ["good", "bad", "bad", "bad"]
+        assert all(b"good" not in k for k in svc._callers)  # a digest, not the token
+        off = PortalService(caller_cache_seconds=0)
+        off._hub_authenticate = hub  # type: ignore[method-assign]
+        await off.caller_for("good")
+        await off.caller_for("good")
+        assert asked[-2:] == ["good", "good"]
+
+    asyncio.run(run())
