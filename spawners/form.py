@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from html import escape
 from typing import Any
 
-from .request import MAX_WALLTIME_MINUTES, RequestError, request_from_size_id
+from .request import FIELD_KINDS, MAX_WALLTIME_MINUTES, RequestError, request_from_size_id
 from .site import Partition
 from .sizes import Size, partition_sizes
 from .strict import parse_int, shorten
@@ -36,8 +36,8 @@ def render_form(
         head = f"{p.name} — {j.country}, {j.operator}"
         rows.append(f'<optgroup label="{escape(head)}">')
         for s in partition_sizes(p):
-            if notebook_only and s.nodes > 1:
-                continue  # a notebook server runs on one node
+            if notebook_only and s.nodes > 1 and "notebook" not in FIELD_KINDS["nodes"]:
+                continue  # a notebook server runs on one node (the request's rule)
             n = free(p, s) if free else None
             price = p.price(s.accelerator, s.slice) * (s.total_gpus or 1)
             text = f"{s.label} · €{price:.2f}/h"
