@@ -21,15 +21,27 @@ from typing import Any
 
 import requests
 
+from ..spawners.errors import PortalError as _PortalError
+
 TERMINAL = ("stopped", "failed", "expired")
 
 
-class PortalError(RuntimeError):
-    """A refusal or failure, in plain words (``.reason`` is a label)."""
+class PortalError(_PortalError, RuntimeError):
+    """A refusal or failure, in plain words: the portal's error family as the notebook sees
+    it (``.reason`` a label, ``.status`` the HTTP status, ``.field`` the field refused)."""
 
-    def __init__(self, message: str, reason: str = "error") -> None:
-        super().__init__(message)
-        self.reason = reason
+    default_status = 502
+    default_reason = "error"
+
+    def __init__(
+        self,
+        message: str,
+        reason: str = "error",
+        *,
+        status: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        _PortalError.__init__(self, message, reason=reason, status=status, field=field)
 
 
 def _server_info() -> tuple[str, str]:
@@ -83,7 +95,13 @@ class PortalClient:
         if r.status_code >= 400:
             msg = data.get("error") if isinstance(data, dict) else None
             reason = data.get("reason", "http") if isinstance(data, dict) else "http"
-            raise PortalError(msg or f"HTTP {r.status_code} from {path}", reason)
+            field = data.get("field") if isinstance(data, dict) else None
+            raise PortalError(
+                str(msg or f"HTTP {r.status_code} from {path}"),
+                str(reason),
+                status=r.status_code if r.status_code <= 599 else None,
+                field=field if isinstance(field, str) else None,
+            )
         return data
 
     def catalog(self) -> dict[str, Any]:

@@ -517,3 +517,44 @@ def test_the_cli_never_prints_raw_control_characters(tmp_path: Path) -> None:
     )
     assert ok.returncode == 0 and "gpu-fr" in ok.stdout
     assert not any(printable(line) != line for line in ok.stdout.splitlines())
+
+
+def test_the_notebook_client_raises_the_family_with_status_and_field() -> None:
+    """The kernel-side client turns the extension's JSON error into a PortalError (a real
+    HTTP server on 127.0.0.1 answers as the extension does)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from sovereign_portal.extension.client import PortalClient
+    from sovereign_portal.extension.client import PortalError as ClientError
+
+    body = RequestRefused("image: remove it", reason="field_kind", field="image").to_json()
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = PortalClient(f"http://127.0.0.1:{server.server_port}/api/", "t")
+        with pytest.raises(ClientError) as e:
+            client._call("POST", "sessions", {"request": {"kind": "dask", "image": "x"}})
+    finally:
+        server.shutdown()
+    err = e.value
+    assert isinstance(err, PortalError) and isinstance(err, RuntimeError)
+    assert (str(err), err.reason, err.status, err.field) == (
+        "image: remove it",
+        "field_kind",
+        400,
+        "image",
+    )
