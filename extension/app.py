@@ -12,6 +12,7 @@ from jupyter_server.extension.application import ExtensionApp
 from tornado.ioloop import PeriodicCallback
 from traitlets import Float, List, Unicode, default
 
+from ..spawners.upstream import server_signal_stop
 from .handlers import HANDLERS
 from .launchers import LaunchConfig
 from .placement import PlacementHandler
@@ -128,7 +129,7 @@ class PortalExtension(ExtensionApp):
         app maps SIGINT to the server's own stop; do the same in extension mode.
         """
         serverapp = self.serverapp
-        stop = getattr(serverapp, "_signal_stop", None)
+        stop = server_signal_stop(serverapp)
         if (
             stop is None
             or "JUPYTERHUB_API_URL" not in os.environ  # only a server a hub started

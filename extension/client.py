@@ -22,6 +22,7 @@ from typing import Any
 import requests
 
 from ..spawners.errors import PortalError as _PortalError
+from ..spawners.upstream import listener_socket
 
 TERMINAL = ("stopped", "failed", "expired")
 
@@ -247,7 +248,7 @@ class TorchSession(SessionHandle):
             tmp = self._dir / ".controller.json.tmp"
             tmp.write_text(json.dumps({"host": host, "port": port}))
             tmp.replace(self._dir / "controller.json")
-            listener._listener._socket.settimeout(timeout)  # type: ignore[attr-defined]
+            listener_socket(listener).settimeout(timeout)
             while len(self._conns) < self.world_size:
                 try:
                     conn = listener.accept()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sovereign_portal.spawners.slurm.client import SchedulerClient, SlurmCLI
+from sovereign_portal.spawners.upstream import dask_correct_state
 
 FORBIDDEN_ENV = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
@@ -239,7 +240,7 @@ class LocalDask(_DaskLauncher):
         import dask
 
         with dask.config.set(QUIET_HTTP):
-            await self.cluster._correct_state()
+            await dask_correct_state(self.cluster)
 
 
 class SlurmDask(_DaskLauncher):

@@ -82,7 +82,7 @@ class UnixAccountPolicy(Configurable):
         config=True,
         help="""Account names that never run a portal job, whatever their uid and whether or
         not they exist on the hub host (they may exist on compute nodes). Extend it rather
-        than replace it: `c.UnixAccountPolicy.denied_names |= {"backupsvc"}`.""",
+        than replace it: `c.UnixAccountPolicy.denied_names.add("backupsvc")`.""",
     )
 
     @validate("min_uid")

@@ -50,27 +50,6 @@ class PrivateName:
         return f"{self.module}.{self.path}{tail}"
 
 
-OAUTH_SERIALIZE_STATE = PrivateName(
-    "oauthenticator",
-    "oauthenticator.oauth2",
-    "_serialize_state",
-    "hub/auth.py: the login state cookie",
-    "none public: OAuthLoginHandler.get_state() builds the state but not its encoding",
-)
-OAUTH_DESERIALIZE_STATE = PrivateName(
-    "oauthenticator",
-    "oauthenticator.oauth2",
-    "_deserialize_state",
-    "hub/auth.py: the login state cookie",
-    "none public: the callback handler decodes the state internally",
-)
-OAUTH_CLIENT_SECRET_DEFAULT = PrivateName(
-    "oauthenticator",
-    "oauthenticator.oauth2",
-    "OAuthenticator._client_secret_default",
-    "hub/auth.py: client_secret's default after client_secret_file",
-    "read OAuthenticator.client_secret_env and OAUTH_CLIENT_SECRET directly",
-)
 SERVER_SIGNAL_STOP = PrivateName(
     "jupyter-server",
     "jupyter_server.serverapp",
@@ -96,9 +75,6 @@ LISTENER_SOCKET = PrivateName(
 
 #: Every private upstream name the portal relies on. Keep it short.
 PRIVATE_NAMES: tuple[PrivateName, ...] = (
-    OAUTH_SERIALIZE_STATE,
-    OAUTH_DESERIALIZE_STATE,
-    OAUTH_CLIENT_SECRET_DEFAULT,
     SERVER_SIGNAL_STOP,
     DASK_CORRECT_STATE,
     LISTENER_SOCKET,
@@ -168,23 +144,6 @@ async def wait_hub_listening(app: Any, interval: float = 0.2, within: float = 36
 
 
 # -- one accessor per name ------------------------------------------------------------------
-def oauth_serialize_state(state: dict[str, Any]) -> str:
-    """oauthenticator's encoding of the OAuth ``state`` (base64 of JSON)."""
-    return str(resolve(OAUTH_SERIALIZE_STATE)(state))
-
-
-def oauth_deserialize_state(value: str | bytes) -> dict[str, Any]:
-    """The inverse of :func:`oauth_serialize_state` ({} for a value it cannot decode)."""
-    return dict(resolve(OAUTH_DESERIALIZE_STATE)(value))
-
-
-def oauth_client_secret_default(authenticator: Any) -> str:
-    """OAuthenticator's default ``client_secret`` (``client_secret_env``, else
-    ``OAUTH_CLIENT_SECRET``) for ``authenticator``."""
-    handler = resolve(OAUTH_CLIENT_SECRET_DEFAULT)
-    return str(handler.__get__(authenticator, type(authenticator))())
-
-
 def server_signal_stop(serverapp: Any) -> Any:
     """Jupyter Server's own clean-stop signal handler of ``serverapp`` (bound)."""
     resolve(SERVER_SIGNAL_STOP)
@@ -222,9 +181,6 @@ __all__ = [
     "UpstreamChanged",
     "dask_correct_state",
     "listener_socket",
-    "oauth_client_secret_default",
-    "oauth_deserialize_state",
-    "oauth_serialize_state",
     "resolve",
     "resolve_on",
     "server_signal_stop",
