@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -302,3 +303,16 @@ def test_spawn_form_and_rest_spawn_refused_over_budget_nothing_starts(
     held = shown["holds"]
     assert [h["ref"] for h in held] == [f"server:{ALICE}/"]
     assert hub.api("DELETE", f"/users/{ALICE}/server").status_code in (202, 204)
+    # the ledger closes the server's record; the hold settles at what it really used
+    alice = token(hub, ALICE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shown = json.loads(cli(hub, "show", "course:ml101", "--period", PERIOD, "--json").stdout)
+        if not shown["holds"]:
+            break
+        time.sleep(1)
+    assert shown["holds"] == [], shown
+    used = 0.1 - left(hub, alice)
+    # seconds of 1/7 GPU: more than nothing, far less than the 30 min held
+    assert 0 < used < 30 / 60 / 7 / 4, used
+    assert 0 < shown["settled"] == pytest.approx(used, abs=1e-6)
