@@ -87,9 +87,29 @@ class LedgerError(ValueError):
     """A ledger operation that cannot be done; the message names the field."""
 
 
-def slurm_end_reason(state: str) -> str | None:
-    """The end reason of a job in Slurm ``state``; None while it is not final."""
-    return SLURM_END_REASONS.get(state.split()[0].upper() if state else "")
+def slurm_end_reason(
+    state: str,
+    *,
+    seconds: float | None = None,
+    walltime_minutes: int = 0,
+    warning_s: float = 0,
+) -> str | None:
+    """The end reason of a job in Slurm ``state``; None while it is not final.
+
+    A server is told ``warning_s`` before its walltime that it must stop (SIGTERM), and
+    its job then ends COMPLETED or FAILED: after ``seconds`` of a ``walltime_minutes``
+    walltime, such an end within the warning counts as ``walltime``, not ``died``.
+    """
+    reason = SLURM_END_REASONS.get(state.split()[0].upper() if state else "")
+    if (
+        reason == "died"
+        and state != "GONE"
+        and walltime_minutes > 0
+        and seconds is not None
+        and seconds >= walltime_minutes * 60 - warning_s
+    ):
+        return "walltime"
+    return reason
 
 
 @dataclass(frozen=True)

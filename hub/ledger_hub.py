@@ -144,11 +144,15 @@ class HubLedger:
             return
         if job_id not in rec.job_ids:
             rec = live.record = ledger.attach(rec.id, job_ids=[job_id])
-        if not getattr(spawner, "stop_reason", ""):
-            self._close(ledger, live, own or "stopped", now, basis)
-            return
         info = spawner.poller.info(job_id)
-        reason = own or (L.slurm_end_reason(info.state) if info is not None else None)
+        if not getattr(spawner, "stop_reason", ""):
+            # The hub stopped it (its scancel: CANCELLED), unless the job had already ended
+            # by itself, e.g. while the server was starting.
+            ended = info is not None and not info.active and info.state != "CANCELLED"
+            why = _job_reason(rec, info.state, now) if ended and info is not None else None
+            self._close(ledger, live, own or why or "stopped", now, basis)
+            return
+        reason = own or (_job_reason(rec, info.state, now) if info is not None else None)
         if reason is not None:
             self._close(ledger, live, reason, now, basis)
             return
@@ -226,7 +230,7 @@ class HubLedger:
         infos = [poller.jobs.get(j) for j in rec.job_ids]
         if any(i is None for i in infos):
             return
-        reasons = [L.slurm_end_reason(i.state) for i in infos]
+        reasons = [_job_reason(rec, i.state, live.end_seen or now) for i in infos]
         if any(r is None for r in reasons):
             if live.end_seen is None and any(i.ended for i in infos):
                 live.end_seen = now
@@ -255,6 +259,19 @@ class HubLedger:
         self.ready = True
         if poller is not None and any(lv.tracked_by_us for lv in self.live.values()):
             await poller.refresh()  # joins, or is, the poll the re-adopted servers need
+
+
+def _job_reason(rec: L.Record, state: str, end: float) -> str | None:
+    """Why a record's Slurm job ended: its final state, the walltime warning included."""
+    from sovereign_portal.spawners.slurm.jobscript import WALLTIME_WARNING_S
+
+    start = rec.started_at if rec.started_at is not None else end
+    return L.slurm_end_reason(
+        state,
+        seconds=end - start,
+        walltime_minutes=rec.walltime_minutes,
+        warning_s=WALLTIME_WARNING_S,
+    )
 
 
 async def _call(hook: Any, spawner: Any) -> None:

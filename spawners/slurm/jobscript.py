@@ -20,6 +20,10 @@ from ..images import JOB_ENV
 from ..request import Resolved
 
 #: The job name of every portal server job; the comment carries the signed tag.
+#: Seconds before the walltime at which the server is sent SIGTERM (``--signal``), so it
+#: shuts down cleanly; its job then ends COMPLETED or FAILED, not TIMEOUT. The ledger
+#: counts such an end as the walltime.
+WALLTIME_WARNING_S = 60
 JOB_NAME = "sovereign-portal"
 COMMENT_PREFIX = "sovereign-portal:"
 
@@ -151,7 +155,7 @@ def sbatch_directives(spec: JobSpec) -> list[str]:
         f"--output={spec.output}",
         "--export=NONE",
         "--no-requeue",
-        "--signal=B:TERM@60",
+        f"--signal=B:TERM@{WALLTIME_WARNING_S}",
         *spec.extra_sbatch,
     ]
     return out

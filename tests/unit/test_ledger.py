@@ -110,6 +110,26 @@ def test_slurm_states_map_to_end_reasons(state: str, reason: str | None) -> None
     assert L.slurm_end_reason(state) == reason
 
 
+@pytest.mark.parametrize(
+    ("state", "seconds", "walltime", "reason"),
+    [
+        ("COMPLETED", 3550, 60, "walltime"),  # stopped by the 60 s warning before the limit
+        ("FAILED", 3541, 60, "walltime"),
+        ("FAILED", 3539, 60, "died"),  # before the warning: it died by itself
+        ("COMPLETED", 20, 1, "walltime"),  # a 1-minute walltime is all warning
+        ("GONE", 3599, 60, "died"),  # no final state: nothing says why
+        ("CANCELLED", 3590, 60, "scancel"),
+        ("TIMEOUT", 3600, 60, "walltime"),
+        ("COMPLETED", 3590, 0, "died"),  # no walltime known
+    ],
+)
+def test_an_end_within_the_walltime_warning_is_walltime(
+    state: str, seconds: float, walltime: int, reason: str
+) -> None:
+    got = L.slurm_end_reason(state, seconds=seconds, walltime_minutes=walltime, warning_s=60)
+    assert got == reason
+
+
 def test_close_counts_from_the_start_not_the_admission() -> None:
     rec = L.open_record(resolved(gpus=1), user="ada", now=T0)
     assert L.close(rec, ended_at=T0 + 100, reason="died").amounts.gpu_seconds == 100  # type: ignore[union-attr]
