@@ -23,7 +23,7 @@ from urllib.parse import quote
 from .site import NodeType
 from .sizes import Size
 
-_MIG_NAME = re.compile(r"(\d+g\.\d+gb(?:\+me)?)")
+_MIG_NAME = re.compile(r"([0-9]+g\.[0-9]+gb(?:\+me)?)")
 _MODEL = {"H100": "h100", "H200": "h200", "B200": "b200"}
 
 

@@ -76,7 +76,7 @@ def comment_tag(comment: str) -> str | None:
 
 def comment_port(comment: str, tag: str) -> int | None:
     """The port a job reported in its comment, if the comment is exactly ours."""
-    m = re.fullmatch(re.escape(COMMENT_PREFIX + tag) + r":port=(\d{4,5})", comment)
+    m = re.fullmatch(re.escape(COMMENT_PREFIX + tag) + r":port=([0-9]{4,5})", comment)
     if not m:
         return None
     port = int(m.group(1))

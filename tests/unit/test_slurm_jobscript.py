@@ -90,6 +90,9 @@ def test_tags_are_signed() -> None:
     assert comment_port(f"sovereign-portal:{TAG}:port=4242", TAG) == 4242
     assert comment_port(f"sovereign-portal:{TAG}:port=22", TAG) is None
     assert comment_port(f"sovereign-portal:{TAG}:port=4242;host=evil", TAG) is None
+    # The comment is user-editable: non-ASCII digits that re's \d would take are refused.
+    assert comment_port(f"sovereign-portal:{TAG}:port=\u0664\u0662\u0664\u0662", TAG) is None
+    assert comment_port(f"sovereign-portal:{TAG}:port=\uff14\uff12\uff14\uff12", TAG) is None
 
 
 def test_launcher_is_standalone_and_agrees_on_the_comment_format() -> None:
