@@ -484,6 +484,30 @@ class BudgetStore:
             )
             return d
 
+    def live_balance(
+        self, key: str, user: str | None, live: Mapping[str, float], now: datetime | None = None
+    ) -> Balance | None:
+        """The balance of budget ``key`` with running jobs at what they used so far:
+        ``live`` maps a hold's ref to its usage until now (in the budget's unit), which
+        replaces that hold. None when the budget is gone."""
+        t = now or utcnow()
+        with self.store.begin() as s:
+            for row, b in self._budgets(s):
+                if b.key != key:
+                    continue
+                self._settle_from_ledger(s, row.id)
+                q = select(BudgetCharge).where(
+                    BudgetCharge.budget_id == row.id, BudgetCharge.state != RELEASED
+                )
+                charges = []
+                for r in s.scalars(q):
+                    if r.state == HELD and r.ref in live:
+                        charges.append(Charge(key, r.user, live[r.ref], settled=True))
+                    elif (c := _charge(key, r, t)) is not None:
+                        charges.append(c)
+                return balance_of(b, charges, user, self._allowances(s, row.id))
+        return None
+
     def admit_resolved(
         self,
         user: str,
@@ -653,6 +677,20 @@ class BudgetPolicy(Configurable):
         user is warned: on the spawn form, in the widget's cost line and in
         GET api/budgets. 1.0 (spent) always shows as 100 %.""",
     )
+    grace_seconds = Int(
+        300,
+        config=True,
+        help="""How long a running notebook server may stay over 100 % of its budget (what
+        is settled plus what its running servers have used so far) before the hub stops it;
+        its ledger record then ends with reason "budget". Holds make this rare: it happens
+        when an operator lowers a budget or an allowance below what is already used.""",
+    )
+    check_interval_seconds = Int(
+        60,
+        config=True,
+        help="""Seconds between the hub's checks of running servers against their budgets
+        (one query per budget that has running servers; no scheduler call).""",
+    )
     periods = Dict(
         config=True,
         help="""Budget periods by name, each {"start": ISO date, "end": ISO date}, e.g.
@@ -715,6 +753,11 @@ class SpawnBudgetGate:
     def __init__(self, previous_pre: Any = None, previous_post: Any = None) -> None:
         self._stores: dict[str, BudgetStore] = {}
         self._previous = (previous_pre, previous_post)
+        #: ref -> (spawner, budget key) of the servers admitted against a budget
+        self._running: dict[str, tuple[Any, str]] = {}
+        self._over_since: dict[tuple[str, str], float] = {}
+        self._watch: Any = None
+        self._grace = BudgetPolicy.grace_seconds.default_value
 
     def __deepcopy__(self, memo: Any) -> SpawnBudgetGate:
         # traitlets deep-copies config values (the hooks are bound methods of this gate):
@@ -786,6 +829,8 @@ class SpawnBudgetGate:
             # the ledger record (hub/ledger_hub.py) charges the budget that admitted it
             owner = Owner.parse(d.budget.rsplit("@", 1)[0])
             spawner.ledger_charge_to = (owner.kind, owner.id)
+            self._running[ref] = (spawner, d.budget)
+            self._start_watch(policy)
         if d.shortened:
             spawner.log.info("Budget shortened %s: %s", spawner.user.name, d.message)
             spawner.user_options = {
@@ -799,6 +844,7 @@ class SpawnBudgetGate:
 
         try:
             if getattr(spawner, "resolved", None) is not None:
+                self._running.pop(self.ref(spawner), None)
                 bs, _ = self._store(spawner)
                 bs.release_unrecorded(self.ref(spawner))
         finally:
@@ -806,3 +852,62 @@ class SpawnBudgetGate:
                 out = self._previous[1](spawner)
                 if inspect.isawaitable(out):
                     await out
+
+    # -- while servers run: 100 % of the budget, after the grace, stops them ---------------
+    def _start_watch(self, policy: BudgetPolicy) -> None:
+        if self._watch is not None:
+            return
+        from tornado.ioloop import PeriodicCallback
+
+        self._grace = policy.grace_seconds
+        self._watch = PeriodicCallback(self.check, policy.check_interval_seconds * 1000)
+        self._watch.start()
+
+    async def check(self, now: float | None = None) -> list[str]:
+        """Stop the servers whose budget has been over 100 % for longer than the grace.
+        Returns the refs stopped (their ledger records end with reason "budget")."""
+        import time as _time
+
+        from .budgets import amount_in, over_budget
+        from .ledger import amounts_for
+        from .ledger_store import LedgerStore
+
+        t = _time.time() if now is None else now
+        stopped: list[str] = []
+        for ref, (spawner, key) in list(self._running.items()):
+            try:
+                bs, _ = self._store(spawner)
+                ledger = LedgerStore(bs.store)
+                live: dict[str, float] = {}
+                unit = bs.get(*key.rsplit("@", 1)).unit
+                for other, (_sp, k) in self._running.items():
+                    if k != key:
+                        continue
+                    rec = ledger.open_for(other)
+                    if rec is not None:
+                        start = rec.started_at if rec.started_at is not None else rec.opened_at
+                        used = amounts_for(rec.rates, max(0.0, t - start))
+                        live[other] = amount_in(used, unit)
+                bal = bs.live_balance(key, spawner.user.name, live)
+                if bal is None:
+                    continue
+                mark = (key, spawner.user.name)
+                if bal.used_fraction < 1.0 - 1e-9:
+                    self._over_since.pop(mark, None)
+                    continue
+                since = self._over_since.setdefault(mark, t)
+                if not over_budget(bal, since, t, self._grace):
+                    continue
+                spawner.log.warning(
+                    "Budget %s is spent (%s): stopping the server of %s",
+                    key,
+                    bal.to_json()["banner"],
+                    spawner.user.name,
+                )
+                spawner.ledger_end_reason = "budget"
+                self._running.pop(ref, None)
+                await spawner.user.stop(spawner.name)
+                stopped.append(ref)
+            except Exception:  # one server's trouble never stops the watch
+                spawner.log.exception("Budget check of %s failed", ref)
+        return stopped
