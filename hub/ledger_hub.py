@@ -263,14 +263,14 @@ class HubLedger:
 
 def _job_reason(rec: L.Record, state: str, end: float) -> str | None:
     """Why a record's Slurm job ended: its final state, the walltime warning included."""
-    from sovereign_portal.spawners.slurm.jobscript import WALLTIME_WARNING_S
+    from sovereign_portal.spawners.slurm.jobscript import SIGNAL_RESOLUTION_S, WALLTIME_WARNING_S
 
     start = rec.started_at if rec.started_at is not None else end
     return L.slurm_end_reason(
         state,
         seconds=end - start,
         walltime_minutes=rec.walltime_minutes,
-        warning_s=WALLTIME_WARNING_S,
+        warning_s=WALLTIME_WARNING_S + SIGNAL_RESOLUTION_S,
     )
 
 

@@ -24,6 +24,9 @@ from ..request import Resolved
 #: shuts down cleanly; its job then ends COMPLETED or FAILED, not TIMEOUT. The ledger
 #: counts such an end as the walltime.
 WALLTIME_WARNING_S = 60
+#: Slurm may send that signal up to this many seconds earlier than asked (its event
+#: resolution, see ``sbatch --signal``).
+SIGNAL_RESOLUTION_S = 60
 JOB_NAME = "sovereign-portal"
 COMMENT_PREFIX = "sovereign-portal:"
 

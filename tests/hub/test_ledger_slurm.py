@@ -228,9 +228,9 @@ def test_walltime_is_walltime(
     hub: HubProcess, ledger: LedgerStore, slurm_cluster: SlurmCluster
 ) -> None:
     """A two-minute walltime. The job asks Slurm to send the server SIGTERM a minute before
-    its limit (``--signal=B:TERM@60``): the server is told at slurmctld's first check (every
-    30 s) past the first minute and shuts down, so its job ends COMPLETED or FAILED, not
-    TIMEOUT. The ledger counts it as the walltime all the same."""
+    its limit (``--signal=B:TERM@60``, which Slurm may send up to a minute earlier still):
+    the server shuts down, so its job ends COMPLETED or FAILED, not TIMEOUT. The ledger
+    counts it as the walltime all the same."""
     job, rec = spawn(hub, ledger, slurm_cluster, "spbob", gpus=1, walltime_minutes=2)
     done = closed(hub, ledger, rec.id, timeout=120 + 30 + 60)
     assert done.end_reason == "walltime"
@@ -238,7 +238,7 @@ def test_walltime_is_walltime(
     final = slurm_cluster.run(["squeue", "-h", "-t", "all", "-j", job["id"], "-o", "%T"])
     assert final.stdout.strip() in ("COMPLETED", "FAILED", "TIMEOUT"), final.stdout
     ran = (done.ended_at or 0) - (done.started_at or 0)
-    assert 30 <= ran <= 120 + 30 + 30, ran
+    assert 0 < ran <= 120 + 30 + 30, ran
 
 
 def test_the_chain_holds_and_nothing_is_left_open(hub: HubProcess, ledger: LedgerStore) -> None:
