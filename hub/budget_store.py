@@ -723,13 +723,21 @@ class BudgetPolicy(Configurable):
             raise ValueError("BudgetPolicy.warn_at: fractions between 0 and 1, e.g. [0.8, 0.95]")
         return sorted(values)
 
-    def open(self, *, apply: bool = True) -> BudgetStore:
-        """The budget store on the portal database (``c.PortalDatabase``), with the config's
-        periods and budgets applied."""
+    def database_configured(self) -> bool:
+        """Whether a portal database was named (config or the hub's environment)."""
+        import os
+
+        return bool(os.environ.get(DB_URL_ENV)) or "url" in self.config.get("PortalDatabase", {})
+
+    def open(self, *, apply: bool = True, url: str | None = None) -> BudgetStore:
+        """The budget store on the portal database (``c.PortalDatabase``, or ``url``), with
+        the config's periods and budgets applied."""
         import os
 
         db = PortalDatabase(parent=self)
-        if os.environ.get(DB_URL_ENV) and "url" not in self.config.get("PortalDatabase", {}):
+        if url is not None:
+            db.url = url
+        elif os.environ.get(DB_URL_ENV) and "url" not in self.config.get("PortalDatabase", {}):
             db.url = os.environ[DB_URL_ENV]
         bs = BudgetStore(db.open())
         if apply and (self.periods or self.budgets):

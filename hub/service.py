@@ -216,7 +216,18 @@ class PortalService(Application):
         """The budget store on the portal database (opened, and the config's budgets
         applied, on first use: :meth:`start` does it before listening)."""
         if self._budgets is None:
-            self._budgets = self.budget_policy.open()
+            policy = self.budget_policy
+            if policy.database_configured():
+                self._budgets = policy.open()
+            else:
+                # A bare service (no hub wiring, e.g. the extension's tests): nothing is
+                # written to a stray ./portal.sqlite; an empty in-memory store has no budgets.
+                self.log.warning(
+                    "No portal database configured (c.PortalDatabase.url or %s): budgets are "
+                    "not checked for compute sessions; wire the service with configure()",
+                    DB_URL_ENV,
+                )
+                self._budgets = policy.open(url="sqlite://")
         return self._budgets
 
     def budget_step(self, caller: Caller, ref: str) -> BudgetStep:
@@ -769,6 +780,8 @@ def configure_hub(c: Any, site_path: str | None = None, **kw: Any) -> dict[str, 
     Adds the service, its role, the access scope on each server's token, and the
     service URL to each server's environment. Returns the service entry.
     """
+    if "db_url" not in kw and "url" in c.PortalDatabase:
+        kw["db_url"] = c.PortalDatabase.url  # the hub's own portal database, for budgets
     svc = service_config(site_path, **kw)
     name = svc["name"]
     c.JupyterHub.services = [*list(c.JupyterHub.get("services", [])), svc]
