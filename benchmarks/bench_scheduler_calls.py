@@ -162,10 +162,14 @@ svc["command"].append("--PortalService.session_poll_interval={INTERVAL}")
         env={"SLURM_CONF": str(cluster.conf)},
         poll_interval=round(INTERVAL),
     )
-    hub.start()
+    try:
+        hub.start()
+    except BaseException:
+        cluster.down()
+        raise
     users = bench_users(a.servers)
     sessions = Sessions(hub)
-    results: list[tuple[int, float, float]] = []
+    results: list[tuple[int, int, float, float]] = []
     try:
         running: list[str] = []
         for n in sorted({1, min(10, a.servers), a.servers}):
@@ -179,34 +183,32 @@ svc["command"].append("--PortalService.session_poll_interval={INTERVAL}")
             alone = per_interval(cluster, a.intervals)
             t1 = time.monotonic()
             refused = [u for u in new if not sessions.create(u)]
-            if refused:
+            stuck = sessions.wait_ready([u for u in new if u not in refused], timeout=900)
+            ready = len(sessions.ids) - len(stuck)
+            if refused or stuck:
                 print(
-                    f"{len(refused)} of {n} sessions could not be started; stopping at "
-                    f"{n - len(refused)} sessions"
+                    f"{len(refused)} of {n} sessions could not be started and {len(stuck)} "
+                    f"did not get ready: measuring with {ready} sessions in {n} servers",
+                    flush=True,
                 )
-                break
-            stuck = sessions.wait_ready(new, timeout=900)
-            if stuck:
-                print(
-                    f"{len(stuck)} of {n} sessions not ready (e.g. {stuck[0]}: "
-                    f"{sessions.state(stuck[0])}); stopping at {n - len(stuck)} sessions"
-                )
+            if ready <= (results[-1][1] if results else 0):
                 break
             with_sessions = per_interval(cluster, a.intervals)
-            results.append((n, alone, with_sessions))
+            results.append((n, ready, alone, with_sessions))
             print(
-                f"{n:>2} servers (started in {took:.0f}s), each with a running Slurm Dask "
+                f"{n:>2} servers (started in {took:.0f}s), {ready} with a running Slurm Dask "
                 f"session (ready in {time.monotonic() - t1:.0f}s): squeue RPCs per "
                 f"{INTERVAL:g}s interval: before their sessions {alone:.2f}, with them "
                 f"{with_sessions:.2f}",
                 flush=True,
             )
         if results:
-            s1 = results[0][2]
+            s1 = results[0][3]
             print(f"\nscheduler job-info RPCs per interval (sdiag), {a.intervals} intervals each:")
-            print(f"{'servers':>8} {'before':>7} {'+sessions':>10} {'ratio to 1':>11}")
-            for n, alone, with_s in results:
-                print(f"{n:>8} {alone:>7.2f} {with_s:>10.2f} {with_s / s1 if s1 else 0:>11.2f}")
+            print(f"{'servers':>8} {'sessions':>9} {'before':>7} {'+sessions':>10} {'ratio':>6}")
+            for n, ready, alone, with_s in results:
+                ratio = with_s / s1 if s1 else 0
+                print(f"{n:>8} {ready:>9} {alone:>7.2f} {with_s:>10.2f} {ratio:>6.2f}")
             print(
                 "goal: one query per interval per polling process (hub spawner poller + "
                 "portal service = 2 with both running), independent of the count"
