@@ -102,18 +102,34 @@ def fill(store: PortalStore, n: int, owners: int) -> float:
     return time.perf_counter() - t
 
 
+PHASES: dict[str, list[float]] = {}
+
+
 def measure(ledger: LedgerStore, ops: int, owners: int) -> list[float]:
+    """Latency (ms) of each op; each phase's own times go to :data:`PHASES`."""
     rnd = random.Random(1)
     out = []
+    PHASES.clear()
     for _ in range(ops):
         u = rnd.randrange(owners)
         t = time.perf_counter()
         rec = L.open_record(RESOLVED, user=f"u{u}", now=time.time(), source=f"server:u{u}/")
         ledger.open(rec)
+        t1 = time.perf_counter()
         ledger.close(rec.id, reason="stopped")
+        t2 = time.perf_counter()
         ledger.balance("user", f"u{u}")
-        out.append((time.perf_counter() - t) * 1000)
+        t3 = time.perf_counter()
+        out.append((t3 - t) * 1000)
+        for name, d in (("open", t1 - t), ("close", t2 - t1), ("balance", t3 - t2)):
+            PHASES.setdefault(name, []).append(d * 1000)
     return out
+
+
+def phases() -> str:
+    return ", ".join(
+        f"{k} p50 {statistics.median(v):.2f} p99 {pct(v, 99):.2f}" for k, v in PHASES.items()
+    )
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -147,6 +163,7 @@ def bench(name: str, rows: int, ops: int, owners: int) -> dict[str, float]:
                 conn.execute(text("UPDATE ledger_chain SET seq = 0 WHERE id = 1"))
             took = fill(store, rows, owners)
             full = measure(ledger, ops, owners)
+            split = phases()
         finally:
             store.dispose()
     res = {
@@ -164,6 +181,7 @@ def bench(name: str, rows: int, ops: int, owners: int) -> dict[str, float]:
         + ("met" if res["full_p99"] <= 20 else "NOT met"),
         flush=True,
     )
+    print(f"{'':<10} at {rows:,} rows, by phase (ms): {split}", flush=True)
     return res
 
 
