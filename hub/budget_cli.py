@@ -4,7 +4,10 @@
   --kwh N) [--per-student N]``: create or change a budget (OWNER is ``course:ml101``,
   ``project:<id>`` or ``user:<name>``); ``--start``/``--end`` define the period too;
 - ``budgets list [--period NAME]``: every budget with what is left;
-- ``budgets show OWNER --period NAME``: one budget, its holds and allowances.
+- ``budgets show OWNER --period NAME``: one budget, its holds and allowances;
+- ``budgets sync [--check]``: push course and project budgets into Slurm (one account each,
+  ``GrpTRESMins``, the NoDecay QOS, user associations; :mod:`.budget_sync`); ``--check``
+  changes nothing and exits 1 when Slurm differs from the portal.
 
 Every command takes ``--db URL`` (default ``<state-dir>/portal.sqlite``) and ``--json``.
 Bad input is an error that names the option (exit 2), and nothing changes.
@@ -148,6 +151,60 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    from pathlib import Path
+
+    from sovereign_portal.spawners.slurm import accounting
+    from sovereign_portal.spawners.slurm.client import SchedulerError
+
+    from .budget_sync import plan
+    from .cli import CLIError
+
+    bs = _store(args)
+    hub_file = Path(args.state_dir).resolve() / "jupyterhub.sqlite"
+    if not args.hub_db and not hub_file.exists():
+        raise CLIError(f"--hub-db: no hub database at {hub_file}; give --hub-db URL")
+    hub_db = args.hub_db or f"sqlite:///{hub_file}"
+    if "{username}" not in args.unix_user:
+        raise CLIError(f"--unix-user: must contain {{username}}, got {args.unix_user!r}")
+    try:
+        want, notes = plan(bs, hub_db, args.unix_user)
+    except accounting.AccountingError as e:
+        raise CLIError(str(e)) from None
+    except Exception as e:  # the hub database could not be read
+        raise CLIError(f"--hub-db: cannot read hub groups: {type(e).__name__}: {e}") from None
+    env = dict(os.environ)
+    if args.slurm_conf:
+        env["SLURM_CONF"] = args.slurm_conf
+    try:
+        drift = accounting.diff(want, asyncio.run(accounting.read_state(env)))
+        done = [] if args.check else asyncio.run(accounting.apply(drift, env))
+    except (SchedulerError, OSError) as e:
+        raise CLIError(f"sacctmgr: {e}") from None
+    if args.json:
+        out = {
+            "accounts": [
+                {"account": w.account, "gpu_minutes": w.gpu_minutes, "users": sorted(w.users)}
+                for w in want
+            ],
+            "drift": [d.to_json() for d in drift],
+            "changed": done,
+            "notes": notes,
+        }
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for n in notes:
+            print(f"note: {n}")
+        for d in drift:
+            print(f"{'drift' if args.check else 'fixed'}: {d.detail}")
+        if not drift:
+            print(f"in sync: {len(want)} account(s)")
+    return 1 if args.check and drift else 0
+
+
 def add_parsers(sub: Any) -> None:
     """Add ``budgets set|list|show`` to the ``sovereign-portal`` parser."""
     from .cli import _add_db_args
@@ -180,3 +237,26 @@ def add_parsers(sub: Any) -> None:
     sh.add_argument("--json", action="store_true", help="JSON output for scripts")
     _add_db_args(sh)
     sh.set_defaults(func=cmd_show)
+
+    sy = bsub.add_parser("sync", help="push course and project budgets into Slurm (slurmdbd)")
+    sy.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; report drift between the portal and Slurm (exit 1 if any)",
+    )
+    sy.add_argument(
+        "--hub-db",
+        metavar="URL",
+        help="JupyterHub's database, for the members of course-<id>/project-<id> groups; "
+        "default: <state-dir>/jupyterhub.sqlite",
+    )
+    sy.add_argument(
+        "--unix-user",
+        default="{username}",
+        metavar="TEMPLATE",
+        help="the Unix user of a hub user (as c.SlurmGPUSpawner.unix_user_template)",
+    )
+    sy.add_argument("--slurm-conf", metavar="PATH", help="slurm.conf (default: $SLURM_CONF)")
+    sy.add_argument("--json", action="store_true", help="JSON output for scripts")
+    _add_db_args(sy)
+    sy.set_defaults(func=cmd_sync)

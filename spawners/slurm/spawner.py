@@ -34,7 +34,7 @@ from typing import Any
 
 from jupyterhub.spawner import Spawner, SpawnException
 from tornado import web
-from traitlets import Dict, Float, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Float, List, TraitError, Unicode, default, validate
 
 from ..accounts import SystemAccountError, UnixAccountPolicy
 from ..base import PortalSpawnerMixin
@@ -192,6 +192,21 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         60.0,
         config=True,
         help="Seconds stop() waits for Slurm to report the cancelled job gone.",
+    )
+    slurm_accounting = Bool(
+        False,
+        config=True,
+        help="""Whether this site runs Slurm accounting (slurmdbd) with budgets pushed into
+        it (`sovereign-portal budgets sync`). Then every job gets --account: the account of
+        the course or project budget it charges (sp-course-<id>, sp-project-<id>), else the
+        partition's account, else default_account; with none of them the spawn is refused.""",
+    )
+    default_account = Unicode(
+        "",
+        config=True,
+        help="""Slurm account (--account) of a job that charges no course or project budget
+        (a user budget, or no budget), when its partition names none. Empty: no --account
+        for such jobs, which slurm_accounting does not allow.""",
     )
     extra_sbatch_args = List(
         Unicode(),
@@ -397,10 +412,32 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             server_args=args,
             env={**self.job_env(hub_env), **self.portal_env(resolved)},
             ip=self.server_ip,
+            account=self.slurm_account(resolved),
             extra_sbatch=list(self.extra_sbatch_args),
             image_argv=self.image_argv(resolved),
             image_command=list(self.image_command),
         )
+
+    def slurm_account(self, resolved: Resolved) -> str | None:
+        """``--account`` of this server's job (:func:`.accounting.job_account`): the budget
+        the spawn charges (``ledger_charge_to``, set by the budget gate), else the partition's
+        or the default account."""
+        from .accounting import AccountingError, job_account
+
+        try:
+            return job_account(
+                getattr(self, "ledger_charge_to", None),
+                self.default_account,
+                resolved.partition.account,
+                self.slurm_accounting,
+            )
+        except AccountingError as e:
+            raise self.portal_error(
+                Forbidden(
+                    f"This server cannot be charged to a Slurm account: {e}",
+                    reason="no_slurm_account",
+                )
+            ) from None
 
     def render_job(
         self, resolved: Resolved, tag: str, hub_env: Mapping[str, str] | None = None
