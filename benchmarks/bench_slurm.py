@@ -39,6 +39,7 @@ from sovereign_portal.spawners.local import SOVEREIGN_LAB_ARGS
 
 from tests.support.hub import HubProcess
 from tests.support.paths import free_port
+from tests.support.sdiag import job_info_rpcs
 from tests.support.slurm_cluster import SITE_FILE, TEST_USERS, Node, SlurmCluster
 
 USER = "spalice"
@@ -71,15 +72,6 @@ def rss_mb(pid: int) -> float:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def job_info_rpcs(cluster: SlurmCluster) -> int:
-    """slurmctld's count of job-info RPCs (what squeue sends), from sdiag."""
-    out = cluster.run(["sdiag"]).stdout
-    total = 0
-    for m in re.finditer(r"^\s*(REQUEST_JOB_INFO\w*)\s+\(\s*\d+\)\s+count:(\d+)", out, re.M):
-        total += int(m.group(2))
-    return total
 
 
 def bare_sbatch(cluster: SlurmCluster, hub: HubProcess, python: str) -> float:
