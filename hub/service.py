@@ -58,7 +58,7 @@ from sovereign_portal.spawners.strict import MAX_JSON_BYTES, loads_json, parse_i
 from tornado import httpclient, web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
-from traitlets import Dict, Float, Int, List, Unicode, default
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 from traitlets.config import Application
 
 from . import lifeline
@@ -73,6 +73,7 @@ from .admission import (
     role_of,
 )
 from .budget_store import BUDGETS_ENV, DB_URL_ENV, BudgetPolicy, BudgetStore
+from .budget_sync import AccountingError, with_account
 from .budgets import BudgetError
 from .claims import COURSE_GROUP, INSTRUCTOR_GROUP
 from .session_jobs import JobsRequestError, SessionJobs, parse_job_ids
@@ -172,6 +173,14 @@ class PortalService(Application):
         servers ask the service (long-poll), never the scheduler. A session whose jobs end
         behind the portal's back ends within one interval.""",
     )
+    queue_snapshot_file = Unicode(
+        "",
+        config=True,
+        help="""The hub's queue snapshot (`SlurmGPUSpawner.queue_snapshot_file`, which
+        `configure_hub` passes on): the service and the hub's spawners then share one
+        whole-queue squeue per interval, whichever polls first. Empty: the service polls on
+        its own.""",
+    )
     queue_cache_seconds = Float(
         5.0,
         config=True,
@@ -189,6 +198,22 @@ class PortalService(Application):
         "auto",
         config=True,
         help='Where local devices come from: "auto", "nvml" or "declared" (as the spawner).',
+    )
+    slurm_accounting = Bool(
+        False,
+        config=True,
+        help="""Whether the site runs Slurm accounting (slurmdbd) with budgets pushed into it
+        (`sovereign-portal budgets sync`); as c.SlurmGPUSpawner.slurm_accounting, which
+        configure_hub passes on. Then every compute session's jobs get --account: the
+        account of the course or project budget the grant charges, else the partition's
+        account, else default_account; with none of them the grant is refused.""",
+    )
+    default_account = Unicode(
+        "",
+        config=True,
+        help="""Slurm account (--account) of a compute session that charges no course or
+        project budget, when its partition names none (as c.SlurmGPUSpawner.default_account,
+        which configure_hub passes on).""",
     )
     ip = Unicode("127.0.0.1", config=True, help="Address to listen on (default from the URL).")
     port = Int(0, config=True, help="Port to listen on (default from $JUPYTERHUB_SERVICE_URL).")
@@ -385,6 +410,7 @@ class PortalService(Application):
             self._session_jobs = SessionJobs(
                 lambda: SlurmCLI(env=slurm_env(), squeue=self.squeue, timeout=20),
                 self.session_poll_interval,
+                snapshot_file=self.queue_snapshot_file,
             )
         return self._session_jobs
 
@@ -641,6 +667,12 @@ class GrantsHandler(_BodyBase):
         from dataclasses import replace
 
         grant = replace(grant, budget=step.budget)
+        if grant.backend == "slurm":
+            try:
+                grant = with_account(grant, p.default_account, p.slurm_accounting)
+            except AccountingError as e:
+                p.budgets.release(ref)  # nothing was granted: nothing stays held
+                raise Forbidden(str(e), reason="no_slurm_account") from None
         if grant.backend == "local":
             try:
                 grant = replace(grant, devices=p.lease_devices(grant))
@@ -723,6 +755,9 @@ def service_config(
     db_url: str | None = None,
     budgets: dict[str, Any] | None = None,
     shorten_walltime: bool = False,
+    slurm_accounting: bool = False,
+    default_account: str = "",
+    queue_snapshot_file: str = "",
 ) -> dict[str, Any]:
     """The ``c.JupyterHub.services`` entry that runs the portal service under the hub.
 
@@ -741,6 +776,14 @@ def service_config(
         cmd.append(f"--PortalService.lease_file={Path(lease_file).resolve()}")
     if shorten_walltime:
         cmd.append("--BudgetPolicy.shorten_walltime=True")
+    if slurm_accounting:
+        cmd.append("--PortalService.slurm_accounting=True")
+    if queue_snapshot_file:
+        cmd.append(f"--PortalService.queue_snapshot_file={Path(queue_snapshot_file).resolve()}")
+    if default_account:
+        from sovereign_portal.spawners.slurm.accounting import check_account
+
+        cmd.append(f"--PortalService.default_account={check_account(default_account)}")
     if site_path:
         cmd.append(f"--site-file={Path(site_path).resolve()}")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(extra_env or {})}
@@ -782,6 +825,17 @@ def configure_hub(c: Any, site_path: str | None = None, **kw: Any) -> dict[str, 
     """
     if "db_url" not in kw and "url" in c.PortalDatabase:
         kw["db_url"] = c.PortalDatabase.url  # the hub's own portal database, for budgets
+    # sessions get the same --account rule as notebook servers (budgets pushed into Slurm)
+    for trait in ("slurm_accounting", "default_account", "queue_snapshot_file"):
+        if trait not in kw and trait in c.SlurmGPUSpawner:
+            kw[trait] = c.SlurmGPUSpawner[trait]
+    if "queue_snapshot_file" not in kw and c.JupyterHub.get("spawner_class") in (
+        "slurm-gpu",
+        "sovereign_portal.spawners.slurm.spawner.SlurmGPUSpawner",
+    ):
+        from sovereign_portal.spawners.slurm.spawner import SlurmGPUSpawner
+
+        kw["queue_snapshot_file"] = SlurmGPUSpawner.queue_snapshot_file.default_value
     svc = service_config(site_path, **kw)
     name = svc["name"]
     c.JupyterHub.services = [*list(c.JupyterHub.get("services", [])), svc]

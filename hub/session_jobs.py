@@ -25,6 +25,7 @@ from typing import Any
 
 from sovereign_portal.spawners.slurm.client import JOB_ID, SchedulerClient
 from sovereign_portal.spawners.slurm.scheduler import JobPoller
+from sovereign_portal.spawners.slurm.snapshot import QueueSnapshot
 
 #: Most job ids one session may register (a Dask session has one job per worker group).
 MAX_JOBS_PER_SESSION = 256
@@ -72,10 +73,15 @@ class SessionJobs:
     """Every user's session jobs and one poller for them all."""
 
     def __init__(
-        self, make_client: Callable[[], SchedulerClient], interval: float, timeout: float = 20
+        self,
+        make_client: Callable[[], SchedulerClient],
+        interval: float,
+        timeout: float = 20,
+        snapshot_file: str = "",
     ) -> None:
         self._make_client = make_client
         self.interval = interval
+        self.snapshot_file = snapshot_file
         self.timeout = timeout
         self._poller: JobPoller | None = None
         self.grants: dict[str, _Watch] = {}
@@ -92,6 +98,7 @@ class SessionJobs:
                 timeout=self.timeout,
                 client=self._make_client(),
                 whole_queue=True,
+                snapshot=QueueSnapshot(self.snapshot_file) if self.snapshot_file else None,
             )
             self._poller.listeners.append(self._polled)
         return self._poller

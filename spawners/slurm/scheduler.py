@@ -39,6 +39,7 @@ from .client import (
     queue_positions,
     slurm_env,
 )
+from .snapshot import QueueSnapshot
 
 log = logging.getLogger("sovereign_portal.slurm")
 
@@ -108,8 +109,12 @@ class JobPoller:
         *,
         client: SchedulerClient | None = None,
         whole_queue: bool = False,
+        snapshot: QueueSnapshot | None = None,
     ) -> None:
         self.interval = interval
+        #: Shared with the other pollers of the portal (hub and service): one query each
+        #: interval for all of them (:mod:`.snapshot`).
+        self.snapshot = snapshot
         self.jitter = jitter
         self.fast_interval = fast_interval
         self.timeout = timeout
@@ -208,7 +213,14 @@ class JobPoller:
             return True
         self.polls += 1
         try:
-            found = await self.client.query(None if self.whole_queue else ids)
+            wanted = None if self.whole_queue else ids
+            if self.snapshot is not None:
+                base = self.fast_interval if self.hurry else self.interval
+                found = await self.snapshot.query(
+                    self.client, wanted, max_age=base * (1 + self.jitter)
+                )
+            else:
+                found = await self.client.query(wanted)
         except SchedulerError as e:
             return self._unknown(str(e))
         except (TimeoutError, OSError) as e:
@@ -261,12 +273,16 @@ class JobPoller:
                 await asyncio.wait_for(self._changed.wait(), timeout)
 
 
-_POLLERS: dict[tuple[float, float, float], JobPoller] = {}
+_POLLERS: dict[tuple[float, float, float, str], JobPoller] = {}
 
 
-def shared_poller(interval: float, jitter: float, fast_interval: float) -> JobPoller:
-    """The process-wide poller for these settings (one per hub, in practice)."""
-    key = (interval, jitter, fast_interval)
+def shared_poller(
+    interval: float, jitter: float, fast_interval: float, snapshot_file: str = ""
+) -> JobPoller:
+    """The process-wide poller for these settings (one per hub, in practice); with
+    ``snapshot_file`` its queries are shared with the portal service's (:mod:`.snapshot`)."""
+    key = (interval, jitter, fast_interval, snapshot_file)
     if key not in _POLLERS:
-        _POLLERS[key] = JobPoller(interval, jitter, fast_interval)
+        snap = QueueSnapshot(snapshot_file) if snapshot_file else None
+        _POLLERS[key] = JobPoller(interval, jitter, fast_interval, snapshot=snap)
     return _POLLERS[key]

@@ -165,6 +165,15 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         help="Poll interval while some job is being started or stopped (still one squeue "
         "for all jobs). It bounds how late the hub learns a starting job's port.",
     )
+    queue_snapshot_file = Unicode(
+        "sovereign-portal-slurm-queue.json",
+        config=True,
+        help="""File (mode 0600, relative to the hub's working directory) through which the
+        hub's spawners and the portal service share one whole-queue squeue per interval:
+        whichever polls first asks Slurm and writes it, the other reads it while it is
+        fresh. `configure_hub` passes it to the service. Empty: each process polls on its
+        own (two queries per interval).""",
+    )
     connect_poll_interval = Float(
         0.05,
         config=True,
@@ -267,7 +276,10 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     @property
     def poller(self) -> JobPoller:
         return shared_poller(
-            self.scheduler_poll_interval, self.scheduler_poll_jitter, self.scheduler_fast_interval
+            self.scheduler_poll_interval,
+            self.scheduler_poll_jitter,
+            self.scheduler_fast_interval,
+            str(Path(self.queue_snapshot_file).resolve()) if self.queue_snapshot_file else "",
         )
 
     @property
