@@ -26,9 +26,12 @@ from sovereign_portal.spawners.slurm.accounting import (
     account_name,
     check_user,
     gpu_minutes,
+    job_account,
 )
 
 from .budgets import Budget
+
+__all__ = ["AccountingError", "hub_group_members", "plan", "wanted", "with_account"]
 
 
 def hub_group_members(hub_db_url: str, groups: Iterable[str]) -> dict[str, set[str]]:
@@ -105,3 +108,21 @@ def plan(bs: Any, hub_db_url: str | None, unix_user: str) -> tuple[list[Wanted],
         b.key: bs.allowances(b.owner.id, b.period.name) for b in budgets if b.owner.kind == "course"
     }
     return wanted(budgets, members, allowances, unix_user)
+
+
+def with_account(grant: Any, default_account: str, accounting: bool) -> Any:
+    """A Slurm session's grant with the ``--account`` of the budget it charges
+    (:func:`~sovereign_portal.spawners.slurm.accounting.job_account`), in ``account`` and in
+    its ``scheduler_args`` (which the launchers pass to sbatch). AccountingError when Slurm
+    accounting is on and no account applies."""
+    from dataclasses import replace
+
+    charge = None
+    if grant.budget:
+        kind, _, ident = grant.budget.rsplit("@", 1)[0].partition(":")
+        charge = (kind, ident)
+    account = job_account(charge, default_account, grant.account, accounting)
+    args = [a for a in grant.scheduler_args if not a.startswith("--account=")]
+    if account:
+        args.append(f"--account={account}")
+    return replace(grant, account=account, scheduler_args=args)

@@ -77,11 +77,26 @@ def _cleanup(cluster: SlurmCluster) -> None:
         if not cluster.run(["squeue", "-h", "-A", ACCOUNT, "-o", "%i"], check=False).stdout.strip():
             break
         time.sleep(0.3)
+    # "Nothing deleted" (exit 1) when a test never got that far is fine
     for a in cluster.associations():
         if a.get("account") == ACCOUNT and a.get("user"):
-            cluster.sacctmgr("delete", "user", a["user"], f"Account={ACCOUNT}")
-    cluster.sacctmgr("delete", "account", ACCOUNT)
-    cluster.sacctmgr("delete", "qos", QOS)
+            cluster.run(["sacctmgr", "-i", "delete", "user", a["user"], f"Account={ACCOUNT}"])
+    if any(a.get("account") == ACCOUNT for a in cluster.associations()):
+        cluster.run(["sacctmgr", "-i", "delete", "account", ACCOUNT])
+    if QOS in cluster.run(["sacctmgr", "-nP", "show", "qos", "format=Name"]).stdout.split():
+        cluster.run(["sacctmgr", "-i", "delete", "qos", QOS])
+
+
+@pytest.fixture(autouse=True)
+def slurm_left_as_found(slurm_accounting_cluster: SlurmCluster) -> Iterator[None]:
+    """Each test deletes what it added to Slurm; the associations end as they began."""
+    c = slurm_accounting_cluster
+    before = sorted(map(str, c.associations()))
+    try:
+        yield
+    finally:
+        _cleanup(c)
+        assert sorted(map(str, c.associations())) == before
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +104,6 @@ def hub(
     slurm_accounting_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[HubProcess]:
     c = slurm_accounting_cluster
-    before = sorted(map(str, c.associations()))
     d = tmp_path_factory.mktemp("budget-sync")
     config = CONFIG.format(
         site=str(SITE_FILE), key=str(d / "tag.key"), db=f"sqlite:///{d / 'portal.sqlite'}"
@@ -99,12 +113,8 @@ def hub(
     try:
         yield h
     finally:
-        try:
-            h.close()
-            h.assert_no_egress()
-        finally:
-            _cleanup(c)
-            assert sorted(map(str, c.associations())) == before
+        h.close()
+        h.assert_no_egress()
 
 
 def progress_text(hub: HubProcess, user: str, want: str, timeout: float = 60) -> str:
@@ -192,6 +202,15 @@ def test_sync_check_drift_and_slurm_holds_the_spawn(
             time.sleep(0.5)
     assert not c.run(["squeue", "-h", "-u", USER, "-o", "%i"]).stdout.strip()
 
+    # the job-script preview (no spawn, so no budget charged yet) shows the default account
+    preview = subprocess.run(
+        [str(VENV_BIN / "sovereign-portal"), "job-script", "--config", str(hub.config_path),
+         "--user", USER, "--partition", "gpu-fr", "--size", "h100x1"],
+        env=hub.env(), cwd=hub.dir, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert preview.returncode == 0, preview.stderr
+    assert "#SBATCH --account=portal\n" in preview.stdout, preview.stdout
+
     # sync puts the portal's limit back
     r = sync(hub, c)
     assert r.returncode == 0 and "fixed:" in r.stdout, r.stdout + r.stderr
@@ -208,3 +227,86 @@ def test_sync_bad_input_names_the_option(
     r = cli(hub, c, "sync", "--state-dir", str(hub.dir / "nowhere"))
     assert r.returncode == 2 and "--hub-db" in r.stderr, r.stderr
     assert sorted(map(str, c.associations())) == before
+
+
+def test_a_session_grant_carries_its_budgets_account_and_slurm_holds_it(
+    slurm_accounting_cluster: SlurmCluster,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The real portal service grants a compute session to a course student: the grant's
+    sbatch arguments carry the course's account, and a job submitted with them (as the
+    launchers do) is held by Slurm itself when it does not fit what the account has left."""
+    import asyncio
+
+    from sovereign_portal.hub.budget_store import DB_URL_ENV
+    from sovereign_portal.spawners.slurm import accounting
+
+    from tests.support.sessions import PortalServiceThread
+
+    c = slurm_accounting_cluster
+    d = tmp_path_factory.mktemp("grant-account")
+    db = f"sqlite:///{d / 'portal.sqlite'}"
+    today = datetime.now(UTC).date()
+    span = ["--start", str(today - timedelta(days=1)), "--end", str(today + timedelta(days=9))]
+    r = subprocess.run(
+        [str(VENV_BIN / "sovereign-portal"), "budgets", "set", f"course:{COURSE}",
+         "--period", "now", *span, "--gpu-hours", "1", "--db", db],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv(DB_URL_ENV, db)
+    tokens = {
+        "tok-carol": {"name": "spcarol", "groups": [f"course-{COURSE}"]},
+        "tok-alice": {"name": "spalice", "groups": ["researcher"]},  # no course budget
+    }
+    svc = PortalServiceThread(
+        str(SITE_FILE), tokens, slurm_accounting=True, default_account=""
+    ).start()
+    try:
+        # Slurm has 1 GPU-minute left on the course account (the portal thinks 60)
+        want = accounting.Wanted(ACCOUNT, 1, frozenset({"spcarol"}))
+        env = c.env()
+        asyncio.run(
+            accounting.apply(accounting.diff([want], asyncio.run(accounting.read_state(env))), env)
+        )
+        req = {"kind": "dask", "partition": "gpu-fr", "accelerator": "h100", "gpus": 1,
+               "count": 1, "walltime_minutes": 5}  # fmt: skip
+        g = requests.post(
+            svc.url + "api/grants", json=req, headers={"Authorization": "token tok-carol"},
+            timeout=30,
+        )  # fmt: skip
+        assert g.status_code == 201, g.text
+        grant = g.json()
+        assert grant["budget"] == f"course:{COURSE}@now"
+        assert grant["account"] == ACCOUNT
+        assert [a for a in grant["scheduler_args"] if a.startswith("--account=")] == [
+            f"--account={ACCOUNT}"
+        ]
+        # no budget to charge and no default account: refused, nothing held
+        r2 = requests.post(
+            svc.url + "api/grants", json=req, headers={"Authorization": "token tok-alice"},
+            timeout=30,
+        )  # fmt: skip
+        assert r2.status_code == 403 and r2.json()["reason"] == "no_slurm_account", r2.text
+        assert "default_account" in r2.json()["error"]
+        sub = c.run(
+            ["sbatch", "--parsable", "--chdir=/tmp", "--output=/dev/null",
+             *grant["scheduler_args"]],
+            user="spcarol", input="#!/bin/bash\nsleep 1\n",
+        )  # fmt: skip
+        job = sub.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + 30
+        state = ""
+        while time.monotonic() < deadline:
+            state = c.run(["squeue", "-h", "-j", job, "-o", "%a %T %r"]).stdout.strip()
+            if "AssocGrp" in state:
+                break
+            time.sleep(0.3)
+        assert state == f"{ACCOUNT} PENDING AssocGrpGRESMinutes", state
+        requests.delete(
+            svc.url + f"api/grants/{grant['id']}", headers={"Authorization": "token tok-carol"},
+            timeout=30,
+        )  # fmt: skip
+    finally:
+        svc.stop()
