@@ -28,6 +28,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from sovereign_portal.spawners.errors import RequestRefused
+from sovereign_portal.spawners.strict import is_canonical_decimal
 
 from .admission import AdmissionError
 from .claims import CANONICAL_USERNAME_RE, COURSE_GROUP, ID_RE, PROJECT_GROUP
@@ -72,6 +73,15 @@ def parse_amount(value: Any, field: str = "amount", *, maximum: float = MAX_AMOU
     """A finite, non-negative amount no larger than ``maximum``; else BudgetError(field)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise BudgetError(field, f"must be a number, got {type(value).__name__}")
+    if isinstance(value, str) and value.startswith("-") and is_canonical_decimal(value[1:]):
+        raise BudgetError(field, f"must not be negative, got {_short(value)}")
+    if isinstance(value, str) and not is_canonical_decimal(value):
+        # float() would take "nan", " 2", "1e9" and non-ASCII digits such as "٢"
+        raise BudgetError(
+            field,
+            "must be a number written with the digits 0-9 and at most one '.', "
+            f"got {_short(value)!r}",
+        )
     try:
         x = float(value)
     except (ValueError, OverflowError):

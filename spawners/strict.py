@@ -224,11 +224,17 @@ def is_canonical_int(text: str) -> bool:
     return isinstance(text, str) and len(text) <= MAX_DIGITS and bool(_CANONICAL_INT.match(text))
 
 
+def is_canonical_decimal(text: str) -> bool:
+    """Whether ``text`` is a number as :func:`parse_decimal` takes it (``2``, ``0.25``)."""
+    return isinstance(text, str) and bool(_CANONICAL_DECIMAL.match(text))
+
+
 __all__ = [
     "MAX_DEPTH",
     "MAX_JSON_BYTES",
     "check_json_value",
     "control_character",
+    "is_canonical_decimal",
     "is_canonical_int",
     "loads_json",
     "parse_decimal",

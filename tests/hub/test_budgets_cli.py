@@ -53,9 +53,11 @@ def db(tmp_path: Path) -> str:
 
 BAD = [
     (["--gpu-hours", "-5"], "--gpu-hours: amount: must not be negative"),
-    (["--gpu-hours", "nan"], "--gpu-hours: amount: must be a finite number"),
-    (["--eur", "inf"], "--eur: amount: must be a finite number"),
-    (["--kwh", "1e99"], "--kwh: amount: 1e+99 is over the largest allowed"),
+    (["--gpu-hours", "nan"], "--gpu-hours: amount: must be a number written with the digits 0-9"),
+    (["--eur", "inf"], "--eur: amount: must be a number written with the digits 0-9"),
+    (["--eur", "\u0662"], "--eur: amount: must be a number written with the digits 0-9"),
+    (["--kwh", "1e99"], "--kwh: amount: must be a number written with the digits 0-9"),
+    (["--kwh", "20000000"], "--kwh: amount: 2e+07 is over the largest allowed"),
     (["--gpu-hours", "many"], "--gpu-hours: amount: must be a number"),
     (["--gpu-hours", "1", "--eur", "1"], "give exactly one of --gpu-hours, --eur or --kwh"),
     ([], "give exactly one of --gpu-hours, --eur or --kwh"),

@@ -98,7 +98,7 @@ def test_set_list_show_and_audit(bs: BudgetStore) -> None:
 BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("negative", {"amount": -1}, "amount", "negative"),
     ("nan", {"amount": float("nan")}, "amount", "finite"),
-    ("nan text", {"amount": "NaN"}, "amount", "finite"),
+    ("nan text", {"amount": "NaN"}, "amount", "digits 0-9"),
     ("huge", {"amount": 1e300}, "amount", "over the largest"),
     ("unknown owner kind", {"owner": "team:ml101"}, "owner", "kind must be one of"),
     ("bad owner id", {"owner": "course:ML 101"}, "owner", "not a valid course id"),
@@ -132,7 +132,7 @@ def test_bad_budget_input_names_the_field_and_changes_nothing(
 ALLOWANCE_BAD: list[tuple[str, tuple[Any, ...], str, str, int]] = [
     ("above the pool", ("ml101", "2026-autumn", SAM, 10.5), "amount", "above the pool", 400),
     ("negative", ("ml101", "2026-autumn", SAM, -2), "amount", "negative", 400),
-    ("nan", ("ml101", "2026-autumn", SAM, "nan"), "amount", "finite", 400),
+    ("nan", ("ml101", "2026-autumn", SAM, "nan"), "amount", "digits 0-9", 400),
     ("unknown course", ("cv200", "2026-autumn", SAM, 1), "course", "no budget", 404),
     ("unknown period", ("ml101", "2030", SAM, 1), "period", "unknown period", 400),
     ("bad user", ("ml101", "2026-autumn", "Sam Smith", 1), "user", "not a user name", 400),
