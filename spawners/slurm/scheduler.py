@@ -128,6 +128,7 @@ class JobPoller:
         self.listeners: list[Callable[[bool], None]] = []
         self.jobs: dict[str, JobInfo] = {}
         self.tracked: set[str] = set()
+        self.tracked_since: dict[str, float] = {}
         self.hurry: set[str] = set()  # jobs being started or stopped: poll them fast
         self.watchers: dict[str, Callable[[JobInfo], None]] = {}
         self.following: dict[str, tuple[float, Callable[[JobInfo], object]]] = {}
@@ -141,6 +142,9 @@ class JobPoller:
 
     # -- tracking -------------------------------------------------------------------------
     def track(self, job_id: str, hurry: bool = False) -> None:
+        if job_id not in self.tracked:
+            # A shared snapshot taken before this moment may not list the job yet.
+            self.tracked_since[job_id] = time.time()
         self.tracked.add(job_id)
         if hurry:
             self.hurry.add(job_id)
@@ -149,6 +153,7 @@ class JobPoller:
 
     def untrack(self, job_id: str) -> None:
         self.tracked.discard(job_id)
+        self.tracked_since.pop(job_id, None)
         self.hurry.discard(job_id)
         self.jobs.pop(job_id, None)
         self.watchers.pop(job_id, None)
@@ -216,8 +221,9 @@ class JobPoller:
             wanted = None if self.whole_queue else ids
             if self.snapshot is not None:
                 base = self.fast_interval if self.hurry else self.interval
+                newest = max((self.tracked_since.get(j, 0.0) for j in ids), default=0.0)
                 found = await self.snapshot.query(
-                    self.client, wanted, max_age=base * (1 + self.jitter)
+                    self.client, wanted, max_age=base * (1 + self.jitter), newer_than=newest
                 )
             else:
                 found = await self.client.query(wanted)

@@ -43,15 +43,16 @@ class QueueSnapshot:
         self.asked = 0
         self.shared = 0
 
-    def read(self, max_age: float) -> dict[str, JobInfo] | None:
-        """The snapshot if it is younger than ``max_age`` seconds, else None."""
+    def read(self, max_age: float, newer_than: float = 0.0) -> dict[str, JobInfo] | None:
+        """The snapshot if it is younger than ``max_age`` seconds and was taken after
+        ``newer_than`` (a wall-clock time), else None."""
         try:
             raw = json.loads(self.path.read_text())
-            at = float(raw["at"])
+            at = float(raw["at"])  # when the query was *sent*: nothing newer can be in it
             jobs = raw["jobs"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if not 0 <= time.time() - at < max_age or not isinstance(jobs, list):
+        if not 0 <= time.time() - at < max_age or at < newer_than or not isinstance(jobs, list):
             return None
         out: dict[str, JobInfo] = {}
         for item in jobs:
@@ -61,11 +62,11 @@ class QueueSnapshot:
             out[info.job_id] = info
         return out
 
-    def _write(self, jobs: dict[str, JobInfo]) -> None:
+    def _write(self, jobs: dict[str, JobInfo], at: float) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"at": time.time(), "jobs": [asdict(j) for j in jobs.values()]}, f)
+            json.dump({"at": at, "jobs": [asdict(j) for j in jobs.values()]}, f)
         os.replace(tmp, self.path)
 
     async def _lock(self) -> int:
@@ -86,19 +87,24 @@ class QueueSnapshot:
         client: SchedulerClient,
         job_ids: Collection[str] | None,
         max_age: float,
+        newer_than: float = 0.0,
     ) -> dict[str, JobInfo]:
         """``job_ids`` (or the whole queue) from a fresh snapshot, or from one whole-queue
-        query of ``client`` that then becomes the snapshot. Raises as ``client.query``."""
-        whole = self.read(max_age)
+        query of ``client`` that then becomes the snapshot. Raises as ``client.query``.
+
+        ``newer_than``: when the newest of ``job_ids`` was submitted; an older snapshot
+        cannot know it, and its absence there would read as "gone"."""
+        whole = self.read(max_age, newer_than)
         if whole is None:
             fd = await self._lock()
             try:
-                whole = self.read(max_age)  # another process may have just asked
+                whole = self.read(max_age, newer_than)  # another process may have just asked
                 if whole is None:
+                    sent = time.time()
                     whole = await client.query(None)
                     self.asked += 1
                     with contextlib.suppress(OSError):
-                        self._write(whole)
+                        self._write(whole, sent)
                 else:
                     self.shared += 1
             finally:

@@ -106,3 +106,22 @@ def test_a_broken_snapshot_is_never_used(tmp_path: Path, content: str) -> None:
     path = tmp_path / "queue.json"
     path.write_text(content.replace("%f", str(time.time())) if "%f" in content else content)
     assert QueueSnapshot(path).read(max_age=3600) is None
+
+
+def test_a_job_submitted_after_the_snapshot_is_never_read_as_gone(tmp_path: Path) -> None:
+    """The snapshot is fresh, but older than the job: its absence there proves nothing."""
+    client = ScriptedQueue()
+    client.jobs = [job("11", "RUNNING")]
+
+    async def run() -> JobPoller:
+        hub, service = _pollers(tmp_path, client)
+        assert await service.refresh()  # a snapshot without job 12
+        client.jobs = [job("11", "RUNNING"), job("12", "PENDING", "Resources")]
+        hub.track("12")  # just submitted by a spawner
+        assert await hub.refresh()
+        assert await service.refresh()  # and the service reads the newer snapshot
+        return hub
+
+    hub = asyncio.run(run())
+    assert hub.info("12") == client.jobs[1]
+    assert client.queries == [None, None]
