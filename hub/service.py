@@ -255,6 +255,26 @@ class PortalService(Application):
                 self._budgets = policy.open(url="sqlite://")
         return self._budgets
 
+    @property
+    def grant_ledger(self) -> Any:
+        """Ledger records of compute sessions (:mod:`.grant_ledger`), on the portal database."""
+        if getattr(self, "_grant_ledger", None) is None:
+            from .grant_ledger import GrantLedger
+            from .ledger_store import LedgerStore
+
+            self._grant_ledger = GrantLedger(LedgerStore(self.budgets.store), self.site.name)
+            jobs = self.session_jobs
+            jobs.poller.listeners.append(
+                lambda ok: self._grant_poll(jobs)  # after each shared poll
+            )
+        return self._grant_ledger
+
+    def _grant_poll(self, jobs: Any) -> None:
+        try:
+            self.grant_ledger.on_poll(jobs.poller, set(jobs.grants))
+        except Exception:
+            self.log.exception("Ledger: checking compute sessions failed")
+
     def budget_step(self, caller: Caller, ref: str) -> BudgetStep:
         """The ``budget=`` step of :func:`.admission.admit` for one grant."""
         return BudgetStep(self, caller, ref)
@@ -402,6 +422,10 @@ class PortalService(Application):
             if end < now:
                 self.log.info("Walltime of grant %s is over: releasing its devices", gid)
                 self.release(gid)
+                try:
+                    self.grant_ledger.close(gid, "walltime", when=end)
+                except Exception:
+                    self.log.exception("Ledger: closing the record of grant %s failed", gid)
 
     # -- session jobs and queue state: one scheduler query per interval ------------------
     @property
@@ -464,6 +488,7 @@ class PortalService(Application):
         # Open the portal database and apply the configured budgets before listening: a
         # bad budget entry stops the start here, with its field named.
         self.log.info("Budgets: %d in the portal database", len(self.budgets.budgets()))
+        self.grant_ledger  # noqa: B018 - compute sessions' ledger records, watched from now
         # Handlers that take a body read it streaming: up to 64 KiB is kept, the rest of a
         # body up to DRAIN_BODY_BYTES is read and dropped, and the answer is 413.
         server = HTTPServer(self.make_app(prefix), max_body_size=DRAIN_BODY_BYTES)
@@ -481,9 +506,11 @@ class BudgetStep:
     def __init__(self, portal: PortalService, caller: Caller, ref: str) -> None:
         self.portal, self.caller, self.ref = portal, caller, ref
         self.budget: str | None = None
+        self.resolved: Any = None  # the placed request, for the grant's ledger record
 
     def __call__(self, resolved: Any) -> int:
         p, who = self.portal, self.caller.name
+        self.resolved = resolved
         d = p.budgets.admit_resolved(who, self.caller.groups, resolved, self.ref, p.budget_policy)
         if d.budget is not None:
             p.log.info("Budget %s for %s: %s", d.budget, who, d.message)
@@ -683,6 +710,13 @@ class GrantsHandler(_BodyBase):
             p.session_jobs.note_grant(
                 grant.id, self.caller.name, grant.walltime_minutes, p.grant_ttl_seconds
             )
+        try:
+            from dataclasses import replace as _replace
+
+            placed = _replace(step.resolved, walltime_minutes=grant.walltime_minutes)
+            p.grant_ledger.open(grant, placed, self.caller.role)
+        except Exception:
+            p.log.exception("Ledger: opening the record of grant %s failed", grant.id)
         p.log.info(
             "Granted %s %s to %s on %s (%s)",
             grant.kind,
@@ -700,6 +734,11 @@ class GrantHandler(_Base):
         assert self.caller is not None
         # Another user's grant id answers like an unknown one: nothing is released.
         gone = self.portal.release(grant_id, self.caller.name)
+        # The session's ledger record closes (stopped); its budget hold settles from it.
+        try:
+            self.portal.grant_ledger.close(grant_id, "stopped", user=self.caller.name)
+        except Exception:
+            self.portal.log.exception("Ledger: closing the record of grant %s failed", grant_id)
         # A grant whose session never opened a ledger record gives its budget hold back.
         self.portal.budgets.release_unrecorded(f"grant:{grant_id}", self.caller.name)
         if gone:
@@ -722,6 +761,10 @@ class GrantJobsHandler(_Base):
         view = self.portal.session_jobs.register(grant_id, self.caller.name, ids)
         if view is None:  # another user's grant answers like an unknown one
             raise web.HTTPError(404, f"no grant {grant_id} of yours")
+        try:
+            self.portal.grant_ledger.jobs(grant_id, ids)
+        except Exception:
+            self.portal.log.exception("Ledger: job ids of grant %s not recorded", grant_id)
         self.finish(view)
 
 

@@ -1,0 +1,104 @@
+"""Ledger records of compute sessions: one record per grant, source ``grant:<id>``.
+
+The portal service opens the record when it writes a grant (with the grant's placed
+request, so the same rates as its budget hold), adds the session's Slurm job ids when the
+server registers them, marks the start when a job first runs, and closes it:
+
+- ``stopped`` when the grant is released (the session was stopped), or when the service
+  stops watching it (its time ran out) without a job ever ending by itself;
+- the reason of the jobs' final Slurm state (``scancel``, ``walltime``, ``died``, ...)
+  once every job of the session has ended, seen in the service's one shared poll.
+
+The budget hold of the grant (ref ``grant:<id>``) settles from the closed record
+(:mod:`.budget_store`). A record never closes twice; errors are logged, never raised into
+a request that already succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from . import ledger as L
+from .ledger_store import LedgerStore
+
+log = logging.getLogger("sovereign_portal.grant_ledger")
+
+
+def source(grant_id: str) -> str:
+    return f"grant:{grant_id}"
+
+
+class GrantLedger:
+    def __init__(self, store: LedgerStore, site: str = "") -> None:
+        self.store = store
+        self.site = site
+
+    def open(self, grant: Any, resolved: Any, role: str) -> L.Record:
+        owner_type, owner = "user", grant.user
+        if grant.budget:
+            owner_type, _, owner = grant.budget.rsplit("@", 1)[0].partition(":")
+        now = time.time()
+        rec = L.open_record(
+            resolved,
+            user=grant.user,
+            role=role,
+            now=now,
+            site=self.site,
+            source=source(grant.id),
+            owner_type=owner_type,
+            owner=owner,
+        )
+        if grant.backend == "local":
+            rec = L.attach(rec, nodes="local", started_at=now)
+        return self.store.open(rec)
+
+    def jobs(self, grant_id: str, ids: tuple[str, ...]) -> None:
+        rec = self.store.open_for(source(grant_id))
+        if rec is not None and ids:
+            self.store.attach(rec.id, job_ids=ids)
+
+    def close(
+        self, grant_id: str, reason: str, when: float | None = None, user: str | None = None
+    ) -> L.Record | None:
+        """Close the grant's open record (only ``user``'s, when given)."""
+        rec = self.store.open_for(source(grant_id))
+        if rec is None or (user is not None and rec.user != user):
+            return None
+        return self.store.close(rec.id, ended_at=when or time.time(), reason=reason)
+
+    def on_poll(self, poller: Any, watched: set[str]) -> None:
+        """After each shared poll: starts, and sessions whose jobs have all ended."""
+        from sovereign_portal.spawners.slurm.jobscript import SIGNAL_RESOLUTION_S
+
+        now = time.time()
+        for rec in self.store.list_open("grant:"):
+            gid = rec.source.split(":", 1)[1]
+            if not rec.job_ids:
+                if gid not in watched and rec.nodes != "local":
+                    self.store.close(rec.id, ended_at=now, reason="stopped")
+                continue
+            infos = [poller.info(j) for j in rec.job_ids]
+            if any(i is None for i in infos):
+                continue  # not seen yet
+            running = [i for i in infos if i.state == "RUNNING"]
+            if running and rec.started_at is None:
+                nodes = ",".join(sorted({i.nodes for i in running if i.nodes}))
+                rec = self.store.attach(rec.id, nodes=nodes or None, started_at=now)
+            final = [i for i in infos if not i.active]
+            if len(final) == len(infos):
+                start = rec.started_at if rec.started_at is not None else now
+                reason = (
+                    L.slurm_end_reason(
+                        final[-1].state,
+                        seconds=now - start,
+                        walltime_minutes=rec.walltime_minutes,
+                        warning_s=SIGNAL_RESOLUTION_S,
+                    )
+                    or "died"
+                )
+                self.store.close(rec.id, ended_at=now, reason=reason)
+                log.info("Ledger: grant %s ended (%s)", gid, reason)
+            elif gid not in watched:
+                self.store.close(rec.id, ended_at=now, reason="stopped")
