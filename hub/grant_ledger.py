@@ -66,7 +66,13 @@ class GrantLedger:
         rec = self.store.open_for(source(grant_id))
         if rec is None or (user is not None and rec.user != user):
             return None
-        return self.store.close(rec.id, ended_at=when or time.time(), reason=reason)
+        return self._close(rec, when or time.time(), reason)
+
+    def _close(self, rec: L.Record, end: float, reason: str) -> L.Record:
+        """Close at ``end``; a Slurm session whose jobs never ran is charged no time."""
+        if rec.started_at is None:
+            rec = self.store.attach(rec.id, started_at=end)
+        return self.store.close(rec.id, ended_at=end, reason=reason)
 
     def on_poll(self, poller: Any, watched: set[str]) -> None:
         """After each shared poll: starts, and sessions whose jobs have all ended."""
@@ -77,7 +83,7 @@ class GrantLedger:
             gid = rec.source.split(":", 1)[1]
             if not rec.job_ids:
                 if gid not in watched and rec.nodes != "local":
-                    self.store.close(rec.id, ended_at=now, reason="stopped")
+                    self._close(rec, now, "stopped")
                 continue
             infos = [poller.info(j) for j in rec.job_ids]
             if any(i is None for i in infos):
@@ -98,7 +104,7 @@ class GrantLedger:
                     )
                     or "died"
                 )
-                self.store.close(rec.id, ended_at=now, reason=reason)
+                self._close(rec, now, reason)
                 log.info("Ledger: grant %s ended (%s)", gid, reason)
             elif gid not in watched:
-                self.store.close(rec.id, ended_at=now, reason="stopped")
+                self._close(rec, now, "stopped")

@@ -103,6 +103,8 @@ def test_released_grant_closes_stopped_and_settles(
     assert r.status_code == 204
     rec = record(db, g["id"])
     assert rec.closed and rec.end_reason == "stopped", rec  # type: ignore[attr-defined]
+    # its session never ran a job: no time is charged
+    assert rec.amounts is not None and rec.amounts.gpu_seconds == 0, rec  # type: ignore[attr-defined]
     shown = json.loads(budgets(db, "show", "course:ml101", "--period", "now", "--json").stdout)
     assert [h for h in shown["holds"] if h["ref"] == f"grant:{g['id']}"] == []
 
