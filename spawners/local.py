@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner
-from tornado import web
 from traitlets import Bool, Enum, List, Unicode
 
 from .accounts import SystemAccountError, UnixAccountPolicy
 from .base import PortalSpawnerMixin
-from .errors import Forbidden
+from .errors import ConfigError, Conflict, Forbidden, RequestRefused
 from .inventory import (
     AllocationError,
     Allocator,
@@ -103,7 +102,13 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
     def _local_partition(self) -> Partition:
         parts = [p for p in self.site.partitions if p.backend == "local"]
         if not parts:
-            raise web.HTTPError(500, "the site file declares no local partition")
+            raise self.portal_error(
+                ConfigError(
+                    "This portal is not set up for local servers yet; contact the operators.",
+                    log_message="the site file declares no local partition",
+                    reason="no_local_partition",
+                )
+            )
         return parts[0]
 
     @property
@@ -114,7 +119,13 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
             try:
                 devices = box_devices(part.nodes[0], self.inventory_source)
             except AllocationError as e:
-                raise web.HTTPError(500, str(e)) from None
+                raise self.portal_error(
+                    ConfigError(
+                        "The GPU inventory of this box could not be read; contact the operators.",
+                        log_message=f"local GPU inventory: {e}",
+                        reason="inventory",
+                    )
+                ) from None
             self.log.info(
                 "Local GPU inventory: %d devices (%s)", len(devices), self.inventory_source
             )
@@ -231,12 +242,18 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
         self.check_account()
         resolved = self.validate_request(self.user_options or {})
         if resolved.partition.backend != "local":
-            raise web.HTTPError(400, f"partition {resolved.partition.name!r} is not local")
+            raise self.portal_error(
+                RequestRefused(
+                    f"partition {resolved.partition.name!r} is not local",
+                    reason="wrong_backend",
+                    field="partition",
+                )
+            )
         self._release()
         try:
             self.devices = self.allocator.allocate(self.owner, resolved.size)
         except AllocationError as e:
-            raise web.HTTPError(409, str(e)) from None
+            raise self.portal_error(Conflict(str(e), reason="no_free_devices")) from None
         self.log.info(
             "Starting %s on %s with devices %s",
             self.owner,

@@ -38,7 +38,7 @@ from traitlets import Bool, Dict, Float, List, TraitError, Unicode, default, val
 
 from ..accounts import SystemAccountError, UnixAccountPolicy
 from ..base import PortalSpawnerMixin
-from ..errors import Forbidden
+from ..errors import Forbidden, RequestRefused
 from ..images import ImageAllowList, ImageError, NotebookImage, load_image_allow_list
 from ..request import Resolved
 from .client import SchedulerClient, SchedulerError, SlurmCLI
@@ -512,7 +512,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         try:
             return allow.argv(name, groups)
         except ImageError as e:
-            raise web.HTTPError(400, str(e)) from None
+            raise self.portal_error(e) from None
 
     def validate_request(self, options: Any) -> Resolved:
         resolved = super().validate_request(options)
@@ -569,7 +569,13 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         self.account()  # a system account is refused before anything else happens
         resolved = self.validate_request(self.user_options or {})
         if resolved.partition.backend != "slurm":
-            raise web.HTTPError(400, f"partition {resolved.partition.name!r} is not a Slurm one")
+            raise self.portal_error(
+                RequestRefused(
+                    f"partition {resolved.partition.name!r} is not a Slurm one",
+                    reason="wrong_backend",
+                    field="partition",
+                )
+            )
         self._events = []
         self._starting = True
         self.stop_reason = ""
@@ -676,7 +682,9 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                         reason="unsatisfiable",
                         status=400,
                     )
-                msg = f"Queued in {resolved.partition.name}: {info.reason}"
+                from .accounting import reason_text
+
+                msg = f"Queued in {resolved.partition.name}: {reason_text(info.reason)}"
                 if info.start_estimate:
                     msg += f", expected to start at {info.start_estimate}"
                 if msg != last:
