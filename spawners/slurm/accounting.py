@@ -29,6 +29,22 @@ ACCOUNT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _UNIX_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
+#: What a pending reason of Slurm's limits means for the user (shown after the reason).
+LIMIT_REASONS = {
+    "AssocGrpGRESMinutes": "the budget's Slurm account has too few GPU-minutes left for "
+    "this walltime; a shorter walltime or a smaller size may fit",
+    "AssocGrpGRESRunMinutes": "the budget's running jobs hold its GPU-minutes; this one "
+    "starts when they end",
+    "QOSGrpGRESMinutes": "the QOS has too few GPU-minutes left for this walltime",
+}
+
+
+def reason_text(reason: str) -> str:
+    """``AssocGrpGRESMinutes`` → ``AssocGrpGRESMinutes (the budget's Slurm account ...)``."""
+    why = LIMIT_REASONS.get(reason)
+    return f"{reason} ({why})" if why else reason
+
+
 class AccountingError(ValueError):
     """A bad account name, owner or user for Slurm; ``field`` names what is wrong."""
 

@@ -191,6 +191,7 @@ def test_sync_check_drift_and_slurm_holds_the_spawn(
     try:
         msg = progress_text(hub, USER, "AssocGrpGRESMinutes")
         assert msg.startswith("Queued in gpu-fr: AssocGrpGRESMinutes"), msg
+        assert "too few GPU-minutes left" in msg, msg
         jobs = c.run(["squeue", "-h", "-u", USER, "-o", "%a|%T|%r"]).stdout.split()
         assert jobs == [f"{ACCOUNT}|PENDING|AssocGrpGRESMinutes"], jobs
     finally:
