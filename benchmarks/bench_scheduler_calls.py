@@ -9,10 +9,11 @@ proxy: one worker job on a MIG slice). For each count it prints the job-info RPC
 (``REQUEST_JOB_INFO*``, what ``squeue`` sends) per poll interval, counted by slurmctld
 itself over ``--intervals`` intervals, first before the new servers' sessions start (the
 servers, and the sessions of the smaller counts) and then with every server's session
-running, and the ratio to the 1-server case. The goal is one query per
-interval per polling process whatever the count: the hub's spawner poller (servers) and
-the portal service (every session of every user, and the queue state), that is 2 per
-interval for the whole portal with both running, and no notebook server calls squeue.
+running, and the ratio to the 1-server case. The goal is one query per interval for the
+whole portal whatever the count: the hub's spawner poller (servers) and the portal service
+(every session of every user, and the queue state) share one whole-queue squeue per
+interval through the queue snapshot (``SlurmGPUSpawner.queue_snapshot_file``), and no
+notebook server calls squeue.
 
 It starts its own emulated cluster: seven 8 x H100 nodes (servers, one GPU each) and
 eight MIG nodes of 7 x 1g.10gb (sessions) in ``gpu-fr``. On a small machine not every
@@ -210,8 +211,8 @@ svc["command"].append("--PortalService.session_poll_interval={INTERVAL}")
                 ratio = with_s / s1 if s1 else 0
                 print(f"{n:>8} {ready:>9} {alone:>7.2f} {with_s:>10.2f} {ratio:>6.2f}")
             print(
-                "goal: one query per interval per polling process (hub spawner poller + "
-                "portal service = 2 with both running), independent of the count"
+                "goal: at most one query per interval for the whole portal (the hub's "
+                "spawner poller and the portal service share it), independent of the count"
             )
         assert hub.hub is not None and hub.proxy is not None
         c0 = cpu_seconds(hub.hub.pid)
