@@ -420,7 +420,7 @@ def render_site_schema(schema: dict[str, Any] | None = None) -> str:
         "type may have `[[partitions.nodes.mig]]` (**MigLayout**).",
         "",
         "Values are checked in strict mode: where a number or a list of numbers belongs, a "
-        "string (`gpus = \"8\"`) or a boolean (`gpus = true`) is an error; a TOML integer is "
+        'string (`gpus = "8"`) or a boolean (`gpus = true`) is an error; a TOML integer is '
         "fine where a decimal belongs (`pue = 1`). Free text (names, descriptions, the "
         "operator, certifications, groups) is bounded as the tables say and may not hold "
         "control or format characters (`\\u001b`, `\\u202e`). Every error names the file "

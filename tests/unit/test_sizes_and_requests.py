@@ -70,7 +70,10 @@ def test_ladder_on_a_cluster() -> None:
         ({"slice": "3g.40gb"}, ["--nodes=1", "--gres=gpu:h100_3g.40gb:1"]),
         ({"gpus": 2}, ["--nodes=1", "--gres=gpu:h100:2"]),
         ({"gpus": 8}, ["--nodes=1", "--gres=gpu:h100:8", "--exclusive"]),
-        ({"kind": "torch", "gpus": 8, "nodes": 3}, ["--nodes=3", "--gres=gpu:h100:8", "--exclusive"]),
+        (
+            {"kind": "torch", "gpus": 8, "nodes": 3},
+            ["--nodes=3", "--gres=gpu:h100:8", "--exclusive"],
+        ),
     ],
 )
 def test_sizes_render_to_slurm(req: dict[str, Any], args: list[str]) -> None:
@@ -82,7 +85,10 @@ def test_sizes_render_to_slurm(req: dict[str, Any], args: list[str]) -> None:
     ("req", "message"),
     [
         ({"kind": "torch", "slice": "3g.40gb", "count": 2}, "MIG slices have no NVLink"),
-        ({"kind": "torch", "slice": "3g.40gb", "nodes": 2}, "a MIG slice lives on one GPU of one node"),
+        (
+            {"kind": "torch", "slice": "3g.40gb", "nodes": 2},
+            "a MIG slice lives on one GPU of one node",
+        ),
         ({"slice": "3g.40gb", "gpus": 1}, "either a MIG slice or whole GPUs"),
         ({"kind": "torch", "gpus": 4, "nodes": 2}, "sizes of several nodes take whole 8-GPU nodes"),
         ({"kind": "torch", "gpus": 8, "nodes": 5}, "cannot give 5 node(s)"),
@@ -130,7 +136,9 @@ def test_cost_of_a_slice_is_its_share() -> None:
 
 
 def test_cost_of_two_nodes() -> None:
-    r = resolve(SITE, parse_request({"kind": "torch", "gpus": 8, "nodes": 2, "walltime_minutes": 30}))
+    r = resolve(
+        SITE, parse_request({"kind": "torch", "gpus": 8, "nodes": 2, "walltime_minutes": 30})
+    )
     assert r.eur_per_hour == 32.0
     assert r.cost_json()["eur_max"] == 16.0
     assert r.gpu_hours == 8.0
