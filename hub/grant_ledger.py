@@ -4,8 +4,8 @@ The portal service opens the record when it writes a grant (with the grant's pla
 request, so the same rates as its budget hold), adds the session's Slurm job ids when the
 server registers them, marks the start when a job first runs, and closes it:
 
-- ``stopped`` when the grant is released (the session was stopped), or when the service
-  stops watching it (its time ran out) without a job ever ending by itself;
+- ``stopped`` when the grant is released (the session was stopped), or, with no job and
+  no time charged, when nobody registered a job before its walltime and an hour were over;
 - the reason of the jobs' final Slurm state (``scancel``, ``walltime``, ``died``, ...)
   once every job of the session has ended, seen in the service's one shared poll.
 
@@ -34,6 +34,15 @@ class GrantLedger:
     def __init__(self, store: LedgerStore, site: str = "") -> None:
         self.store = store
         self.site = site
+        self.adopted: set[str] = set()  # job ids polled only for their open record
+
+    def adopt(self, poller: Any) -> None:
+        """At start (a restart too): poll the jobs of every open session record, so that
+        a session whose server never registers again still ends in a closed record."""
+        for rec in self.store.list_open("grant:"):
+            for j in rec.job_ids:
+                self.adopted.add(j)
+                poller.track(j)
 
     def open(self, grant: Any, resolved: Any, role: str) -> L.Record:
         owner_type, owner = "user", grant.user
@@ -82,7 +91,10 @@ class GrantLedger:
         for rec in self.store.list_open("grant:"):
             gid = rec.source.split(":", 1)[1]
             if not rec.job_ids:
-                if gid not in watched and rec.nodes != "local":
+                # a Slurm grant whose session never registered a job, and that nobody
+                # watches any more (its walltime and an hour are over): no time is charged
+                late = now > rec.opened_at + rec.walltime_minutes * 60 + 3600
+                if gid not in watched and rec.nodes != "local" and late:
                     self._close(rec, now, "stopped")
                 continue
             infos = [poller.info(j) for j in rec.job_ids]
@@ -106,5 +118,7 @@ class GrantLedger:
                 )
                 self._close(rec, now, reason)
                 log.info("Ledger: grant %s ended (%s)", gid, reason)
-            elif gid not in watched:
-                self._close(rec, now, "stopped")
+                if gid not in watched:
+                    for j in set(rec.job_ids) & self.adopted:
+                        self.adopted.discard(j)
+                        poller.untrack(j)

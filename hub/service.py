@@ -267,6 +267,10 @@ class PortalService(Application):
             jobs.poller.listeners.append(
                 lambda ok: self._grant_poll(jobs)  # after each shared poll
             )
+            try:
+                self._grant_ledger.adopt(jobs.poller)
+            except Exception:
+                self.log.exception("Ledger: adopting open compute-session records failed")
         return self._grant_ledger
 
     def _grant_poll(self, jobs: Any) -> None:
@@ -460,6 +464,9 @@ class PortalService(Application):
     # -- app ----------------------------------------------------------------------------
     def make_app(self, prefix: str = "/") -> web.Application:
         prefix = prefix if prefix.endswith("/") else prefix + "/"
+        # Compute sessions' open ledger records are watched from the start (after a
+        # restart too), once the loop runs.
+        IOLoop.current().add_callback(lambda: self.grant_ledger)
         return web.Application(
             [
                 (prefix + "api/catalog", CatalogHandler),
@@ -488,7 +495,6 @@ class PortalService(Application):
         # Open the portal database and apply the configured budgets before listening: a
         # bad budget entry stops the start here, with its field named.
         self.log.info("Budgets: %d in the portal database", len(self.budgets.budgets()))
-        self.grant_ledger  # noqa: B018 - compute sessions' ledger records, watched from now
         # Handlers that take a body read it streaming: up to 64 KiB is kept, the rest of a
         # body up to DRAIN_BODY_BYTES is read and dropped, and the answer is 413.
         server = HTTPServer(self.make_app(prefix), max_body_size=DRAIN_BODY_BYTES)

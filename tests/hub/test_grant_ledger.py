@@ -142,3 +142,55 @@ def test_scancel_behind_the_portals_back_closes_the_record(
     finally:
         c.run(["scancel", job], check=False)
         requests.delete(svc.url + f"api/grants/{g['id']}", headers=AUTH, timeout=30)
+
+
+def test_a_restarted_service_still_closes_the_record_of_a_running_session(
+    service: tuple[PortalServiceThread, str], slurm_cluster: SlurmCluster
+) -> None:
+    """The service is stopped while a session's job runs, and another starts on the same
+    database; the session's server never registers again. The new service polls the open
+    record's job and closes the record when the job is cancelled."""
+    _, db = service  # the database (and its budget); this test runs its own two services
+    c = slurm_cluster
+    first = PortalServiceThread(str(SITE_FILE), TOKENS, session_poll_interval=1.0).start()
+    second = None
+    job = ""
+    try:
+        g = grant(first)
+        job = (
+            c.run(
+                [
+                    "sbatch",
+                    "--parsable",
+                    "--chdir=/tmp",
+                    "--output=/dev/null",
+                    *g["scheduler_args"],
+                ],
+                user=USER,
+                input="#!/bin/bash\nsleep 300\n",
+            )
+            .stdout.strip()
+            .split(";")[0]
+        )
+        r = requests.put(
+            first.url + f"api/grants/{g['id']}/jobs", params={"jobs": job}, headers=AUTH,
+            timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert c.wait_job_state(job, ["RUNNING"]) == "RUNNING"
+        wait_for("the start", lambda: (x := record(db, g["id"])) and x.started_at is not None)
+        first.stop()
+        first = None
+        second = PortalServiceThread(str(SITE_FILE), TOKENS, session_poll_interval=1.0).start()
+        time.sleep(2)  # the new service runs, with the record open
+        rec = record(db, g["id"])
+        assert rec is not None and not rec.closed  # type: ignore[attr-defined]
+        c.run(["scancel", job])
+        rec = wait_for("the record to close", lambda: (x := record(db, g["id"])) and x.closed and x)
+        assert rec.end_reason == "scancel", rec
+    finally:
+        if job:
+            c.run(["scancel", job], check=False)
+        for svc in (first, second):
+            if svc is not None:
+                svc.stop()
