@@ -15,6 +15,7 @@ from typing import Any
 import ipywidgets as w
 from traitlets import Dict, HasTraits, Int, TraitError, Unicode, observe, validate
 
+from ..spawners.request import TORCH_ON_SLICES, torch_on_slices
 from .client import PortalClient, PortalError, SessionHandle, handle_for
 
 KIND_LABELS = {"dask": "Dask cluster", "torch": "torch.distributed"}
@@ -102,11 +103,8 @@ class SessionForm(HasTraits):
         v = int(proposal["value"])
         if self.size_id:
             s, top = self.size(), self.max_count()
-            if self.kind == "torch" and s["slice"] and v > 1:
-                raise TraitError(
-                    "multi-GPU torch.distributed needs whole GPUs: MIG slices have no NVLink "
-                    "and no peer-to-peer access. Pick a size of whole GPUs."
-                )
+            if torch_on_slices(self.kind, s["slice"], v):
+                raise TraitError(TORCH_ON_SLICES)
             if not 1 <= v <= top:
                 raise TraitError(f"count must be from 1 to {top} for this size")
         elif v < 1:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sovereign_portal.spawners.policy import allowed_partitions
+from sovereign_portal.spawners.policy import allowed_partitions, open_partition_names
 from sovereign_portal.spawners.request import (
     Request,
     RequestError,
@@ -30,7 +30,8 @@ from sovereign_portal.spawners.request import (
 from sovereign_portal.spawners.site import Partition, Site
 from sovereign_portal.spawners.sizes import max_nodes, partition_sizes
 
-ROLES = ("student", "researcher", "instructor", "operator")
+from .claims import ROLES
+
 SESSION_KINDS = ("dask", "torch")
 
 
@@ -235,20 +236,7 @@ def admit(
             reason="role",
         )
     parts = allowed_partitions(site, caller.groups, residency)
-    if not parts:
-        raise AdmissionError(
-            "no partition of this site is open to you: ask your instructor or the operators "
-            "to add you to a project",
-            reason="no_partition",
-        )
-    names = [p.name for p in parts]
-    if req.partition is not None and req.partition not in names:
-        known = [p.name for p in site.partitions]
-        why = "is not open to you" if req.partition in known else "does not exist"
-        raise AdmissionError(
-            f"partition {req.partition!r} {why}; you may use: {', '.join(names)}",
-            reason="partition" if req.partition in known else "unknown_partition",
-        )
+    names = open_partition_names(site, parts, req.partition, AdmissionError)
     r = resolve(site, req, default_partition=names[0])
     jobs, nodes_per_job = _session_shape(req, r)
     if r.size.rung not in lim.rungs:

@@ -8,6 +8,7 @@ sets ``backend``. User options, from the form or straight from the REST API, bec
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,9 +17,10 @@ from traitlets import Any as AnyTrait
 from traitlets import Dict, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from .errors import PortalError
+from .accounts import SystemAccountError, UnixAccountPolicy
+from .errors import Forbidden, PortalError
 from .form import parse_form, render_form
-from .policy import allowed_partitions
+from .policy import allowed_partitions, open_partition_names
 from .request import RequestError, Resolved, parse_request, resolve
 from .site import Partition, Site, load_site
 from .sizes import Size
@@ -139,6 +141,24 @@ class PortalSpawnerMixin(LoggingConfigurable):
         except PortalError as e:
             raise self.portal_error(e) from None
 
+    def checked_account(self, name: str, where: str) -> pwd.struct_passwd:
+        """The passwd entry of the Unix account ``name`` that this user's processes run as,
+        after :class:`~.accounts.UnixAccountPolicy`; else a 403 (a system account, or none
+        on this ``where``: "cluster", "machine"). The one place both backends check it."""
+        try:
+            return UnixAccountPolicy(parent=self).check(name)
+        except SystemAccountError as e:
+            log = f"Unix account {name!r} is a system account ({e.why})"
+            raise self.portal_error(
+                Forbidden(e.message, reason="system_account", log_message=log)
+            ) from None
+        except KeyError:
+            message = (
+                f"Your account has no Unix account {name!r} on this {where} yet; "
+                "ask the operators to create it."
+            )
+            raise self.portal_error(Forbidden(message, reason="no_unix_account")) from None
+
     def portal_error(self, e: PortalError) -> Exception:
         """The one place a spawner turns a :class:`PortalError` into what JupyterHub shows:
         a ``SpawnException`` with the user message, the log message, reason and status."""
@@ -154,18 +174,7 @@ class PortalSpawnerMixin(LoggingConfigurable):
         """Turn user options into a Resolved request, or raise HTTP 400 saying what is allowed."""
         try:
             req = parse_request(dict(options) if isinstance(options, dict) else options)
-            parts = self.partitions()
-            if not parts:
-                raise RequestError(
-                    "no partition of this site is open to you", reason="no_partition"
-                )
-            names = [p.name for p in parts]
-            if req.partition is not None and req.partition not in names:
-                raise RequestError(
-                    f"partition {req.partition!r} is not open to you; you may use: "
-                    + ", ".join(names),
-                    field="partition",
-                )
+            names = open_partition_names(self.site, self.partitions(), req.partition)
             if req.kind != "notebook":
                 raise RequestError("a server is a notebook: kind must be 'notebook'", field="kind")
             images = self.image_choices()

@@ -32,6 +32,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RequestRefused
+from .request import ImageName
 
 __all__ = [
     "JOB_ENV",
@@ -43,8 +44,6 @@ __all__ = [
     "load_image_allow_list",
 ]
 
-#: Same pattern as ``Request.image``: what a user may type as an image name.
-ImageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
 GroupName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}$")]
 
 #: Variables Slurm (or the local spawner) sets for the job that the server needs to see.

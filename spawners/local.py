@@ -17,9 +17,8 @@ from typing import Any
 from jupyterhub.spawner import LocalProcessSpawner
 from traitlets import Bool, Enum, List, Unicode
 
-from .accounts import SystemAccountError, UnixAccountPolicy
 from .base import PortalSpawnerMixin
-from .errors import ConfigError, Conflict, Forbidden, RequestRefused
+from .errors import ConfigError, Conflict, RequestRefused
 from .inventory import (
     AllocationError,
     Allocator,
@@ -182,21 +181,8 @@ class LocalGPUSpawner(PortalSpawnerMixin, LocalProcessSpawner):
         """With switch_user, refuse (HTTP 403) a user whose Unix account is a system account
         (:class:`~.accounts.UnixAccountPolicy`) or does not exist. Without it, servers run
         as the hub's account and no user name becomes a process owner."""
-        if not self.switch_user:
-            return
-        try:
-            UnixAccountPolicy(parent=self).check(self.user.name)
-        except SystemAccountError as e:
-            log = f"Unix account {e.account!r} is a system account ({e.why})"
-            raise self.portal_error(
-                Forbidden(e.message, reason="system_account", log_message=log)
-            ) from None
-        except KeyError:
-            message = (
-                f"Your account has no Unix account {self.user.name!r} on this machine yet; "
-                "ask the operators to create it."
-            )
-            raise self.portal_error(Forbidden(message, reason="no_unix_account")) from None
+        if self.switch_user:
+            self.checked_account(self.user.name, "machine")
 
     def make_preexec_fn(self, name: str) -> Any:
         if self.switch_user:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from .errors import RequestRefused
 from .site import Partition, Site
+
+NO_PARTITION = (
+    "no partition of this site is open to you: ask your instructor or the operators to add "
+    "you to a project"
+)
 
 
 def residency_countries(
@@ -42,3 +48,27 @@ def allowed_partitions(
             continue
         out.append(p)
     return out
+
+
+def open_partition_names(
+    site: Site,
+    parts: list[Partition],
+    requested: str | None,
+    error: type[RequestRefused] = RequestRefused,
+) -> list[str]:
+    """The names of ``parts`` (the partitions open to the caller), after checking that there
+    is one and that ``requested`` is one of them; else ``error`` saying what is allowed.
+
+    The one rule of "partition open to you", for notebook servers and compute sessions."""
+    if not parts:
+        raise error(NO_PARTITION, reason="no_partition", field="partition")
+    names = [p.name for p in parts]
+    if requested is not None and requested not in names:
+        known = requested in {p.name for p in site.partitions}
+        why = "is not open to you" if known else "does not exist"
+        raise error(
+            f"partition {requested!r} {why}; you may use: {', '.join(names)}",
+            reason="partition" if known else "unknown_partition",
+            field="partition",
+        )
+    return names

@@ -33,6 +33,21 @@ MAX_PROBLEMS = 5
 RequestError = RequestRefused
 
 
+#: What a user may type as an image name (the request, the allow-list and the form).
+ImageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+
+#: The MIG-and-torch rule, written once (the request model and the widget both use it).
+TORCH_ON_SLICES = (
+    "multi-GPU torch.distributed needs whole GPUs: MIG slices have no NVLink and no "
+    "peer-to-peer access, so NCCL cannot span them. Ask for gpus=2, 4 or 8."
+)
+
+
+def torch_on_slices(kind: str, slice_: str | None, count: int) -> bool:
+    """Whether a request asks torch.distributed to span several MIG slices (refused)."""
+    return kind == "torch" and bool(slice_) and count > 1
+
+
 class Request(BaseModel):
     """What a user asks for. Every field is typed and bounded; nothing else is accepted."""
 
@@ -52,7 +67,7 @@ class Request(BaseModel):
         1, description="how many of this size (Dask workers per size, or sizes); 1 for notebooks"
     )
     walltime_minutes: Annotated[int, Field(ge=1, le=MAX_WALLTIME_MINUTES)] | None = None
-    image: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] | None = None
+    image: ImageName | None = None
 
 
 #: Which kinds each field of :class:`Request` is for. A field outside its kinds is refused
@@ -210,12 +225,8 @@ def _size_for(req: Request, part: Partition) -> tuple[NodeType, Size]:
                 "a MIG slice lives on one GPU of one node: ask for whole GPUs to span nodes",
                 field="nodes",
             )
-        if req.kind == "torch" and req.count > 1:
-            raise RequestError(
-                "multi-GPU torch.distributed needs whole GPUs: MIG slices have no NVLink and "
-                "no peer-to-peer access, so NCCL cannot span them. Ask for gpus=2, 4 or 8.",
-                field="slice",
-            )
+        if torch_on_slices(req.kind, req.slice, req.count):
+            raise RequestError(TORCH_ON_SLICES, field="slice")
         for nt in candidates:
             if req.slice in nt.slices_per_node():
                 return nt, Size(nt.name, nt.accelerator, slice=req.slice)

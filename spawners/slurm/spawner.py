@@ -36,7 +36,7 @@ from jupyterhub.spawner import Spawner, SpawnException
 from tornado import web
 from traitlets import Bool, Dict, Float, List, TraitError, Unicode, default, validate
 
-from ..accounts import SystemAccountError, UnixAccountPolicy
+from ..accounts import UnixAccountPolicy
 from ..base import PortalSpawnerMixin
 from ..errors import Forbidden, RequestRefused
 from ..images import ImageAllowList, ImageError, NotebookImage, load_image_allow_list
@@ -302,20 +302,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         range, gid 0, or a denied name) is refused with HTTP 403 before anything is written
         or submitted, and so is an account that does not exist.
         """
-        name = self.unix_user
-        try:
-            return UnixAccountPolicy(parent=self).check(name)
-        except SystemAccountError as e:
-            log = f"Unix account {name!r} is a system account ({e.why})"
-            raise self.portal_error(
-                Forbidden(e.message, reason="system_account", log_message=log)
-            ) from None
-        except KeyError:
-            message = (
-                f"Your account has no Unix account {name!r} on this cluster yet; "
-                "ask the operators to create it."
-            )
-            raise self.portal_error(Forbidden(message, reason="no_unix_account")) from None
+        return self.checked_account(self.unix_user, "cluster")
 
     _pw = account
 
