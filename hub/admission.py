@@ -28,7 +28,7 @@ from sovereign_portal.spawners.request import (
     resolve,
 )
 from sovereign_portal.spawners.site import Partition, Site
-from sovereign_portal.spawners.sizes import max_nodes, partition_sizes
+from sovereign_portal.spawners.sizes import max_nodes, partition_sizes, size_eur_per_hour
 
 from .claims import ROLES
 
@@ -297,7 +297,7 @@ def _partition_json(p: Partition, lim: RoleLimits) -> dict[str, Any]:
         if s.rung not in lim.rungs or s.gpu_fraction > lim.max_gpus + 1e-9:
             continue
         nt = p.node_type(s.node_type)
-        unit = p.price(s.accelerator, s.slice) if s.slice else p.price(s.accelerator) * s.total_gpus
+        unit = size_eur_per_hour(p, s)
         sizes.append({**s.to_json(nt), "eur_per_hour": round(unit, 4), "max_count": nt.count})
     return {
         "name": p.name,

@@ -22,7 +22,7 @@ from typing import Any
 
 from sovereign_portal.spawners.catalog import ACCELERATORS
 from sovereign_portal.spawners.site import Partition, Site, SiteError, load_site, site_schema
-from sovereign_portal.spawners.sizes import partition_sizes
+from sovereign_portal.spawners.sizes import partition_sizes, size_eur_per_hour
 from sovereign_portal.spawners.strict import printable
 
 
@@ -62,7 +62,7 @@ def _partition_data(p: Partition) -> dict[str, Any]:
         "sizes": [
             {
                 **s.to_json(nts[s.node_type]),
-                "eur_per_hour": round(p.price(s.accelerator, s.slice) * (s.total_gpus or 1), 4),
+                "eur_per_hour": round(size_eur_per_hour(p, s), 4),
             }
             for s in partition_sizes(p)
         ],
@@ -93,7 +93,7 @@ def print_catalog(site: Site, out: Any = sys.stdout) -> None:
         w("  sizes:\n")
         nts = {nt.name: nt for nt in p.nodes}
         for s in partition_sizes(p):
-            price = p.price(s.accelerator, s.slice) * (s.total_gpus or 1)
+            price = size_eur_per_hour(p, s)
             args = " ".join(s.slurm_args(nts[s.node_type]))
             w(f"    {s.id:<16} {s.label:<48} €{price:>7.2f}/h  {args}\n")
     w("\nMIG profiles (most instances per GPU):\n")

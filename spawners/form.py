@@ -8,7 +8,7 @@ from typing import Any
 
 from .request import FIELD_KINDS, MAX_WALLTIME_MINUTES, RequestError, request_from_size_id
 from .site import Partition
-from .sizes import Size, partition_sizes
+from .sizes import Size, partition_sizes, size_eur_per_hour
 from .strict import parse_int, shorten
 
 FORM_FIELDS = ("size", "walltime_minutes", "image")
@@ -39,7 +39,7 @@ def render_form(
             if notebook_only and s.nodes > 1 and "notebook" not in FIELD_KINDS["nodes"]:
                 continue  # a notebook server runs on one node (the request's rule)
             n = free(p, s) if free else None
-            price = p.price(s.accelerator, s.slice) * (s.total_gpus or 1)
+            price = size_eur_per_hour(p, s)
             text = f"{s.label} · €{price:.2f}/h"
             if n is not None:
                 text += f" · {n} free"

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .catalog import GPUS_PER_HGX_NODE, accelerator
 from .errors import RequestRefused
 from .site import NodeType, Partition, Site
-from .sizes import GPU_STEPS, Size, max_nodes, partition_sizes
+from .sizes import GPU_STEPS, Size, max_nodes, partition_sizes, size_eur_per_hour
 from .strict import check_json_value, parse_int, shorten
 
 Word = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.:-]{0,63}$")]
@@ -165,13 +165,7 @@ class Resolved:
     @property
     def eur_per_hour(self) -> float:
         """€ per hour for the whole request (all ``count`` copies)."""
-        p = self.partition
-        unit = (
-            p.price(self.size.accelerator, self.size.slice)
-            if self.size.slice
-            else p.price(self.size.accelerator) * self.size.total_gpus
-        )
-        return round(unit * self.request.count, 4)
+        return round(size_eur_per_hour(self.partition, self.size) * self.request.count, 4)
 
     @property
     def gpu_equivalents(self) -> float:

@@ -151,3 +151,11 @@ def max_nodes(partition: Partition, nt: NodeType) -> int:
 
 def partition_sizes(partition: Partition) -> list[Size]:
     return [s for nt in partition.nodes for s in node_type_sizes(partition, nt)]
+
+
+def size_eur_per_hour(p: Partition, s: Size) -> float:
+    """€ per hour of one copy of size ``s`` on partition ``p``: its slice's price, or its
+    whole GPUs' (all nodes). The one price rule of a size; unrounded."""
+    if s.slice:
+        return p.price(s.accelerator, s.slice)
+    return p.price(s.accelerator) * s.total_gpus
