@@ -52,6 +52,7 @@ def test_a_managed_process_exits_when_its_parent_is_killed(tmp_path: Path, mode:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     out = tmp_path / "pid"
+    out.write_text("")  # exists before the shell's redirect does: the wait reads, never races
     env = {**os.environ, "JUPYTERHUB_SERVICE_NAME": "sovereign-portal"}
     # the parent: a shell that starts the child and waits, like the hub
     parent = subprocess.Popen(
