@@ -137,7 +137,7 @@ BAD_OPTIONS = [
     pytest.param({"gpus": "2"}, "valid integer", id="string-for-number"),
     pytest.param({"gpus": {"n": 2}}, "valid integer", id="nested-object"),
     pytest.param({"gpus": 3}, "1, 2, 4 or 8", id="off-ladder"),
-    pytest.param({"partition": "elsewhere"}, "not open to you", id="unknown-partition"),
+    pytest.param({"partition": "elsewhere"}, "does not exist", id="unknown-partition"),
     pytest.param({"walltime_minutes": 100000}, "walltime", id="walltime-over-limit"),
     pytest.param({"gpus": 8, "nodes": 2}, "nodes", id="multi-node-on-a-box"),
 ]

@@ -321,7 +321,7 @@ BAD_OPTIONS = [
     pytest.param({"gpus": 10**12}, "less than or equal to 8", id="huge-gpus"),
     pytest.param({"gpus": 8, "nodes": -3}, "nodes", id="negative-nodes"),
     pytest.param({"count": 10**9}, "count", id="huge-count"),
-    pytest.param({"partition": "gpu-us"}, "not open to you", id="partition-not-in-catalog"),
+    pytest.param({"partition": "gpu-us"}, "does not exist", id="partition-not-in-catalog"),
     pytest.param({"slice": "7g.80gb"}, "no MIG slice", id="slice-not-in-catalog"),
     pytest.param({"partition": "gpu-fr", "walltime_minutes": 481}, "limit", id="walltime"),
     *[

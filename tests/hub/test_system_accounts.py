@@ -199,9 +199,14 @@ def test_the_reason_names_the_rule(hub: HubProcess) -> None:
 def test_a_personal_account_still_spawns(
     hub: HubProcess, slurm_cluster: SlurmCluster, accounts: dict[str, pwd.struct_passwd]
 ) -> None:
+    before = {j["id"] for j in slurm_cluster.jobs()}  # other tests' ended jobs stay listed
     hub.spawn(PERSONAL, H100_1, timeout=90)
     try:
-        mine = [j for j in slurm_cluster.jobs() if j["name"] == "sovereign-portal"]
+        mine = [
+            j
+            for j in slurm_cluster.jobs()
+            if j["name"] == "sovereign-portal" and j["id"] not in before
+        ]
         assert [(j["user"], j["state"]) for j in mine] == [(PERSONAL, "RUNNING")]
     finally:
         hub.stop_server(PERSONAL)
