@@ -132,22 +132,29 @@ def _db_url(args: argparse.Namespace) -> str:
     return f"sqlite:///{Path(args.state_dir).resolve() / 'portal.sqlite'}"
 
 
-def _ledger(args: argparse.Namespace) -> Any:
-    """The ledger of ``--db`` (or ``<state-dir>/portal.sqlite``), or a CLI error (exit 2)."""
-    from .ledger_store import LedgerStore
+def _portal_store(url: str, table: str, missing: str) -> Any:
+    """The portal database at ``url`` if it has ``table``; else a CLI error naming --db."""
     from .store import PortalStore, redact_url
 
-    url = _db_url(args)
     try:
         store = PortalStore(url)
-        present = "ledger_records" in store.table_names()
+        present = table in store.table_names()
     except Exception as e:
         raise CLIError(f"--db: cannot open {redact_url(url)}: {type(e).__name__}: {e}") from None
     if not present:
-        raise CLIError(
-            f"--db: {redact_url(url)} has no ledger (the hub creates it when it starts; "
-            "or give the portal database's URL)"
-        )
+        raise CLIError(f"--db: {redact_url(url)} has no {missing}")
+    return store
+
+
+def _ledger(args: argparse.Namespace) -> Any:
+    """The ledger of ``--db`` (or ``<state-dir>/portal.sqlite``), or a CLI error (exit 2)."""
+    from .ledger_store import LedgerStore
+
+    store = _portal_store(
+        _db_url(args),
+        "ledger_records",
+        "ledger (the hub creates it when it starts; or give the portal database's URL)",
+    )
     return LedgerStore(store)
 
 
@@ -364,20 +371,12 @@ def _accounts_db_url(args: argparse.Namespace) -> str:
 
 
 def _accounts_store(args: argparse.Namespace) -> Any:
-    from .store import PortalStore, redact_url
-
-    url = _accounts_db_url(args)
-    try:
-        store = PortalStore(url)
-        present = "account_bindings" in store.table_names()
-    except Exception as e:
-        raise CLIError(f"--db: cannot open {redact_url(url)}: {type(e).__name__}: {e}") from None
-    if not present:
-        raise CLIError(
-            f"--db: {redact_url(url)} has no account bindings (the hub creates them when it "
-            "starts; give the portal database's URL with --db or the hub's --config)"
-        )
-    return store
+    return _portal_store(
+        _accounts_db_url(args),
+        "account_bindings",
+        "account bindings (the hub creates them when it starts; give the portal "
+        "database's URL with --db or the hub's --config)",
+    )
 
 
 def _actor() -> str:
