@@ -342,7 +342,7 @@ def test_bad_input_is_4xx_and_submits_nothing(
     assert 400 <= r.status_code < 500, r.text
     assert message in r.json()["message"]
     assert server(hub, "spdave") is None
-    assert {j["id"] for j in slurm_cluster.jobs()} == before
+    assert not {j["id"] for j in slurm_cluster.jobs()} - before  # no new job (old ones age out)
 
 
 def test_symlinked_portal_dir_fails_the_spawn_and_touches_nothing(
@@ -375,7 +375,7 @@ def test_symlinked_portal_dir_fails_the_spawn_and_touches_nothing(
         assert "~/.sovereign-portal is a symbolic link or not a directory" in text, r.text
         assert "remove or rename ~/.sovereign-portal" in text
         assert server(hub, "spdave") is None
-        assert {j["id"] for j in slurm_cluster.jobs()} == before
+        assert not {j["id"] for j in slurm_cluster.jobs()} - before  # no new job (old ones age out)
         assert snapshot() == before_etc
     finally:
         portal.unlink()
@@ -516,7 +516,7 @@ def test_course_image_runs_the_server_through_apptainer(
         r = hub.api("POST", "/users/spdave/server", json={**H100_1, "image": "gpu"})
         assert r.status_code == 400, r.text
         assert "image 'gpu' is not offered; allowed: ml101, base" in r.json()["message"]
-        assert {j["id"] for j in slurm_cluster.jobs()} == before
+        assert not {j["id"] for j in slurm_cluster.jobs()} - before  # no new job (old ones age out)
 
         hub.spawn("spdave", H100_1, timeout=60)  # no image named: the course's
         job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spdave")
