@@ -465,9 +465,18 @@ class Break:
         return f"closed record #{self.seq} ({self.id}): {self.why}"
 
 
-def verify(rows: Iterable[Record]) -> Break | None:
-    """Check closed rows in ``seq`` order; None when every link holds, else the first break."""
+def verify(
+    rows: Iterable[Record], redactions: Mapping[str, tuple[str, str]] | None = None
+) -> Break | None:
+    """Check closed rows in ``seq`` order; None when every link holds, else the first break.
+
+    ``redactions`` maps a record id to (its original hash, the hash of its redacted fields):
+    a row whose personal fields were pseudonymised (GDPR erase, retention; :mod:`.gdpr`)
+    keeps its original ``hash``, so the next row's link still holds, and its fields must
+    hash to the redacted hash the (separately chained) redaction log recorded.
+    """
     prev, expect = GENESIS, 1
+    redactions = redactions or {}
     for rec in rows:
         if rec.seq != expect:
             why = f"expected #{expect} here, found #{rec.seq}: a row is missing or inserted"
@@ -476,10 +485,41 @@ def verify(rows: Iterable[Record]) -> Break | None:
             return Break(rec.seq, rec.id, "its prev_hash is not the previous row's hash")
         if not rec.closed or rec.amounts is None:
             return Break(rec.seq, rec.id, "it is chained but not closed")
-        if rec.hash != record_hash(rec, prev):
+        if rec.hash != record_hash(rec, prev) and redactions.get(rec.id) != (
+            rec.hash,
+            record_hash(rec, prev),
+        ):
             return Break(rec.seq, rec.id, "its fields do not match its hash: the row was changed")
         prev, expect = rec.hash, expect + 1
     return None
+
+
+#: The record fields that can name a person: the hub user, a personal budget owner, the
+#: source (``server:<user>/<name>``) and an operator's note. Pseudonymisation rewrites only
+#: these; amounts, rates, partition, site and course stay, so every total but the per-person
+#: one is unchanged.
+PERSONAL_FIELDS = ("user", "owner", "source", "note")
+
+
+def pseudonymised(rec: Record, names: Mapping[str, str]) -> Record:
+    """``rec`` with the person's names (the keys of ``names``) replaced by their pseudonyms
+    (the values) in its personal fields (:data:`PERSONAL_FIELDS`).
+
+    ``user`` and a personal ``owner`` are replaced when they equal a name, the user part of
+    a ``server:<user>/<name>`` source likewise, and any occurrence in the free-text ``note``
+    (longest names first). A course or project owner and a ``grant:<id>`` source never
+    change, so totals per course and project stay exactly as they were.
+    """
+    order = sorted((k for k in names if k), key=len, reverse=True)
+    note = rec.note
+    for k in order:
+        note = note.replace(k, names[k])
+    source = rec.source
+    if source.startswith("server:") and "/" in source:
+        who, _, server = source[len("server:") :].partition("/")
+        source = f"server:{names.get(who, who)}/{server}"
+    owner = names.get(rec.owner, rec.owner) if rec.owner_type == "user" else rec.owner
+    return replace(rec, user=names.get(rec.user, rec.user), owner=owner, source=source, note=note)
 
 
 # -- totals ----------------------------------------------------------------------------------

@@ -287,9 +287,16 @@ class LedgerStore:
                 last = rec
                 yield rec
 
-        found = L.verify(walk())
+        from . import ledger_redactions
+
+        with self.engine.connect() as conn:  # redacted rows verify against the redaction log
+            redacted = ledger_redactions.load(conn)
+            log_break = ledger_redactions.verify_log(conn)
+        found = L.verify(walk(), redacted)
         if found is not None:
             return n, found
+        if log_break is not None:
+            return n, L.Break(None, "ledger_redactions", str(log_break))
         with self.engine.connect() as conn:
             head = conn.execute(select(chain_head).where(chain_head.c.id == 1)).first()
             unchained = conn.execute(
