@@ -483,7 +483,7 @@ def verify(
             return Break(rec.seq, rec.id, why)
         if rec.prev_hash != prev:
             return Break(rec.seq, rec.id, "its prev_hash is not the previous row's hash")
-        if not rec.closed or rec.amounts is None:
+        if not rec.closed or rec.amounts is None or rec.hash is None:
             return Break(rec.seq, rec.id, "it is chained but not closed")
         if rec.hash != record_hash(rec, prev) and redactions.get(rec.id) != (
             rec.hash,
