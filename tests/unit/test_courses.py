@@ -98,17 +98,17 @@ def test_a_whole_course_parses_and_round_trips() -> None:
             {"schedule": [{"weekday": "Tuesday", "time": "09:00", "minutes": 60}]},
             "schedule[0].weekday",
             "one of",
-        ),  # fmt: skip
+        ),
         (
             {"schedule": [{"weekday": "tue", "time": "9:00", "minutes": 60}]},
             "schedule[0].time",
             "HH:MM",
-        ),  # fmt: skip
+        ),
         (
             {"schedule": [{"weekday": "tue", "time": "09:00", "minutes": 0}]},
             "schedule[0].minutes",
             "from 1",
-        ),  # fmt: skip
+        ),
         ({"schedule": [{"weekday": "tue", "time": "09:00"}]}, "schedule[0].minutes", "required"),
         ({"ta_server_access": "yes"}, "ta_server_access", "true or false"),
         ({"retention_days": -1}, "retention_days", "from 0"),
@@ -183,7 +183,7 @@ def test_a_roster_of_a_hundred_thousand_lines_is_refused_at_the_limit() -> None:
     assert len(parse_roster_csv(data.encode(), max_rows=100_000)) == 100_000
 
 
-# -- memberships and roles -----------------------------------------------------------------------
+# -- memberships and roles ------------------------------------------------------------------------
 def test_portal_additions_and_removals_fold_into_the_idp_groups() -> None:
     m = Memberships(
         added=frozenset({"ml101"}),
@@ -240,7 +240,7 @@ def test_permissions_table(role: str | None, action: str, ok: bool) -> None:
         assert info.value.status == 403 and info.value.field == "course"
 
 
-# -- the spawn rule -----------------------------------------------------------------------------------
+# -- the spawn rule -------------------------------------------------------------------------------
 def test_the_spawn_rule_names_the_course_rule() -> None:
     c = _course()
     check_spawn(c, "h100:1g.10gb", "ml101")
@@ -266,7 +266,7 @@ def test_a_student_of_two_courses_picks_the_course_first() -> None:
         pick_course([a], "cs50")
 
 
-# -- phases and limits -------------------------------------------------------------------------------
+# -- phases and limits ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("when", "expected"),
     [
