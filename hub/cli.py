@@ -9,7 +9,8 @@ Subcommands:
 - ``ledger verify``: check the ledger's hash chain (exit 1 names the first broken record);
 - ``usage``: GPU-hours, €, energy and CO₂ from the ledger, filtered and grouped;
 - ``accounts show USER`` / ``accounts rebind USER --subject NEW --reason TEXT``: which IdP
-  subject a hub account is bound to, and the audited re-bind when the IdP re-issued it.
+  subject a hub account is bound to, and the audited re-bind when the IdP re-issued it;
+- ``gdpr export|erase|retention``: data-subject tools (:mod:`.gdpr_cli`).
 """
 
 from __future__ import annotations
@@ -538,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .budget_cli import add_parsers as _add_budget_parsers
 
     _add_budget_parsers(sub)
+    from .gdpr_cli import add_parsers as _add_gdpr_parsers
+
+    _add_gdpr_parsers(sub)
 
     for hook in _plugin_parsers():
         hook(sub)

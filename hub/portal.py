@@ -124,6 +124,13 @@ def configure(
     from .ledger_hub import install as install_ledger
 
     install_ledger(c)
+    # GDPR (issue 11): "Download my data" at /hub/usage/export; the pseudonym key and the
+    # logs `sovereign-portal gdpr erase` scrubs live in the state directory.
+    from .gdpr_pages import HANDLERS as GDPR_HANDLERS
+
+    c.JupyterHub.extra_handlers = [*c.JupyterHub.get("extra_handlers", []), *GDPR_HANDLERS]
+    c.GDPRPolicy.pseudonym_key_file = str(state / "gdpr-pseudonym.key")
+    c.GDPRPolicy.log_files = [str(state / "*.log")]
 
     if auth == "dev":
         c.JupyterHub.authenticator_class = "dummy"
