@@ -695,6 +695,9 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
                 f"Contact {self.support_contact}.",
             )
         identity = Identity.from_dict({**auth_model["auth_state"]["portal"], "username": name})
+        identity, groups, assisting = await self.course_memberships(identity)
+        portal = {**identity.as_dict(), "groups": groups, "assisting": assisting}
+        auth_model["auth_state"]["portal"] = portal  # get_user_groups reads these groups
         admin = bool(
             auth_model["admin"]
             or identity.role == "operator"
@@ -702,8 +705,33 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
             or set(identity.groups) & set(self.admin_groups)
         )
         auth_model["admin"] = admin
-        auth_model["roles"] = roles_for(identity, admin=admin, extra_scopes=self.extra_role_scopes)
+        auth_model["roles"] = roles_for(
+            identity, admin=admin, extra_scopes=self.extra_role_scopes, assisting=assisting
+        )
         return auth_model
+
+    async def course_memberships(self, identity: Identity) -> tuple[Identity, list[str], list[str]]:
+        """The identity with the portal's course records folded in (roster additions and
+        removals, instructors and TAs: :func:`.courses.apply_memberships`), its hub groups,
+        and the courses the user assists in."""
+        from .course_store import CourseStore
+        from .courses import apply_memberships
+
+        try:
+            store = CourseStore(self.portal_store())
+            m = await asyncio.to_thread(store.memberships, identity.username)
+        except SQLAlchemyError as exc:
+            self.log.error(
+                "login failed: reason=portal_db_unavailable user=%s %s",
+                clip(identity.username),
+                clip(str(exc), 200),
+            )
+            raise LoginUnavailable(
+                "portal_db_unavailable",
+                "The portal cannot check your courses right now. Try again in a minute.",
+            ) from None
+        new, groups = apply_memberships(identity, m)
+        return new, groups, sorted(m.assisting)
 
     async def get_user_groups(self, auth_state: dict[str, Any]) -> set[str]:
         return set(auth_state["portal"]["groups"])

@@ -539,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .budget_cli import add_parsers as _add_budget_parsers
 
     _add_budget_parsers(sub)
+    from .course_cli import add_parsers as _add_course_parsers
+
+    _add_course_parsers(sub)
     from .gdpr_cli import add_parsers as _add_gdpr_parsers
 
     _add_gdpr_parsers(sub)

@@ -26,7 +26,7 @@ from sovereign_portal.spawners.site import Site
 from sovereign_portal.spawners.sizes import partition_sizes
 from sqlalchemy import ForeignKey, Index, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
-from traitlets import Dict, Int, List, Unicode
+from traitlets import Bool, Dict, Int, List, Unicode
 from traitlets import Float as FloatTrait
 from traitlets.config import Configurable
 
@@ -46,6 +46,9 @@ from .courses import (
 from .store import AuditEvent, Base, PortalStore, UTCDateTime, utcnow
 
 ACTIVE, ENDED, PURGED = "active", "ended", "purged"
+#: The hub's CoursePolicy options for the portal service (a separate process), as JSON in
+#: its environment (:func:`install`).
+COURSES_ENV = "SOVEREIGN_PORTAL_COURSES"
 ADDED, REMOVED = "added", "removed"
 #: Audit action of a staff member opening a student's server (the student sees these).
 SERVER_ACCESS = "course.server_access"
@@ -420,6 +423,92 @@ def delete_data(path: str | os.PathLike[str]) -> bool:
     return True
 
 
+class CourseSpawnGate:
+    """The course step of a notebook spawn, from the hub side (spawners never import hub).
+
+    :func:`.portal.configure` sets :meth:`options_form` and :meth:`apply_user_options` on
+    ``c.Spawner``. A student of a course gets its sizes and image on the form (a student of
+    several picks the course first); whatever the form or a REST spawn sends is checked
+    against the course (:func:`.courses.check_spawn`, the one rule): another size or image
+    is a 403 naming the course rule, before anything is held or submitted. The server's
+    ``user_options`` keep the course's id (the end of a course stops those servers).
+    """
+
+    def __init__(self) -> None:
+        self._stores: dict[str, CourseStore] = {}
+
+    def __deepcopy__(self, memo: Any) -> CourseSpawnGate:
+        return self  # traitlets deep-copies config values; every spawner shares one gate
+
+    def store(self, spawner: Any) -> CourseStore:
+        from .store import PortalDatabase
+
+        url = PortalDatabase(parent=spawner).url
+        if url not in self._stores:
+            self._stores[url] = CourseStore(PortalDatabase(parent=spawner).open())
+        return self._stores[url]
+
+    def courses(self, spawner: Any) -> list[Course]:
+        groups = [g.name for g in getattr(spawner.user, "groups", []) or []]
+        return self.store(spawner).student_courses(spawner.user.name, groups)
+
+    def options_form(self, spawner: Any) -> str:
+        from sovereign_portal.spawners.form import render_form
+
+        parts = spawner.partitions()
+        if not parts:
+            return (
+                "<p>No partition of this site is open to you. Ask your course instructor "
+                "or the operators to add you to a project.</p>"
+            )
+        notes, banner = ({}, "")
+        if getattr(spawner, "budget_display", None) is not None:
+            notes, banner = spawner.budget_display(spawner, parts)
+        courses = self.courses(spawner)
+        images = list(spawner.image_choices())
+        sizes: set[str] | None = None
+        if courses:
+            if all(c.sizes for c in courses):
+                sizes = {s for c in courses for s in c.sizes}
+            if all(c.image for c in courses):
+                images = [i for i in images if i in {c.image for c in courses}]
+        return str(
+            render_form(
+                parts,
+                spawner.free_devices,
+                images,
+                notes=notes,
+                banner=banner,
+                sizes=sizes,
+                courses=[(c.id, c.title) for c in courses] if len(courses) > 1 else (),
+            )
+        )
+
+    def apply_user_options(self, spawner: Any, options: Any) -> Any:
+        from sovereign_portal.spawners.errors import PortalError
+
+        from .courses import check_spawn, pick_course
+
+        opts = dict(options) if isinstance(options, dict) else options
+        chosen = opts.pop("course", None) if isinstance(opts, dict) else None
+        try:
+            course = pick_course(self.courses(spawner), chosen)
+        except PortalError as e:
+            raise spawner.portal_error(e) from None
+        resolved = spawner.validate_request(opts)
+        if course is None:
+            return resolved
+        try:
+            check_spawn(course, resolved.size.id, resolved.request.image)
+        except PortalError as e:
+            raise spawner.portal_error(e) from None
+        kept = {**(opts if isinstance(opts, dict) else {}), "course": course.id}
+        spawner.user_options = kept
+        if getattr(spawner, "orm_spawner", None) is not None:
+            spawner.orm_spawner.user_options = kept
+        return resolved
+
+
 class CoursePolicy(Configurable):
     """Who may create courses and the limits on them (``c.CoursePolicy``). Operators
     (JupyterHub admins) always may; instructors edit the rest of their own courses."""
@@ -465,6 +554,15 @@ class CoursePolicy(Configurable):
         as c.SlurmGPUSpawner.image_allow_list. Empty: the site has no images, so a course
         names none.""",
     )
+    server_access = Bool(
+        False,
+        config=True,
+        help="""Whether a course may let its staff open students' servers
+        (ta_server_access, off by default in each course). Each opening is recorded in the
+        audit log, shown to the student (GET api/courses/access), and done as a JupyterHub
+        share of that one server with that staff member; the portal service's role then
+        gets the "shares" scope. Off: no course can turn it on.""",
+    )
     lifecycle_interval_seconds = Int(
         300,
         config=True,
@@ -472,6 +570,24 @@ class CoursePolicy(Configurable):
         end date (data read-only, students' course servers stopped) or the end of their
         retention period (data deleted). Each action is logged and audited.""",
     )
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        raw = os.environ.get(COURSES_ENV)
+        if not raw:
+            return
+        from sovereign_portal.spawners.strict import loads_json
+
+        data = loads_json(raw, what=COURSES_ENV)
+        if not isinstance(data, dict):
+            raise ValueError(f"{COURSES_ENV} must be a JSON object of CoursePolicy options")
+        configured = self.config.get("CoursePolicy", {})
+        names = set(self.trait_names(config=True))
+        for key, value in data.items():
+            if key not in names:
+                raise ValueError(f"{COURSES_ENV}: CoursePolicy has no option {key!r}")
+            if key not in configured:
+                setattr(self, key, value)
 
     def limits(self) -> Limits:
         return Limits(
@@ -495,13 +611,37 @@ class CoursePolicy(Configurable):
         return site_offer(site, self.images(), self.data_root)
 
 
+def install(c: Any, service: dict[str, Any], options: dict[str, Any] | None = None) -> None:
+    """Courses in a hub config ``c`` (:func:`.portal.configure` calls it): the spawn gate on
+    ``c.Spawner``, and the CoursePolicy ``options`` for the hub and, through its
+    environment, for the portal ``service`` entry."""
+    gate = CourseSpawnGate()
+    c.Spawner.options_form = gate.options_form
+    c.Spawner.apply_user_options = gate.apply_user_options
+    opts = dict(options or {})
+    CoursePolicy(**opts)  # a bad option stops the hub's start here, named
+    for key, value in opts.items():
+        c.CoursePolicy[key] = value
+    if opts:
+        service.setdefault("environment", {})[COURSES_ENV] = json.dumps(opts)
+    if opts.get("server_access"):
+        role = f"{service['name']}-service"
+        roles = [dict(r) for r in c.JupyterHub.get("load_roles", [])]
+        for r in roles:
+            if r.get("name") == role:
+                r["scopes"] = [*r.get("scopes", []), "shares", "read:users:name"]
+        c.JupyterHub.load_roles = roles
+
+
 __all__ = [
     "ACTIVE",
     "ENDED",
     "PURGED",
     "CoursePolicy",
+    "CourseSpawnGate",
     "CourseStore",
     "delete_data",
+    "install",
     "make_read_only",
     "site_offer",
 ]

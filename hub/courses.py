@@ -31,7 +31,14 @@ from typing import Any
 from sovereign_portal.spawners.errors import Forbidden, RequestRefused
 from sovereign_portal.spawners.strict import control_character, shorten
 
-from .claims import CANONICAL_USERNAME_RE, COURSE_GROUP, ID_RE, INSTRUCTOR_GROUP
+from .claims import (
+    CANONICAL_USERNAME_RE,
+    COURSE_GROUP,
+    ID_RE,
+    INSTRUCTOR_GROUP,
+    ROLES,
+    Identity,
+)
 
 #: Group of a course's teaching assistants (``tas-<id>``; not a prefix of another group).
 TA_GROUP = "tas-{}"
@@ -73,6 +80,8 @@ FIELDS = (
     "retention_days",
 )
 REQUIRED = ("id", "title", "instructors", "start", "end")
+#: Ids that are words of the REST API (``api/courses/access``).
+RESERVED_IDS = frozenset({"access"})
 #: Fields only an operator changes once the course exists (the id never changes).
 OPERATOR_FIELDS = frozenset({"id", "retention_days"})
 BUDGET_FIELDS = ("period", "unit", "pool", "per_student")
@@ -342,6 +351,8 @@ def parse_course(raw: Any, offer: SiteOffer) -> Course:
     cid = c["id"]
     if not isinstance(cid, str) or not ID_RE.match(cid):
         raise CourseError("id", f"[a-z0-9][a-z0-9-]*, at most 40, got {_short(cid)!r}")
+    if cid in RESERVED_IDS:
+        raise CourseError("id", f"{cid!r} is a word of the REST API; choose another id")
     start, end = _date(c["start"], "start"), _date(c["end"], "end")
     if end <= start:
         raise CourseError("end", f"must be after the start ({start.isoformat()}), got {end}")
@@ -506,6 +517,25 @@ def effective_groups(idp_groups: Iterable[str], m: Memberships) -> list[str]:
     return sorted(out)
 
 
+def apply_memberships(identity: Identity, m: Memberships) -> tuple[Identity, list[str]]:
+    """The login identity with the portal's course records folded in, and its groups.
+
+    Courses added by an instructor join the IdP's, removed ones leave (the IdP's too);
+    courses taught by the record make the user an instructor of them (the portal role
+    becomes at least ``instructor``); TAs get the ``tas-<id>`` groups."""
+    teaching = identity.teaching | m.teaching
+    role = identity.role
+    if teaching and ROLES.index(role) < ROLES.index("instructor"):
+        role = "instructor"
+    new = replace(
+        identity,
+        role=role,
+        courses=(identity.courses | m.added) - m.removed,
+        teaching=teaching,
+    )
+    return new, effective_groups(new.groups, Memberships(assisting=m.assisting))
+
+
 def courses_in(groups: Iterable[str]) -> set[str]:
     """Course ids of the ``course-<id>`` groups among ``groups``."""
     prefix = COURSE_GROUP.format("")
@@ -666,6 +696,7 @@ __all__ = [
     "RosterError",
     "SiteOffer",
     "apply_changes",
+    "apply_memberships",
     "check_spawn",
     "check_user",
     "course_role",

@@ -45,6 +45,7 @@ def configure(
     residency: dict[str, list[str]] | None = None,
     budgets: dict[str, Any] | None = None,
     shorten_walltime: bool = False,
+    courses: dict[str, Any] | None = None,
 ) -> None:
     """Configure JupyterHub's config object ``c`` as a sovereign portal.
 
@@ -58,7 +59,8 @@ def configure(
     its work may run in, for notebooks and sessions alike. ``budgets`` is
     ``{"periods": {...}, "budgets": [...]}`` (see ``BudgetPolicy``): checked and held at
     every spawn and grant; ``shorten_walltime`` shortens a request to what is left instead
-    of refusing it.
+    of refusing it. ``courses`` holds ``CoursePolicy`` options (who may create courses, the
+    limits, the data root, the image allow-list), for the hub and the portal service.
     """
     from .service import configure_hub
 
@@ -96,7 +98,7 @@ def configure(
     ]
 
     # The portal service: catalog and admission of compute sessions, on the same leases.
-    configure_hub(
+    svc = configure_hub(
         c,
         site_file or None,
         port=service_port,
@@ -119,6 +121,10 @@ def configure(
     c.Spawner.pre_spawn_hook = gate.pre_spawn_hook
     c.Spawner.post_stop_hook = gate.post_stop_hook
     c.Spawner.budget_display = gate.display  # the remaining budget on the spawn form
+    # Courses (issue 12): the course's sizes and image on the form and at every spawn.
+    from .course_store import install as install_courses
+
+    install_courses(c, svc, courses)
     # The ledger (issue 10), around the budget gate: a record opens once the budget has
     # admitted the spawn, and closes before the gate releases what was not used.
     from .ledger_hub import install as install_ledger

@@ -467,6 +467,8 @@ class PortalService(Application):
         # Compute sessions' open ledger records are watched from the start (after a
         # restart too), once the loop runs.
         IOLoop.current().add_callback(lambda: self.grant_ledger)
+        from .course_api import course_handlers as course_routes
+
         return web.Application(
             [
                 (prefix + "api/catalog", CatalogHandler),
@@ -477,6 +479,7 @@ class PortalService(Application):
                 (prefix + "api/budgets", BudgetsHandler),
                 (prefix + COURSE_BUDGET, CourseBudgetHandler),
                 (prefix + COURSE_BUDGET + "/allowances/([^/]{1,128})", AllowanceHandler),
+                *course_routes(self, prefix),
                 (prefix.rstrip("/") or "/", HealthHandler),
             ],
             portal=self,
@@ -861,7 +864,17 @@ def service_role(name: str = SERVICE_NAME) -> dict[str, Any]:
     return {
         "name": f"{name}-service",
         "description": "sovereign-portal service: reads users' groups and roles for admission",
-        "scopes": ["read:users:name", "read:users:groups", "read:users", "read:roles:users"],
+        "scopes": [
+            "read:users:name",
+            "read:users:groups",
+            "read:users",
+            "read:roles:users",
+            # courses (hub/course_api.py): a roster change moves users in and out of the
+            # course-<id> group at once; the end of a course stops its students' servers.
+            # (CoursePolicy.server_access adds "shares": a recorded, shared access.)
+            "groups",
+            "servers",
+        ],
         "services": [name],
     }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from html import escape
 from typing import Any
 
@@ -11,7 +11,7 @@ from .site import Partition
 from .sizes import Size, partition_sizes, size_eur_per_hour
 from .strict import parse_int, shorten
 
-FORM_FIELDS = ("size", "walltime_minutes", "image")
+FORM_FIELDS = ("course", "size", "walltime_minutes", "image")
 
 
 def render_form(
@@ -21,6 +21,8 @@ def render_form(
     notebook_only: bool = True,
     notes: Mapping[str, str] | None = None,
     banner: str = "",
+    sizes: Collection[str] | None = None,
+    courses: Sequence[tuple[str, str]] = (),
 ) -> str:
     """HTML for JupyterHub's spawn page: one choice per size this user may run.
 
@@ -28,6 +30,8 @@ def render_form(
     with none free is shown but disabled, so the user sees what exists. ``notes`` maps a
     form value (``<partition>/<size id>``) to text shown after its price, and ``banner`` is
     a line above the choices: the hub passes the remaining budget there as plain data.
+    ``sizes`` keeps only those size ids (a course's sizes); ``courses`` (id, title) puts a
+    course choice first, for a student of several courses.
     """
     rows: list[str] = []
     first = True
@@ -38,6 +42,8 @@ def render_form(
         for s in partition_sizes(p):
             if notebook_only and s.nodes > 1 and "notebook" not in FIELD_KINDS["nodes"]:
                 continue  # a notebook server runs on one node (the request's rule)
+            if sizes is not None and s.id not in sizes:
+                continue
             n = free(p, s) if free else None
             price = size_eur_per_hour(p, s)
             text = f"{s.label} · €{price:.2f}/h"
@@ -54,8 +60,23 @@ def render_form(
         rows.append("</optgroup>")
     wall_max = max((p.max_walltime_minutes for p in partitions), default=60)
     wall_default = min((p.default_walltime_minutes for p in partitions), default=60)
+    choose = [
+        f'<option value="{escape(cid)}">{escape(title)} ({escape(cid)})</option>'
+        for cid, title in courses
+    ]
     parts = [
         *([f'<p class="sp-budget">{escape(banner)}</p>'] if banner else []),
+        *(
+            [
+                '<div class="form-group"><label for="sp-course">Course</label>',
+                '<select class="form-control" id="sp-course" name="course" required>',
+                '<option value="" disabled selected>Choose your course first</option>',
+                *choose,
+                "</select></div>",
+            ]
+            if courses
+            else []
+        ),
         '<div class="form-group">',
         '<label for="sp-size">Size</label>',
         '<select class="form-control" id="sp-size" name="size" required>',
@@ -104,4 +125,7 @@ def parse_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     image = one("image")
     if image:
         out["image"] = image
+    course = one("course")
+    if course:
+        out["course"] = course  # the hub's course gate takes it out before the Request
     return out

@@ -280,8 +280,12 @@ def test_rbac_roles():
     assert names == ["user", "portal-instructor", "instructor-cv202", "instructor-ml101"]
     scopes = instructor_role("ml101")["scopes"]
     assert all(s.endswith("!group=course-ml101") for s in scopes)
-    assert "access:servers!group=course-ml101" in scopes
-    assert not any(s.startswith(("admin", "servers", "start:", "delete:")) for s in scopes)
+    # staff start and stop the course's servers; opening one is a recorded share (courses)
+    assert "servers!group=course-ml101" in scopes
+    assert not any(s.startswith(("admin", "access:")) for s in scopes)
+    ta = roles_for(Identity("t@x", "x", "student"), assisting=["ml101"])
+    assert [r["name"] for r in ta] == ["user", "portal-student", "ta-ml101"]
+    assert ta[2]["scopes"] == scopes
     operator = Identity("o@x", "x", "operator")
     assert {"name": "admin"} in roles_for(operator)
     assert {"name": "admin"} not in roles_for(teacher)

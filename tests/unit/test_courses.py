@@ -295,3 +295,20 @@ def test_creator_limits() -> None:
         lim.check(_course(budget=None, end="2027-09-01"), 0)
     assert info.value.field == "end"
     lim.check(_course(budget=None, end="2026-12-01"), 0)
+
+
+def test_a_login_folds_in_the_portals_course_records() -> None:
+    from sovereign_portal.hub.claims import Identity
+    from sovereign_portal.hub.courses import apply_memberships
+
+    idp = Identity("sam@uni-a.example", "uni-a.example", "student", courses=frozenset({"phys1"}))
+    m = Memberships(added=frozenset({"ml101"}), removed=frozenset({"phys1"}))
+    new, groups = apply_memberships(idp, m)
+    assert new.courses == {"ml101"} and new.role == "student"
+    assert groups == ["course-ml101"]
+    ta, groups = apply_memberships(idp, Memberships(assisting=frozenset({"ml101"})))
+    assert ta.role == "student" and groups == ["course-phys1", "tas-ml101"]
+    teacher, groups = apply_memberships(idp, Memberships(teaching=frozenset({"ml101"})))
+    assert teacher.role == "instructor" and "instructors-ml101" in groups
+    op = Identity("o@uni-a.example", "uni-a.example", "operator")
+    assert apply_memberships(op, Memberships(teaching=frozenset({"x"})))[0].role == "operator"

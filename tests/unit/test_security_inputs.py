@@ -101,7 +101,8 @@ def test_dask_http_serves_health_only() -> None:
 
 
 def test_server_tokens_and_the_service_hold_no_admin_scope() -> None:
-    """A server's token acts for its own server only; the service's token only reads users."""
+    """A server's token acts for its own server only; the service's token reads users, and
+    for courses changes group membership and starts/stops servers; it never accesses one."""
     assert sorted(SERVER_TOKEN_SCOPES) == ["access:servers!server", "users:activity!user"]
     role = service_role()
     assert set(role["scopes"]) == {
@@ -109,5 +110,7 @@ def test_server_tokens_and_the_service_hold_no_admin_scope() -> None:
         "read:users:groups",
         "read:users",
         "read:roles:users",
+        "groups",
+        "servers",
     }
     assert role["services"] == ["sovereign-portal"]
