@@ -18,6 +18,8 @@ apt_pkgs=(ca-certificates curl git nodejs npm python3 python3-venv python3-dev b
 if ((WANT_TEST)); then apt_pkgs+=(slurmdbd slurm-wlm-mysql-plugin mariadb-server); fi
 # ... and a throwaway PostgreSQL server (tests/support/postgres.py) for the portal database.
 if ((WANT_TEST)); then apt_pkgs+=(postgresql); fi
+# ... and slurmrestd with JWT for a second (remote) site (tests/support/slurm_cluster.py).
+if ((WANT_TEST)); then apt_pkgs+=(slurmrestd slurm-wlm-jwt-plugin); fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -152,6 +152,10 @@ class SlurmCluster:
     cluster_name: str = "sovereign-test"
     #: Run slurmdbd with MariaDB (tests/support/slurmdbd.py): sacct, associations, limits.
     accounting: bool = False
+    #: Accept JWT tokens too (``auth/jwt``, a key of its own) and allow :meth:`start_rest`.
+    jwt: bool = False
+    #: The port slurmrestd listens on (127.0.0.1), chosen at :meth:`start_rest`.
+    rest_port: int = 0
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
     _acct: Any = field(default=None, repr=False)
 
@@ -178,6 +182,14 @@ class SlurmCluster:
     @property
     def hostname(self) -> str:
         return socket.gethostname().split(".")[0]
+
+    @property
+    def jwt_key(self) -> Path:
+        return self.base / "jwt" / "jwt.key"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.rest_port}"
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """The environment Slurm clients need (``SLURM_CONF``), over ``base`` or os.environ."""
@@ -232,6 +244,7 @@ class SlurmCluster:
             "ReturnToService=2",
             "MpiDefault=none",
             *self._accounting_lines(),
+            *self._jwt_lines(),
             "JobCompType=jobcomp/none",
             "SlurmctldTimeout=30",
             "SlurmdTimeout=300",
@@ -270,6 +283,61 @@ class SlurmCluster:
         if not key.exists():
             key.write_bytes(secrets.token_bytes(1024))
         os.chmod(key, 0o400)
+
+    def _jwt_lines(self) -> list[str]:
+        if not self.jwt:
+            return []
+        self.jwt_key.parent.mkdir(mode=0o700, exist_ok=True)
+        if not self.jwt_key.exists():
+            fd = os.open(self.jwt_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        return ["AuthAltTypes=auth/jwt", f"AuthAltParameters=jwt_key={self.jwt_key}"]
+
+    def mint_token(self, user: str = "root", lifespan: int = 3600) -> str:
+        """A JWT for ``user`` signed with this cluster's key (what ``scontrol token`` gives).
+
+        A root (SlurmUser) token may act as any user, which is what a portal's site
+        credential is; tests also mint tokens of plain users to check what they cannot do.
+        """
+        import jwt as pyjwt
+
+        now = int(time.time())
+        claims = {"iat": now, "exp": now + lifespan, "sun": user}
+        return str(pyjwt.encode(claims, self.jwt_key.read_bytes(), algorithm="HS256"))
+
+    def write_token(self, path: Path, user: str = "root", lifespan: int = 3600) -> Path:
+        """Write :meth:`mint_token` to ``path`` (0600): the token file a site file names."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.mint_token(user, lifespan) + "\n")
+        return path
+
+    def start_rest(self, timeout: float = 10) -> None:
+        """Start slurmrestd (JWT, openapi/v0.0.38) on 127.0.0.1 as nobody; wait until it
+        answers. The port is kept across restarts, so clients keep their URL."""
+        if not self.jwt:
+            raise ClusterError("slurmrestd needs a cluster started with jwt=True")
+        exe = shutil.which("slurmrestd") or "/usr/sbin/slurmrestd"
+        if not Path(exe).exists():
+            raise ClusterError("slurmrestd not found: run scripts/install.sh --test")
+        if not self.rest_port:
+            self.rest_port = _free_port()
+        argv = [exe, "-u", "nobody", "-g", "nogroup", "-s", "openapi/v0.0.38"]
+        self._spawn("slurmrestd", [*argv, f"127.0.0.1:{self.rest_port}"], {"SLURM_JWT": "daemon"})
+        self._wait("slurmrestd to listen", self.rest_up, timeout)
+
+    def stop_rest(self) -> None:
+        """Stop slurmrestd only (by PID): slurmctld and the jobs keep running."""
+        self._stop_one("slurmrestd")
+
+    def rest_up(self) -> bool:
+        if not self.rest_port:
+            return False
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", self.rest_port)) == 0
 
     @property
     def acct(self) -> Any:
