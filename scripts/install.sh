@@ -82,6 +82,13 @@ if [[ -f hub/idp/package.json && ! -d hub/idp/node_modules/oidc-provider ]]; the
   log "npm install the local OIDC IdP (oidc-provider)"
   (cd hub/idp && npm install --no-audit --no-fund --loglevel=error >/dev/null)
 fi
+# The JupyterLab extension: prebuilt/ is committed, so this builds (jlpm + @jupyter/builder,
+# npm registry only, about 45 s cold) only when its sources changed since prebuilt.sha256.
+extension/labextension/build.sh
+# An editable install does not lay down data files: link the prebuilt extension where the
+# wheel puts it (share/jupyter/labextensions/sovereign-portal-lab).
+mkdir -p .venv/share/jupyter/labextensions
+ln -sfn "$ROOT/extension/labextension/prebuilt" .venv/share/jupyter/labextensions/sovereign-portal-lab
 # Jobs run as unprivileged test users: the checkout and .venv must be traversable.
 d=$ROOT
 while [[ "$d" != "/" ]]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done

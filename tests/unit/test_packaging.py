@@ -1,7 +1,9 @@
-"""The built wheel: import names, package data, the config.d file and the entry points."""
+"""The built wheel: import names, package data, the config.d file, the prebuilt JupyterLab
+extension and the entry points."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -69,6 +71,25 @@ def test_wheel_carries_package_data(wheel: zipfile.ZipFile) -> None:
     assert not [n for n in names if "node_modules" in n]
 
 
+def test_wheel_ships_the_prebuilt_labextension(wheel: zipfile.ZipFile) -> None:
+    """The JupyterLab extension lands in share/jupyter/labextensions/sovereign-portal-lab/
+    with its remote entry, the chunks it loads, and install.json (the pip package)."""
+    prefix = "share/jupyter/labextensions/sovereign-portal-lab/"
+    shipped = {
+        n.split(".data/data/", 1)[1]: n for n in wheel.namelist() if ".data/data/" + prefix in n
+    }
+    built = REPO / "extension/labextension/prebuilt"
+    want = {prefix + str(p.relative_to(built)) for p in built.rglob("*") if p.is_file()}
+    assert want and set(shipped) == want
+    pkg = json.loads(wheel.read(shipped[prefix + "package.json"]))
+    assert pkg["name"] == "sovereign-portal-lab"
+    entry = prefix + pkg["jupyterlab"]["_build"]["load"]
+    assert entry in shipped and b"sovereign-portal-lab" in wheel.read(shipped[entry])
+    install = json.loads(wheel.read(shipped[prefix + "install.json"]))
+    assert install["packageManager"] == "python" and install["packageName"] == "sovereign-portal"
+    assert not [n for n in wheel.namelist() if "/labextension/src/" in n or n.endswith(".ts")]
+
+
 def test_wheel_declares_entry_points_and_dependencies(wheel: zipfile.ZipFile) -> None:
     ep = next(n for n in wheel.namelist() if n.endswith("entry_points.txt"))
     text = wheel.read(ep).decode()
@@ -116,3 +137,15 @@ def test_wheel_ships_no_test_hooks(wheel: zipfile.ZipFile) -> None:
     # The words do name the hook: the test tree's IdP extension has them.
     hook = (REPO / "tests/support/idp_tamper.mjs").read_bytes().lower()
     assert all(word in hook for word in TEST_HOOK_WORDS)
+
+
+def test_prebuilt_labextension_is_current() -> None:
+    """prebuilt/ was built from the TypeScript sources as they are (build.sh --check hashes
+    them against prebuilt.sha256): a source edit without a rebuild fails here."""
+    out = subprocess.run(
+        ["bash", str(REPO / "extension/labextension/build.sh"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "current" in out.stdout
