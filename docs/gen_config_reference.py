@@ -415,9 +415,12 @@ def render_site_schema(schema: dict[str, Any] | None = None) -> str:
         "generated from the validating models (`sovereign_portal.spawners.site`); for a "
         "walk-through see {doc}`/how-to/write-a-site-file`.",
         "",
-        "Objects nest as follows: a **Site** has `[[partitions]]`; each **Partition** has a "
-        "`[partitions.jurisdiction]` table and `[[partitions.nodes]]` (**NodeType**); a node "
-        "type may have `[[partitions.nodes.mig]]` (**MigLayout**).",
+        "Objects nest as follows: a **Site** has `[[sites]]` (**ClusterSite**, each with a "
+        "`scheduler` table: **CLIScheduler** or **RESTScheduler**) and `[[partitions]]`; each "
+        "**Partition** names its `site` (and takes that site's jurisdiction) or has a "
+        "`[partitions.jurisdiction]` table, and has `[[partitions.nodes]]` (**NodeType**); a "
+        "node type may have `[[partitions.nodes.mig]]` (**MigLayout**). "
+        "See {doc}`/how-to/add-a-site` for several sites.",
         "",
         "Values are checked in strict mode: where a number or a list of numbers belongs, a "
         'string (`gpus = "8"`) or a boolean (`gpus = true`) is an error; a TOML integer is '

@@ -102,7 +102,7 @@ class HubLedger:
             user=spawner.user.name,
             role=_role(spawner.user),
             now=now,
-            site=spawner.site.name,
+            site=spawner.site.site_name_of(resolved.partition),
             source=source,
             owner_type=owner_type,
             owner=owner,

@@ -147,15 +147,83 @@ class NodeType(_Strict):
         return out
 
 
+class CLIScheduler(_Strict):
+    """A Slurm cluster reached through its command-line tools on the hub's own host."""
+
+    transport: Literal["cli"] = Field(description="'cli': sbatch, squeue... on this host")
+    slurm_conf: Annotated[str, Field(pattern=r"^/[^\x00-\x1f]{0,1023}$")] | None = Field(
+        None,
+        description="the cluster's slurm.conf (SLURM_CONF of the portal's Slurm clients); "
+        "default: the hub's own SLURM_CONF",
+    )
+
+
+class RESTScheduler(_Strict):
+    """A Slurm cluster reached through its ``slurmrestd`` (JWT, openapi/v0.0.38)."""
+
+    transport: Literal["rest"] = Field(description="'rest': the site's slurmrestd")
+    url: Annotated[str, Field(min_length=8, max_length=256)] = Field(
+        description="slurmrestd's base URL: https://host:port, or http to a loopback "
+        "address only (a tunnel's local end); no credentials in it"
+    )
+    token_file: Annotated[str, Field(pattern=r"^/[^\x00-\x1f]{0,1023}$")] = Field(
+        description="absolute path of the file (mode 0600, the hub's account) holding the "
+        "site's JWT; the token is read at each call and sent only in a request header"
+    )
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = Field(
+        30.0, description="how long one call may take before the site counts as unreachable"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from .slurm.rest import RESTConfigError, check_url
+
+        try:
+            return check_url(v)
+        except RESTConfigError as e:
+            raise ValueError(str(e)) from None
+
+
+class ClusterSite(_Strict):
+    """One Slurm site: its own cluster, run by one operator under one country's law."""
+
+    name: Name = Field(description="the site's short name, e.g. 'paris'; shown on pages")
+    description: Line = Field("", description="one line shown to users")
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] = Field(
+        description="ISO 3166-1 alpha-2 code of the country whose law governs the site"
+    )
+    operator: Label = Field(description="the legal entity that runs the site")
+    certifications: Annotated[list[Certification], Field(max_length=32)] = Field(
+        [], description="certifications the site holds, e.g. ISO27001, HDS, C5"
+    )
+    scheduler: Annotated[CLIScheduler | RESTScheduler, Field(discriminator="transport")] = Field(
+        description="how the hub reaches the site's scheduler: transport = 'cli' or 'rest'"
+    )
+
+    @property
+    def jurisdiction(self) -> Jurisdiction:
+        return Jurisdiction(
+            country=self.country, operator=self.operator, certifications=self.certifications
+        )
+
+
 class Partition(_Strict):
     """Where sizes run: a Slurm partition or the local box."""
 
     name: Name = Field(description="the portal's name for this partition")
+    site: Name | None = Field(
+        None,
+        description="the [[sites]] entry this partition belongs to; its jurisdiction then "
+        "comes from that site (a jurisdiction table, if given, must match it)",
+    )
     backend: Literal["local", "slurm"] = Field(
         description="'local': one box run by LocalGPUSpawner; 'slurm': a Slurm partition"
     )
     description: Line = Field("", description="one line shown to users")
-    jurisdiction: Jurisdiction = Field(description="where the hardware is, legally")
+    jurisdiction: Jurisdiction = Field(
+        description="where the hardware is, legally; omit it when `site` is set (the site's)"
+    )
     nodes: Annotated[list[NodeType], Field(min_length=1, max_length=64)] = Field(
         description="the node types of this partition"
     )
@@ -245,16 +313,95 @@ class Site(_Strict):
 
     name: Label = Field(description="the deployment's name, shown on pages")
     description: Line = Field("", description="one line about the deployment")
+    sites: Annotated[list[ClusterSite], Field(max_length=64)] = Field(
+        [],
+        description="the Slurm sites, each its own cluster under its own jurisdiction; "
+        "empty: every Slurm partition is on the hub host's cluster (its CLI)",
+    )
     partitions: Annotated[list[Partition], Field(min_length=1, max_length=256)] = Field(
         description="where sizes run"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _site_jurisdictions(cls, data: Any) -> Any:
+        """A partition of a declared site takes the site's jurisdiction unless it has one."""
+        if not isinstance(data, dict):
+            return data
+        sites = {s.get("name"): s for s in data.get("sites") or [] if isinstance(s, dict)}
+        parts = data.get("partitions")
+        if not sites or not isinstance(parts, list):
+            return data
+        filled = []
+        for p in parts:
+            if isinstance(p, dict) and isinstance(p.get("site"), str) and p["site"] not in sites:
+                raise ValueError(
+                    f"partition {p.get('name')!r}: site {p['site']!r} is not declared in "
+                    f"[[sites]] (declared: {', '.join(str(n) for n in sites)})"
+                )
+            if isinstance(p, dict) and "jurisdiction" not in p and p.get("site") in sites:
+                s = sites[p["site"]]
+                p = {
+                    **p,
+                    "jurisdiction": {
+                        k: s[k] for k in ("country", "operator", "certifications") if k in s
+                    },
+                }
+            filled.append(p)
+        return {**data, "partitions": filled}
 
     @model_validator(mode="after")
     def _unique(self) -> Site:
         names = [p.name for p in self.partitions]
         if len(set(names)) != len(names):
             raise ValueError(f"partition names must be unique, got {names}")
+        site_names = [s.name for s in self.sites]
+        if len(set(site_names)) != len(site_names):
+            raise ValueError(f"site names must be unique, got {site_names}")
+        by_name = {s.name: s for s in self.sites}
+        for p in self.partitions:
+            if p.site is None:
+                if self.sites and p.backend == "slurm":
+                    raise ValueError(
+                        f"partition {p.name!r}: this file declares [[sites]], so a Slurm "
+                        f"partition needs site = one of {site_names}"
+                    )
+                continue
+            s = by_name.get(p.site)
+            if s is None:
+                raise ValueError(
+                    f"partition {p.name!r}: site {p.site!r} is not declared in [[sites]] "
+                    f"(declared: {', '.join(site_names) or 'none'})"
+                )
+            if p.backend != "slurm":
+                raise ValueError(f"partition {p.name!r}: only a Slurm partition has a site")
+            j = p.jurisdiction
+            if j.country != s.country or j.operator != s.operator:
+                raise ValueError(
+                    f"partition {p.name!r}: jurisdiction {j.country}/{j.operator!r} differs "
+                    f"from its site {s.name!r} ({s.country}/{s.operator!r}); drop the "
+                    "partition's jurisdiction table or make it match"
+                )
         return self
+
+    def cluster_site(self, name: str) -> ClusterSite:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site {name!r}; declared: {', '.join(s.name for s in self.sites)}")
+
+    def site_of(self, partition: Partition | str) -> ClusterSite | None:
+        """The declared site of a partition; None for the hub host's own (no [[sites]])."""
+        p = self.partition(partition) if isinstance(partition, str) else partition
+        return self.cluster_site(p.site) if p.site is not None else None
+
+    def site_name_of(self, partition: Partition | str) -> str:
+        """What a ledger record's ``site`` says: the declared site, else the deployment."""
+        s = self.site_of(partition)
+        return s.name if s is not None else self.name
+
+    def partitions_of(self, site: str) -> list[Partition]:
+        return [p for p in self.partitions if p.site == site]
 
     def partition(self, name: str) -> Partition:
         for p in self.partitions:
