@@ -13,11 +13,7 @@
  * server's own auth; it makes no other request. An endpoint that is missing (404) or
  * failing shows "—" and is asked again at the next refresh.
  */
-import {
-  ILabShell,
-  JupyterFrontEnd,
-  JupyterFrontEndPlugin
-} from '@jupyterlab/application';
+import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { Notification } from '@jupyterlab/apputils';
 import { PageConfig, URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
@@ -98,7 +94,7 @@ interface ISession {
   grant: {
     partition?: string;
     country?: string;
-    size?: string;
+    size?: { id: string; label: string };
     eur_per_hour?: number;
   };
 }
@@ -237,6 +233,10 @@ class PortalPanel extends Widget {
     }
   }
 
+  protected onAfterShow(): void {
+    void this.refresh();
+  }
+
   async refresh(): Promise<void> {
     const [status, sessions] = await Promise.all([
       api<IStatus>('status'),
@@ -280,7 +280,7 @@ class PortalPanel extends Widget {
       row.dataset.sessionId = s.id;
       row.dataset.state = s.state;
       const g = s.grant;
-      const title = `${s.kind} · ${g.size ?? DASH} · ${g.partition ?? DASH}`;
+      const title = `${s.kind} · ${g.size?.id ?? DASH} · ${g.partition ?? DASH}`;
       row.appendChild(el('div', 'sp-session-title', title));
       const start = s.started ?? null;
       const end = s.ended ?? Date.now() / 1000;
@@ -358,12 +358,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
   id: 'sovereign-portal-lab:plugin',
   description: 'sovereign-portal: GPU status bar, sessions panel and notices.',
   autoStart: true,
-  optional: [IStatusBar, ILabShell],
-  activate: (
-    app: JupyterFrontEnd,
-    statusBar: IStatusBar | null,
-    labShell: ILabShell | null
-  ) => {
+  optional: [IStatusBar],
+  activate: (app: JupyterFrontEnd, statusBar: IStatusBar | null) => {
     const item = new StatusItem();
     const panel = new PortalPanel();
     if (statusBar) {
@@ -383,12 +379,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
       await showNotices(seen);
     };
-    panel.refresh();
-    labShell?.layoutModified.connect(() => {
-      if (panel.isVisible) {
-        void panel.refresh();
-      }
-    });
+    void panel.refresh();
     void tick();
     window.setInterval(() => void tick(), REFRESH_S * 1000);
   }
