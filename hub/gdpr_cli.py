@@ -264,7 +264,11 @@ def _cmd_erase(args: argparse.Namespace) -> int:
         receipt.add("portal database", rows=counts)
         home = cfg.home(username, args.home)
         removed: list[str] = []
-        if home is not None and (home / ".sovereign-portal").exists():
+        if home is not None and home.resolve().is_relative_to(cfg.dir.resolve()) and home.is_dir():
+            # A home the portal made in its own state directory (the local box): all of it.
+            shutil.rmtree(home)
+            removed.append("the home in the portal's state directory")
+        elif home is not None and (home / ".sovereign-portal").exists():
             shutil.rmtree(home / ".sovereign-portal")
             removed.append("~/.sovereign-portal")
         receipt.add("portal files in the home deleted", removed=removed)
