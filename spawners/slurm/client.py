@@ -52,8 +52,10 @@ ACTIVE_STATES = frozenset(
     }
 )
 
-#: squeue's fields, in :class:`JobInfo` order. The comment (free text) comes last.
-SQUEUE_FORMAT = "%i|%T|%r|%N|%S|%u|%P|%Q|%k"
+#: squeue's fields, in :class:`JobInfo` order. The comment (free text) comes last. The
+#: priority field also carries the job's TRES per node and node count (``%Q;%b;%D``), so a
+#: line without them (an older format) still parses.
+SQUEUE_FORMAT = "%i|%T|%r|%N|%S|%u|%P|%Q;%b;%D|%k"
 _FIELDS = SQUEUE_FORMAT.count("|")
 #: A Slurm job id as the portal accepts it: digits, or an array task ``123_4``.
 JOB_ID = re.compile(r"[0-9]{1,12}(_[0-9]{1,9})?")
@@ -156,6 +158,21 @@ class JobInfo:
     comment: str
     partition: str = ""
     priority: int = 0
+    #: What the job asks per node (``gres:gpu:h100:2``) and on how many nodes; what a
+    #: site's free capacity is counted from (:func:`devices`).
+    tres_per_node: str = ""
+    node_count: int = 0
+
+    @property
+    def devices(self) -> int:
+        """GPUs (whole or MIG slices) the job holds or asks for, over all its nodes."""
+        per_node = 0
+        for item in self.tres_per_node.split(","):
+            kind = item.replace("/", ":").split(":")
+            if len(kind) >= 2 and kind[0] == "gres" and kind[1] == "gpu":
+                last = re.split(r"[:=]", item)[-1]
+                per_node += int(last) if last.isdecimal() else 1
+        return per_node * max(1, self.node_count)
 
     @property
     def active(self) -> bool:
@@ -191,8 +208,12 @@ def parse_squeue(text: str) -> dict[str, JobInfo]:
         if len(parts) != _FIELDS + 1 or not parts[0].strip():
             continue
         f = [p.strip() for p in parts[:_FIELDS]]
-        prio = int(f[7]) if f[7].isascii() and f[7].isdecimal() else 0
-        info = JobInfo(f[0], f[1], f[2], f[3], f[4], f[5], parts[_FIELDS], f[6], prio)
+        prio_s, _, extra = f[7].partition(";")
+        tres, _, count = extra.partition(";")
+        prio = int(prio_s) if prio_s.isascii() and prio_s.isdecimal() else 0
+        tres = "" if tres in ("N/A", "(null)") else tres
+        n = int(count) if count.isascii() and count.isdecimal() else 0
+        info = JobInfo(f[0], f[1], f[2], f[3], f[4], f[5], parts[_FIELDS], f[6], prio, tres, n)
         out[info.job_id] = info
     return out
 

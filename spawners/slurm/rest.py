@@ -200,6 +200,8 @@ def job_info(job: Mapping[str, Any]) -> JobInfo:
         comment=str(job.get("comment") or ""),
         partition=str(job.get("partition") or ""),
         priority=prio if isinstance(prio, int) else 0,
+        tres_per_node=str(job.get("tres_per_node") or ""),
+        node_count=count if isinstance(count := job.get("node_count"), int) else 0,
     )
 
 

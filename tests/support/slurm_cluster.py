@@ -579,7 +579,7 @@ class SlurmCluster:
                 while self._job_ids() and time.monotonic() < deadline:
                     time.sleep(0.1)
         names = list(self._owned_pids())
-        rank = {"slurmctld": 1, "slurmdbd": 2, "mariadbd": 3, "munged": 4}
+        rank = {"slurmrestd": 0, "slurmctld": 1, "slurmdbd": 2, "mariadbd": 3, "munged": 4}
         order = sorted(names, key=lambda n: rank.get(n, 0))
         for name in order:
             self._stop_one(name)
@@ -713,9 +713,68 @@ def _accounting_fixture() -> Any:
     return slurm_accounting_cluster
 
 
+#: The two sites of tests/support/sites/two-sites.toml: a site name -> (ClusterName, node).
+SITES: dict[str, tuple[str, str]] = {
+    "paris": ("paris", "fr-h100-a"),
+    "julich": ("julich", "de-h100-a"),
+}
+TWO_SITE_FILE = REPO / "tests" / "support" / "sites" / "two-sites.toml"
+
+
+def site_cluster(base: Path, site: str, jwt: bool = False) -> SlurmCluster:
+    """One site's own cluster (ClusterName, ports, munge key and socket, JWT key): one
+    8 x H100 node in partition ``gpu``, as two-sites.toml declares."""
+    cluster_name, node = SITES[site]
+    return SlurmCluster(
+        base,
+        nodes=(Node(node, (("h100", 8),), features=()),),
+        partitions={"gpu": ((node,), 480)},
+        cluster_name=cluster_name,
+        jwt=jwt,
+    )
+
+
+def write_site_file(path: Path, paris: SlurmCluster, julich: SlurmCluster, token: Path) -> Path:
+    """two-sites.toml with paris's slurm.conf and julich's slurmrestd URL and token file."""
+    text = TWO_SITE_FILE.read_text()
+    text = text.replace('slurm_conf = "/etc/slurm/slurm.conf"', f'slurm_conf = "{paris.conf}"')
+    text = text.replace('url = "http://127.0.0.1:6820"', f'url = "{julich.rest_url}"')
+    text = text.replace('"/etc/sovereign-portal/julich.jwt"', f'"{token}"')
+    path.write_text(text)
+    return path
+
+
+def _sites_fixture() -> Any:
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def slurm_sites() -> Iterator[dict[str, SlurmCluster]]:
+        """Two sites for the session: ``paris`` (FR, munge, reached by the CLI) and
+        ``julich`` (DE, JWT, behind its slurmrestd); each its own cluster. Never touches
+        the process's SLURM_CONF: use each cluster's ``env()``/``run()``."""
+        root = Path(tempfile.mkdtemp(prefix="sp-sites-", dir="/tmp"))
+        os.chmod(root, 0o755)  # noqa: S103 - test users' jobs traverse it
+        paris = site_cluster(root / "paris", "paris")
+        julich = site_cluster(root / "julich", "julich", jwt=True)
+        started: list[SlurmCluster] = []
+        try:
+            for c in (paris, julich):
+                c.up()
+                started.append(c)
+            julich.start_rest()
+            yield {"paris": paris, "julich": julich}
+        finally:
+            for c in reversed(started):
+                c.down()
+            shutil.rmtree(root, ignore_errors=True)
+
+    return slurm_sites
+
+
 with contextlib.suppress(ImportError):  # the CLI works without pytest
     slurm_cluster = _fixture()
     slurm_accounting_cluster = _accounting_fixture()
+    slurm_sites = _sites_fixture()
 
 
 # -- CLI -----------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ JOBS: dict[str, Any] = {
             "comment": "sovereign-portal:tag1 port=8888",
             "partition": "gpu",
             "priority": 4294901759,
+            "tres_per_node": "gres:gpu:h100:2",
+            "node_count": 1,
         },
         {
             "job_id": 42,
@@ -144,11 +146,15 @@ def test_the_whole_queue_maps_to_the_same_job_infos_as_squeue(
     assert sorted(jobs) == ["41", "42", "43"]
     # The same fields squeue -o SQUEUE_FORMAT gives for these jobs.
     start = jobs["41"].start
-    line = f"41|RUNNING|None|h100-a|{start}|spalice|gpu|4294901759|sovereign-portal:tag1 port=8888"
+    line = (
+        f"41|RUNNING|None|h100-a|{start}|spalice|gpu|4294901759;gres:gpu:h100:2;1|"
+        "sovereign-portal:tag1 port=8888"
+    )
     assert jobs["41"] == parse_squeue(line)["41"]
     assert jobs["42"].state == "PENDING" and jobs["42"].reason == "Resources"
     assert jobs["42"].start == "N/A" and jobs["42"].start_estimate is None
     assert jobs["43"].ended and not jobs["41"].ended
+    assert jobs["41"].devices == 2 and jobs["42"].devices == 0
     # One call for the whole queue; job ids and names filter its answer.
     assert asyncio.run(client.query(["42", "99"])).keys() == {"42"}
     assert asyncio.run(client.query(name="sovereign-portal")).keys() == {"41", "42"}

@@ -165,7 +165,7 @@ def test_cli_query_is_one_batched_squeue(tmp_path: Path) -> None:
     assert set(jobs) == {"7", "8"} and jobs["7"].reason == "Resources"
     asyncio.run(cli.query())
     asyncio.run(cli.query(name="sovereign-portal"))
-    fmt = "-o %i|%T|%r|%N|%S|%u|%P|%Q|%k"
+    fmt = "-o %i|%T|%r|%N|%S|%u|%P|%Q;%b;%D|%k"
     assert _argv(tmp_path, "squeue") == [
         f"-h -t all --jobs=7,8 {fmt}",
         f"-h -t all {fmt}",
@@ -243,4 +243,4 @@ def test_whole_queue_poller_keeps_the_queue_positions_and_tells_listeners(
     assert told == [True, True, False]
     assert poller.positions == {"8": 1, "7": 2}
     assert poller.info("99") is GONE and poller.info("7") is not None
-    assert _argv(tmp_path, "squeue")[0] == "-h -t all -o %i|%T|%r|%N|%S|%u|%P|%Q|%k"
+    assert _argv(tmp_path, "squeue")[0] == "-h -t all -o %i|%T|%r|%N|%S|%u|%P|%Q;%b;%D|%k"
