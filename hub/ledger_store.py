@@ -34,6 +34,7 @@ from sqlalchemy import (
     and_,
     case,
     func,
+    or_,
     select,
     update,
 )
@@ -100,7 +101,18 @@ chain_head = Table(
 )
 
 #: ``usage`` may group by these (record fields; ``course``/``project`` are budget owners).
-GROUP_BY = ("user", "owner", "course", "project", "partition", "country", "kind", "site", "month")
+GROUP_BY = (
+    "user",
+    "owner",
+    "course",
+    "project",
+    "partition",
+    "country",
+    "kind",
+    "site",
+    "month",
+    "day",
+)
 
 
 def to_row(rec: L.Record) -> dict[str, Any]:
@@ -129,9 +141,10 @@ class UsageFilter:
     since: float | None = None
     until: float | None = None
 
-    def where(self) -> list[Any]:
+    def where(self, include_open: bool = False) -> list[Any]:
+        """The SQL conditions; ``include_open`` also matches open rows (whatever the times)."""
         c = records.c
-        out: list[Any] = [c.ended_at.is_not(None)]
+        out: list[Any] = [] if include_open else [c.ended_at.is_not(None)]
         if self.user is not None:
             out.append(c.username == self.user)
         if self.course is not None:
@@ -142,10 +155,15 @@ class UsageFilter:
             out.append(c.partition == self.partition)
         if self.country is not None:
             out.append(c.country == self.country)
+        span = []
         if self.since is not None:
-            out.append(c.ended_at >= self.since)
+            span.append(c.ended_at >= self.since)
         if self.until is not None:
-            out.append(c.ended_at < self.until)
+            span.append(c.ended_at < self.until)
+        if span and include_open:
+            out.append(or_(c.ended_at.is_(None), and_(*span)))
+        else:
+            out.extend(span)
         return out
 
 
@@ -328,6 +346,7 @@ class LedgerStore:
                 )
             cols.append(self._group_col(key).label(key))
         est = func.sum(case((c.gpu_seconds_basis == "estimated", 1), else_=0))
+        est_energy = func.sum(case((c.energy_basis == "estimated", 1), else_=0))
         q = (
             select(
                 *cols,
@@ -337,6 +356,7 @@ class LedgerStore:
                 func.coalesce(func.sum(c.energy_wh), 0.0).label("energy_wh"),
                 func.coalesce(func.sum(c.co2_g), 0.0).label("co2_g"),
                 func.coalesce(est, 0).label("estimated_time_records"),
+                func.coalesce(est_energy, 0).label("estimated_energy_records"),
             )
             .where(*flt.where())
             .group_by(*cols)
@@ -351,8 +371,22 @@ class LedgerStore:
                     d[k] = round(float(d[k]), 6)
                 d["records"] = int(d["records"])
                 d["estimated_time_records"] = int(d["estimated_time_records"])
+                d["estimated_energy_records"] = int(d["estimated_energy_records"])
                 out.append(d)
         return out
+
+    def rows(
+        self, flt: UsageFilter | None = None, *, include_open: bool = True, limit: int = 200
+    ) -> tuple[list[L.Record], int]:
+        """The rows a usage query covers (and, with ``include_open``, the open ones), newest
+        first, at most ``limit`` of them; with the number of all matching rows."""
+        flt = flt or UsageFilter()
+        where = flt.where(include_open=include_open)
+        newest = func.coalesce(records.c.ended_at, records.c.opened_at).desc()
+        q = select(records).where(*where).order_by(newest, records.c.id).limit(max(0, limit))
+        with self.engine.connect() as conn:
+            n = conn.execute(select(func.count()).select_from(records).where(*where)).scalar()
+            return [from_row(r) for r in conn.execute(q)], int(n or 0)
 
     def _group_col(self, key: str) -> Any:
         c = records.c
@@ -360,10 +394,11 @@ class LedgerStore:
             return c.username
         if key in ("course", "project"):
             return case((c.owner_type == key, c.owner), else_="")
-        if key == "month":
+        if key in ("month", "day"):  # of the end time, in UTC
+            pg, lite = {"month": ("YYYY-MM", "%Y-%m"), "day": ("YYYY-MM-DD", "%Y-%m-%d")}[key]
             if self.engine.dialect.name == "postgresql":
-                return func.to_char(func.to_timestamp(c.ended_at), "YYYY-MM")
-            return func.strftime("%Y-%m", c.ended_at, "unixepoch")
+                return func.to_char(func.timezone("UTC", func.to_timestamp(c.ended_at)), pg)
+            return func.strftime(lite, c.ended_at, "unixepoch")
         return c[key]
 
     def balance(self, owner_type: str, owner: str, since: float | None = None) -> L.Amounts:
