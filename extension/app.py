@@ -10,7 +10,7 @@ from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 from tornado.ioloop import PeriodicCallback
-from traitlets import Float, List, Unicode, default
+from traitlets import Float, Int, List, Unicode, default
 
 from ..spawners.upstream import server_signal_stop
 from .handlers import HANDLERS
@@ -78,6 +78,31 @@ class PortalExtension(ExtensionApp):
         config=True,
         help="Seconds a session may take from running jobs to all workers or ranks up.",
     )
+    device_source = Unicode(
+        "auto",
+        config=True,
+        help="""Where the sampler reads this server's granted devices: "auto" (a scripted
+        source if $SOVEREIGN_PORTAL_DEVICE_SCRIPT names one, else NVML for the devices in
+        CUDA_VISIBLE_DEVICES if NVML loads, else none), "nvml", "scripted" or "none".""",
+    )
+    sample_interval = Float(
+        5.0,
+        config=True,
+        help="""Seconds between two readings of the granted devices (utilisation, memory,
+        power, energy counter). NVML reads take well under a millisecond.""",
+    )
+    report_interval = Float(
+        30.0,
+        config=True,
+        help="""Seconds between two activity reports to the hub's portal service (the
+        highest utilisation seen since the last one, the energy counter, busy kernels).
+        The culler decides from these reports: keep it well under its warning time.""",
+    )
+    sample_ring = Int(
+        120,
+        config=True,
+        help="Readings kept in memory (a bounded ring; 120 at 5 s is ten minutes).",
+    )
     sbatch = Unicode("sbatch", config=True, help="sbatch command (argv[0]).")
     scancel = Unicode("scancel", config=True, help="scancel command (argv[0]).")
 
@@ -106,8 +131,9 @@ class PortalExtension(ExtensionApp):
             sbatch=self.sbatch,
             scancel=self.scancel,
         )
+        hub = HubService(self.hub_service_url, self.hub_api_token)
         self.manager = SessionManager(
-            HubService(self.hub_service_url, self.hub_api_token),
+            hub,
             root,
             cfg,
             start_timeout=self.start_timeout,
@@ -115,9 +141,38 @@ class PortalExtension(ExtensionApp):
             logger=self.log,
         )
         self.settings["sovereign_portal_sessions"] = self.manager
+        self._start_sampler(hub)
         self._poller = PeriodicCallback(self._poll, self.poll_interval * 1000)
         self._poller.start()
         self._stop_on_sigint()
+
+    def _start_sampler(self, hub: HubService) -> None:
+        from ..spawners.telemetry import NoSource, TelemetryError, source_for
+        from .sampler import Sampler, kernel_counter, service_post
+
+        try:
+            source = source_for(self.device_source)
+        except TelemetryError as e:
+            self.log.error("sovereign-portal: no device telemetry: %s", e)
+            source = NoSource()
+        self.sampler = Sampler(
+            source,
+            server=os.environ.get("JUPYTERHUB_SERVER_NAME", ""),
+            ring=self.sample_ring,
+            kernels=kernel_counter(self.serverapp),
+            post=service_post(hub) if self.hub_service_url else None,
+            log=self.log,
+        )
+        self.settings["sovereign_portal_sampler"] = self.sampler
+        self.sampler.sample()
+        self._sampling = PeriodicCallback(self._sample, self.sample_interval * 1000)
+        self._sampling.start()
+        self._reporting = PeriodicCallback(self.sampler.report, self.report_interval * 1000)
+        self._reporting.start()
+        self.log.info("sovereign-portal: device telemetry from %s", source.name)
+
+    def _sample(self) -> None:
+        self.sampler.sample()
 
     def _stop_on_sigint(self) -> None:
         """Make SIGINT a clean stop, so stopping the server releases every session.
@@ -154,4 +209,7 @@ class PortalExtension(ExtensionApp):
 
     async def stop_extension(self) -> None:
         self._poller.stop()
+        self._sampling.stop()
+        self._reporting.stop()
+        self.sampler.source.close()
         await self.manager.stop_all()

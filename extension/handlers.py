@@ -9,6 +9,10 @@ GET      sessions/<id>                   one session: state, progress, handle in
                                         not V, or after S seconds (at most 30)
 DELETE   sessions/<id>                   stop it and release every job → 200
 POST     sessions/<id>/scale             ``{"workers": n}`` (Dask; at most the grant)
+GET      activity                        this server's granted devices: utilisation,
+                                        memory, power, energy so far (:mod:`.sampler`)
+GET      notices                         idle warnings (from the culler, through the hub)
+                                        and budget warnings
 =======  ==============================  =================================================
 
 Every handler requires an authenticated, authorized user of this server. Errors are JSON
@@ -151,8 +155,40 @@ class ScaleHandler(_Base):
         self.finish(json.dumps(s.to_json()))
 
 
+class ActivityHandler(_Base):
+    """``GET activity``: ``{"devices": [...], "source", "measured", "sampled_at"}``."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.finish(json.dumps(self.settings["sovereign_portal_sampler"].activity_json()))
+
+
+class NoticesHandler(_Base):
+    """``GET notices``: ``{"notices": [{"id", "kind", "level", "message", "deadline"}]}``:
+    the culler's idle warning for this server (from the last activity report's answer)
+    and the budget warnings of the hub's ``api/budgets``."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        from .sampler import budget_notices
+
+        sampler = self.settings["sovereign_portal_sampler"]
+        notices = list(sampler.notices)
+        try:
+            code, data = await self.manager.hub._call("GET", "api/budgets")
+            if code == 200:
+                notices += budget_notices(data)
+        except SessionError:
+            pass  # the hub is away: its idle notices still show
+        self.finish(json.dumps({"notices": notices}))
+
+
 SID = r"([0-9a-f]{12})"
 HANDLERS = [
+    (r"/sovereign-portal/api/activity", ActivityHandler),
+    (r"/sovereign-portal/api/notices", NoticesHandler),
     (r"/sovereign-portal/api/catalog", CatalogHandler),
     (r"/sovereign-portal/api/sessions", SessionsHandler),
     (rf"/sovereign-portal/api/sessions/{SID}", SessionHandler),

@@ -215,6 +215,23 @@ class PortalService(Application):
         project budget, when its partition names none (as c.SlurmGPUSpawner.default_account,
         which configure_hub passes on).""",
     )
+    culler_services = List(
+        Unicode(),
+        ["sovereign-portal-culler"],
+        config=True,
+        help="""Names of the hub services whose tokens may read every server's GPU activity
+        and set idle notices (``api/activity/all``, ``api/activity/notice``,
+        ``api/activity/reclaim``): the GPU-aware culler (:mod:`.culler`). Users' tokens
+        never can.""",
+    )
+    carbon_series_file = Unicode(
+        "",
+        config=True,
+        help="""CSV file of the site's grid carbon intensity over time, lines of
+        ``<ISO 8601 time with offset>,<gCO2/kWh>`` (e.g. exported from RTE eCO2mix). Measured
+        energy is then multiplied by the intensity at the time of each report; empty uses
+        the partition's static ``carbon_g_per_kwh``.""",
+    )
     ip = Unicode("127.0.0.1", config=True, help="Address to listen on (default from the URL).")
     port = Int(0, config=True, help="Port to listen on (default from $JUPYTERHUB_SERVICE_URL).")
 
@@ -464,6 +481,8 @@ class PortalService(Application):
     # -- app ----------------------------------------------------------------------------
     def make_app(self, prefix: str = "/") -> web.Application:
         prefix = prefix if prefix.endswith("/") else prefix + "/"
+        from .activity_service import routes as activity_routes
+
         # Compute sessions' open ledger records are watched from the start (after a
         # restart too), once the loop runs.
         IOLoop.current().add_callback(lambda: self.grant_ledger)
@@ -480,6 +499,7 @@ class PortalService(Application):
                 (prefix + COURSE_BUDGET, CourseBudgetHandler),
                 (prefix + COURSE_BUDGET + "/allowances/([^/]{1,128})", AllowanceHandler),
                 *course_routes(self, prefix),
+                *activity_routes(prefix),
                 (prefix.rstrip("/") or "/", HealthHandler),
             ],
             portal=self,

@@ -152,7 +152,9 @@ class NvmlSource:
 
     def __init__(self, visible: Sequence[str] | None = None, nvml: Any = None) -> None:
         if nvml is None:
-            import pynvml as nvml
+            import pynvml
+
+            nvml = pynvml
         self.nv = nvml
         self.nv.nvmlInit()
         try:

@@ -1,0 +1,235 @@
+"""The portal service's activity routes (:mod:`.activity` is the pure core).
+
+=====  ==============================  ===================================================
+POST   ``{prefix}api/activity``        a sampler's report, with the server's own token;
+                                        answers ``{"notices": [...]}`` for that server
+GET    ``{prefix}api/notices``         the caller's notices (idle warnings), e.g. for the
+                                        spawn page
+GET    ``{prefix}api/activity/all``    every target: idle since, GPUs, kernels, energy,
+                                        notice (``?util=&mem=&stale=`` thresholds). For
+                                        the culler service only
+PUT    ``{prefix}api/activity/notice``  ``{"source": "server:<u>/<n>", "notice": {...} |
+                                        null}``: set or clear a target's idle warning.
+                                        Culler only
+POST   ``{prefix}api/activity/reclaim``  ``{"source": ..., "saved_gpu_seconds": x}``: the
+                                        culler is about to stop it; the GPU-hours it saves
+                                        are counted. Culler only
+=====  ==============================  ===================================================
+
+The culler is a hub service (:mod:`.culler`); its token is accepted here only if the hub
+says it belongs to a service named in ``PortalService.culler_services``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from sovereign_portal.spawners.errors import Forbidden, PortalError
+
+from .activity import ActivityBook, ActivityError, Intensity, Thresholds, parse_report
+from .service import _Base, _BodyBase
+
+NOTICE_KEYS = {"id", "kind", "level", "message", "deadline"}
+
+
+def _bad(e: ActivityError) -> PortalError:
+    return PortalError(str(e), status=400, reason="bad_activity")
+
+
+def book_of(portal: Any) -> ActivityBook:
+    book = getattr(portal, "_activity_book", None)
+    if book is None:
+        book = portal._activity_book = ActivityBook()
+        portal._reclaimed = {}  # source -> saved GPU-seconds
+    return book
+
+
+def intensity_for(portal: Any, partition: Any) -> Intensity:
+    static = float(partition.carbon_g_per_kwh) if partition is not None else 0.0
+    path = getattr(portal, "carbon_series_file", "")
+    if not path:
+        return Intensity(static)
+    cache = getattr(portal, "_intensity_cache", None)
+    if cache is None or cache[0] != (path, static):
+        from .activity import read_intensity_series
+
+        portal._intensity_cache = ((path, static), read_intensity_series(path, static))
+    got: Intensity = portal._intensity_cache[1]
+    return got
+
+
+def reclaimed_of(portal: Any) -> dict[str, float]:
+    """GPU-seconds saved by the culler's stops, per target."""
+    book_of(portal)
+    got: dict[str, float] = portal._reclaimed
+    return got
+
+
+def _partition_of(portal: Any, source: str) -> Any:
+    """The partition of the target's open ledger record (its PUE and grid intensity)."""
+    try:
+        rec = portal.grant_ledger.store.open_for(source)
+        return portal.site.partition(rec.partition) if rec is not None else None
+    except Exception:
+        return None
+
+
+class ActivityReportHandler(_BodyBase):
+    async def post(self) -> None:
+        raw = await self.json_body()
+        assert self.caller is not None
+        try:
+            report = parse_report(self.caller.name, raw, time.time())
+        except ActivityError as e:
+            raise _bad(e) from None
+        book = book_of(self.portal)
+        known = report.target in book.targets
+        part = None if known else _partition_of(self.portal, report.target)
+        pue = float(part.pue) if part is not None else 1.0
+        if known:
+            part = getattr(book.targets[report.target], "partition", None)
+        target = book.add(report, pue=pue, intensity=intensity_for(self.portal, part))
+        if not known:
+            target.partition = part  # type: ignore[attr-defined]
+        self.finish({"notices": [target.notice] if target.notice else []})
+
+
+class NoticesHandler(_Base):
+    async def get(self) -> None:
+        assert self.caller is not None
+        self.finish({"notices": book_of(self.portal).notices_of(self.caller.name)})
+
+
+class _CullerBase(_Base):
+    async def authenticate(self) -> None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() not in ("token", "bearer") or not token.strip():
+            raise PortalError("send the culler's token", status=401, reason="unauthenticated")
+        allowed = set(getattr(self.portal, "culler_services", []) or [])
+        check = getattr(self.portal, "_service_for_token", None)
+        if check is None and getattr(self.portal, "_authenticate", None) is not None:
+            check = _no_service  # a service with hub authentication replaced (tests)
+        name = await (check(token.strip()) if check else _hub_service_name(token.strip()))
+        if name is None or name not in allowed:
+            raise Forbidden("only the culler service may read all activity")
+
+
+async def _no_service(token: str) -> str | None:
+    return None
+
+
+async def _hub_service_name(token: str) -> str | None:
+    from jupyterhub.services.auth import HubAuth
+
+    model = await HubAuth().user_for_token(token, sync=False)
+    if not model or model.get("kind") != "service":
+        return None
+    return str(model.get("name"))
+
+
+class _CullerBody(_BodyBase, _CullerBase):
+    """A culler route with a JSON body (authenticated as the culler after the body)."""
+
+
+class AllActivityHandler(_CullerBase):
+    async def get(self) -> None:
+        try:
+            th = Thresholds(
+                util_pct=_q(self, "util", 5.0, 0, 100),
+                mem_pct=_q(self, "mem", 5.0, 0, 100),
+                stale_s=_q(self, "stale", 180.0, 1, 86400),
+            )
+        except ActivityError as e:
+            raise _bad(e) from None
+        now = time.time()
+        book = book_of(self.portal)
+        self.finish(
+            {
+                "now": now,
+                "targets": [t.to_json(th, now) for t in book.targets.values() if t.history],
+                "reclaimed": dict(reclaimed_of(self.portal)),
+            }
+        )
+
+
+def _q(h: Any, name: str, default: float, lo: float, hi: float) -> float:
+    raw = h.get_query_argument(name, None)
+    if raw is None:
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ActivityError(f"{name}: must be a number") from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise ActivityError(f"{name}: must be between {lo:g} and {hi:g}")
+    return v
+
+
+def _source(book: ActivityBook, raw: Any) -> str:
+    src = raw.get("source") if isinstance(raw, dict) else None
+    if not isinstance(src, str) or src not in book.targets:
+        raise ActivityError("source: no such target (a server that has reported)")
+    return src
+
+
+class NoticeHandler(_CullerBody):
+    async def put(self) -> None:
+        raw = await self.json_body()
+        book = book_of(self.portal)
+        try:
+            src = _source(book, raw)
+            if set(raw) != {"source", "notice"}:
+                raise ActivityError('send {"source": ..., "notice": {...} | null}')
+            n = raw["notice"]
+            if n is not None:
+                if not isinstance(n, dict) or set(n) != NOTICE_KEYS:
+                    raise ActivityError(f"notice: send exactly {', '.join(sorted(NOTICE_KEYS))}")
+                if n["kind"] not in ("idle", "budget") or n["level"] not in (
+                    "info",
+                    "warning",
+                    "error",
+                ):
+                    raise ActivityError("notice: kind idle|budget, level info|warning|error")
+                if not all(isinstance(n[k], str) and len(n[k]) <= 1000 for k in ("id", "message")):
+                    raise ActivityError("notice: id and message are strings of ≤ 1000 characters")
+        except ActivityError as e:
+            raise _bad(e) from None
+        book.targets[src].notice = n
+        self.finish({"source": src, "notice": n})
+
+
+class ReclaimHandler(_CullerBody):
+    async def post(self) -> None:
+        raw = await self.json_body()
+        book = book_of(self.portal)
+        try:
+            src = _source(book, raw)
+            saved = raw.get("saved_gpu_seconds")
+            if (
+                not isinstance(saved, int | float)
+                or isinstance(saved, bool)
+                or not math.isfinite(saved)
+                or not 0 <= saved <= 1e9
+            ):
+                raise ActivityError("saved_gpu_seconds: must be a number ≥ 0")
+        except ActivityError as e:
+            raise _bad(e) from None
+        done = reclaimed_of(self.portal)
+        done[src] = done.get(src, 0.0) + float(saved)
+        target = book.targets[src]
+        target.notice = None
+        self.portal.log.info("Culler reclaims %s (%.3f GPU-hours saved)", src, float(saved) / 3600)
+        self.finish({"source": src, "energy": target.meter.to_json()})
+
+
+def routes(prefix: str) -> list[tuple[str, Any]]:
+    return [
+        (prefix + "api/activity", ActivityReportHandler),
+        (prefix + "api/activity/all", AllActivityHandler),
+        (prefix + "api/activity/notice", NoticeHandler),
+        (prefix + "api/activity/reclaim", ReclaimHandler),
+        (prefix + "api/notices", NoticesHandler),
+    ]
