@@ -242,11 +242,13 @@ def export_hub_db(conn: Connection, username: str) -> dict[str, list[dict[str, A
                 ref = fk.column.table.name
                 if ref not in keys or ref == tname:
                     continue
-                vals = keys[ref].get(fk.column.name) or set()
+                vals = sorted(
+                    (v for v in keys[ref].get(fk.column.name) or () if v is not None), key=str
+                )
                 if not vals:
                     continue
                 have = {tuple(r) for r in found.get(tname, [])}
-                for r in conn.execute(select(t).where(fk.parent.in_(sorted(vals)))):
+                for r in conn.execute(select(t).where(fk.parent.in_(vals))):
                     if tuple(r) in have:
                         continue
                     have.add(tuple(r))

@@ -120,7 +120,8 @@ def build_export(cfg: HubConfig, username: str, home: str | None) -> dict[str, A
     finally:
         store.dispose()
     hub = None
-    if cfg.hub_db_url:
+    hub_file = gdpr.sqlite_path(cfg.hub_db_url) if cfg.hub_db_url else None
+    if cfg.hub_db_url and (hub_file is None or hub_file.exists()):
         from sqlalchemy import create_engine
 
         engine = create_engine(cfg.hub_db_url)

@@ -41,7 +41,7 @@ class ExportHandler(BaseHandler):
         try:
             target = check_username(raw, "user")
         except AccountError as e:
-            raise web.HTTPError(400, str(e)) from None
+            raise web.HTTPError(400, "%s", str(e)) from None
         if target != me.name and not me.admin:
             raise web.HTTPError(403, "user: only an operator may download another person's data")
         store = _portal_store(self.settings["config"])
@@ -49,7 +49,7 @@ class ExportHandler(BaseHandler):
         with self.db.get_bind().connect() as conn:
             hub = gdpr.export_hub_db(conn, target)
         if hub is None and not any(portal.values()):
-            raise web.HTTPError(404, f"user: the portal holds nothing about {target!r}")
+            raise web.HTTPError(404, "user: the portal holds nothing about %r", target)
         hub_user = None
         user = self.find_user(target)
         if user is not None:
