@@ -208,3 +208,26 @@ def test_pseudonym_is_keyed_and_stable() -> None:
     assert gdpr.pseudonym(KEY, ADA) == gdpr.pseudonym(KEY, ADA)
     assert gdpr.pseudonym(KEY, ADA) != gdpr.pseudonym(b"z" * 64, ADA)
     assert ADA not in gdpr.pseudonym(KEY, ADA)
+
+
+def test_upgrade_from_0003_keeps_the_chain_and_erase_works_on_old_rows(
+    portal_db_url: str,
+) -> None:
+    store = PortalStore(portal_db_url)
+    try:
+        store.upgrade("0003")
+        assert "ledger_redactions" not in store.table_names()
+        ledger_rows(store, ADA, "ml101")
+        ledger_rows(store, BOB, "ml101")
+        led = LedgerStore(store)
+        assert led.verify() == (10, None)  # verify works before the redaction log exists
+        before = led.usage(UsageFilter(), by=("course", "partition"))
+        store.upgrade()
+        assert "ledger_redactions" in store.table_names()
+        assert led.verify() == (10, None)
+        counts = gdpr.erase_portal(store, ADA, KEY, actor="op")
+        assert counts["ledger_records"] == 5
+        assert led.verify() == (10, None)
+        assert led.usage(UsageFilter(), by=("course", "partition")) == before
+    finally:
+        store.dispose()
