@@ -340,9 +340,11 @@ class AccessLogHandler(_CourseBase):
 
 class EndHandler(_CourseBody):
     async def post(self, course_id: str) -> None:
-        await self.json()
+        raw = await self.json()
         course, _ = self.course_for(course_id, "end")
         assert self.caller is not None
+        if raw != {}:
+            raise CourseError("body", "send an empty JSON object {}: ending takes no fields")
         done = await end_course(self.portal, self.courses, course, self.caller.name)
         self.finish(done)
 
@@ -356,7 +358,7 @@ async def end_course(
     stopped = []
     for user in await group_members(portal, course.group):
         model = await hub_api(portal, "GET", f"/users/{quote(user, safe='')}")
-        for name, server in ((model or {}).get("servers") or {}).items():
+        for name, server in list(((model or {}).get("servers") or {}).items()):
             if (server.get("user_options") or {}).get("course") == course.id:
                 path = f"/users/{quote(user, safe='')}/servers/{quote(name, safe='')}"
                 await hub_api(portal, "DELETE", path if name else f"/users/{quote(user)}/server")
