@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from .handlers import HANDLERS
 from .launchers import LaunchConfig
 from .placement import PlacementHandler
 from .sessions import HubService, SessionManager
+from .status import HANDLERS as STATUS_HANDLERS
 
 
 class PortalExtension(ExtensionApp):
@@ -141,6 +143,7 @@ class PortalExtension(ExtensionApp):
             logger=self.log,
         )
         self.settings["sovereign_portal_sessions"] = self.manager
+        self.settings["sovereign_portal_started_at"] = time.time()  # for api/status
         self._start_sampler(hub)
         self._poller = PeriodicCallback(self._poll, self.poll_interval * 1000)
         self._poller.start()
@@ -205,7 +208,7 @@ class PortalExtension(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         handlers: list[Any] = [(r"/sovereign-portal/api/placement", PlacementHandler)]
-        self.handlers.extend(handlers + list(HANDLERS))
+        self.handlers.extend(handlers + list(HANDLERS) + list(STATUS_HANDLERS))
 
     async def stop_extension(self) -> None:
         self._poller.stop()
