@@ -29,6 +29,7 @@ import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,10 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     job_id: str = ""
     job_tag: str = ""
     job_host: str = ""
+    #: The [[sites]] entry the job runs at ("": the hub host's cluster, no [[sites]]).
+    job_site: str = ""
+    #: Where placement put this spawn, and why (shown on the spawn page).
+    placement_why: str = ""
     stop_reason: str = ""
     _events: list[dict[str, Any]]
     _starting = False
@@ -273,8 +278,21 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         return max(1, round(self.scheduler_poll_interval))
 
     # -- shared machinery ---------------------------------------------------------------------
+    def _site_pollers(self) -> dict[str, JobPoller]:
+        from .sites import site_pollers
+
+        return site_pollers(
+            self.site,
+            self.scheduler_poll_interval,
+            self.scheduler_poll_jitter,
+            self.scheduler_fast_interval,
+            str(Path(self.queue_snapshot_file).resolve()) if self.queue_snapshot_file else "",
+        )
+
     @property
     def poller(self) -> JobPoller:
+        if self.job_site:  # one poller per site: a site that is down leaves only its jobs
+            return self._site_pollers()[self.job_site]
         return shared_poller(
             self.scheduler_poll_interval,
             self.scheduler_poll_jitter,
@@ -284,7 +302,12 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
 
     @property
     def scheduler(self) -> SchedulerClient:
-        """The scheduler client (CLI transport) that submits and cancels as the user."""
+        """The scheduler client that submits and cancels as the user: the CLI on this host,
+        or the client of the job's site (:func:`.sites.client_for`: CLI or slurmrestd)."""
+        if self.job_site:
+            from .sites import client_for
+
+            return client_for(self.site.cluster_site(self.job_site), self.submit_prefix)
         key = tuple(self.submit_prefix)
         if key not in _CLIENTS:
             _CLIENTS[key] = SlurmCLI(env=slurm_env(), submit_prefix=key)
@@ -333,6 +356,8 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         self.job_id = str(state.get("job_id") or "")
         self.job_tag = str(state.get("job_tag") or "")
         self.job_host = str(state.get("job_host") or "")
+        site = str(state.get("job_site") or "")
+        self.job_site = site if site in {s.name for s in self.site.sites} else ""
         if self.job_id:
             TRACKED_TAGS.add(self.job_tag)
             self.poller.track(self.job_id)
@@ -343,6 +368,8 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         state: dict[str, Any] = super().get_state()
         if self.job_id:
             state.update(job_id=self.job_id, job_tag=self.job_tag, job_host=self.job_host)
+            if self.job_site:
+                state["job_site"] = self.job_site
         return state
 
     def clear_state(self) -> None:
@@ -355,7 +382,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             else:
                 self.poller.untrack(self.job_id)
         TRACKED_TAGS.discard(self.job_tag)
-        self.job_id = self.job_tag = self.job_host = ""
+        self.job_id = self.job_tag = self.job_host = self.job_site = ""
 
     # -- the job --------------------------------------------------------------------------------
     def job_env(self, hub_env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -377,6 +404,13 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         )
         if os.environ.get("SLURM_CONF"):
             env["SLURM_CONF"] = os.environ["SLURM_CONF"]
+        cs = self.site.cluster_site(self.job_site) if self.job_site else None
+        if cs is not None:  # the job's own cluster: its slurmd sets SLURM_CONF for a remote site
+            conf = getattr(cs.scheduler, "slurm_conf", None)
+            if conf:
+                env["SLURM_CONF"] = conf
+            else:
+                env.pop("SLURM_CONF", None)
         env.update(self.job_environment)
         return env
 
@@ -504,7 +538,98 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     def validate_request(self, options: Any) -> Resolved:
         resolved = super().validate_request(options)
         self.image_argv(resolved)  # an image that cannot run is refused now, not in start
+        if not self.job_id:  # a running job keeps its site
+            self.job_site = resolved.partition.site or ""
         return resolved
+
+    _hidden_sites: frozenset[str] = frozenset()
+
+    def partitions(self) -> list[Any]:
+        return [p for p in super().partitions() if p.site not in self._hidden_sites]
+
+    @default("options_form")
+    def _default_slurm_options_form(self) -> Any:
+        base = PortalSpawnerMixin._default_options_form(self)
+
+        def form(spawner: SlurmGPUSpawner) -> Any:
+            if not spawner.site.sites or not callable(base):
+                return base(spawner) if callable(base) else base
+            return sites_form(spawner)  # JupyterHub awaits it
+
+        async def sites_form(spawner: SlurmGPUSpawner) -> str:
+            site = spawner.site
+            from .sites import refresh_states
+
+            states = await refresh_states(
+                site, spawner._site_pollers(), max_age=spawner.scheduler_poll_interval
+            )
+            down = frozenset(n for n, st in states.items() if not st.reachable)
+            spawner._hidden_sites = down
+            try:
+                html = str(base(spawner))
+            finally:
+                spawner._hidden_sites = frozenset()
+            items = []
+            for cs in site.sites:
+                what = "cannot be reached now; not offered" if cs.name in down else "open"
+                items.append(f"<li>{escape(cs.name)} ({cs.country}): {what}</li>")
+            note = (
+                "<div class='sp-sites'><p>Sites. A request without a partition is placed "
+                "by your residency rules, then by queue, price and carbon.</p><ul>"
+                + "".join(items)
+                + "</ul></div>"
+            )
+            return note + html
+
+        return form
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Any:
+        async def apply(spawner: SlurmGPUSpawner, options: Any) -> None:
+            spawner.validate_request(options)
+            await spawner.place_request(options)
+
+        return apply
+
+    async def place_request(self, options: Any) -> Resolved:
+        """With several [[sites]], place a request that names no partition
+        (:func:`..placement.place`: residency rules, then the user's choice, then the sites'
+        states from one fresh poll each) and pin the choice into ``user_options``, so
+        admission, the ledger and start all see the placed partition. Before the hub's
+        pre-spawn hooks (``apply_user_options`` runs first)."""
+        from ..placement import Need, PlacementRefused, place, residency_rules
+        from ..request import resolve
+        from .sites import refresh_states
+
+        resolved = self.validate_request(options)
+        site = self.site
+        if not site.sites or (isinstance(options, dict) and options.get("partition")):
+            return resolved
+        req = resolved.request
+        fits = set()
+        for p in self.partitions():
+            with contextlib.suppress(Exception):
+                resolve(site, req, default_partition=p.name)
+                fits.add(p.name)
+        groups = self.user_groups()
+        states = await refresh_states(
+            site, self._site_pollers(), max_age=self.scheduler_poll_interval
+        )
+        size = resolved.size
+        try:
+            placed = place(
+                site,
+                Need(max(1, size.devices_per_node * size.nodes), frozenset(fits)),
+                residency_rules(groups, self.residency),
+                states,
+                groups=groups,
+            )
+        except PlacementRefused as e:
+            raise self.portal_error(e) from None
+        self.placement_why = placed.why
+        self.log.info("Placed %s: %s", self._label, placed.why)
+        self.user_options = {**dict(options), "partition": placed.partition}
+        return self.validate_request(self.user_options)
 
     def _user_dir(self, d: str) -> None:
         """Make ``d`` (below the home) a 0700 directory of the user; never follows a link.
@@ -564,6 +689,8 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                 )
             )
         self._events = []
+        if self.placement_why:
+            self._event(5, f"Placed: {self.placement_why}")
         self._starting = True
         self.stop_reason = ""
         try:
@@ -691,10 +818,11 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                 return host, port
 
     async def _node_addr(self, node: str) -> str:
-        if node not in _NODE_ADDR:
+        key = f"{self.job_site}/{node}"  # node names are a site's own
+        if key not in _NODE_ADDR:
             for name, n in (await self.scheduler.nodes()).items():
-                _NODE_ADDR[name] = n.addr
-        return _NODE_ADDR.get(node, node)
+                _NODE_ADDR[f"{self.job_site}/{name}"] = n.addr
+        return _NODE_ADDR.get(key, node)
 
     def _job_ended(self, info: JobInfo) -> None:
         """The shared poll saw this server's job end: tell the hub now, not at its next poll.
