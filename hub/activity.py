@@ -339,6 +339,7 @@ class Target:
     history: deque[Report] = field(default_factory=lambda: deque(maxlen=HISTORY))
     meter: Meter = field(default_factory=Meter)
     notice: dict[str, Any] | None = None
+    record_id: str | None = None  # the open ledger record the meter belongs to
 
     def to_json(self, th: Thresholds, now: float) -> dict[str, Any]:
         last = self.history[-1]

@@ -67,33 +67,55 @@ def reclaimed_of(portal: Any) -> dict[str, float]:
     return got
 
 
-def _partition_of(portal: Any, source: str) -> Any:
-    """The partition of the target's open ledger record (its PUE and grid intensity)."""
-    try:
-        rec = portal.grant_ledger.store.open_for(source)
-        return portal.site.partition(rec.partition) if rec is not None else None
-    except Exception:
-        return None
-
-
 class ActivityReportHandler(_BodyBase):
+    """A sampler's report: into the book, and its measured energy onto the open ledger
+    record of that server (the figures are fixed when the record closes)."""
+
     async def post(self) -> None:
         raw = await self.json_body()
         assert self.caller is not None
+        now = time.time()
         try:
-            report = parse_report(self.caller.name, raw, time.time())
+            report = parse_report(self.caller.name, raw, now)
         except ActivityError as e:
             raise _bad(e) from None
-        book = book_of(self.portal)
-        known = report.target in book.targets
-        part = None if known else _partition_of(self.portal, report.target)
+        p = self.portal
+        book = book_of(p)
+        rec = _open_record(p, report.target)
+        target = book.targets.get(report.target)
+        if target is not None and rec is not None and target.record_id != rec.id:
+            book.forget(report.target)  # a new server in the same place: a new meter
+            target = None
+        part = None
+        if rec is not None:
+            try:
+                part = p.site.partition(rec.partition)
+            except Exception:
+                part = None
+        intensity = intensity_for(p, part)
         pue = float(part.pue) if part is not None else 1.0
-        if known:
-            part = getattr(book.targets[report.target], "partition", None)
-        target = book.add(report, pue=pue, intensity=intensity_for(self.portal, part))
-        if not known:
-            target.partition = part  # type: ignore[attr-defined]
+        target = book.add(report, pue=pue, intensity=intensity)
+        if rec is not None:
+            target.record_id = rec.id
+            if target.meter.counted:
+                from .activity_store import measured_energy, meter_open
+
+                try:
+                    wh, co2, eb, cb = measured_energy(
+                        rec, target.meter, now, series=intensity.series
+                    )
+                    meter_open(p.grant_ledger.store.engine, rec.id, wh, co2, eb, cb)
+                except Exception:
+                    p.log.exception("Activity: metering record %s failed", rec.id)
         self.finish({"notices": [target.notice] if target.notice else []})
+
+
+def _open_record(portal: Any, source: str) -> Any:
+    try:
+        return portal.grant_ledger.store.open_for(source)
+    except Exception:
+        portal.log.exception("Activity: reading the open record of %s failed", source)
+        return None
 
 
 class NoticesHandler(_Base):
@@ -202,27 +224,49 @@ class NoticeHandler(_CullerBody):
 
 
 class ReclaimHandler(_CullerBody):
+    """The culler stops a target: its notice goes, the GPU-seconds it saves are counted
+    (the rest of its granted walltime × its GPUs, from its open ledger record), and the
+    record is marked so that it closes as ``reclaimed``."""
+
     async def post(self) -> None:
         raw = await self.json_body()
         book = book_of(self.portal)
         try:
             src = _source(book, raw)
-            saved = raw.get("saved_gpu_seconds")
-            if (
-                not isinstance(saved, int | float)
-                or isinstance(saved, bool)
-                or not math.isfinite(saved)
-                or not 0 <= saved <= 1e9
-            ):
-                raise ActivityError("saved_gpu_seconds: must be a number ≥ 0")
+            if set(raw) != {"source"}:
+                raise ActivityError('send {"source": "server:<user>/<server>"}')
         except ActivityError as e:
             raise _bad(e) from None
+        now = time.time()
+        saved, record_id = 0.0, None
+        try:
+            rec = self.portal.grant_ledger.store.open_for(src)
+        except Exception:
+            self.portal.log.exception("Culler: reading the ledger record of %s failed", src)
+            rec = None
+        if rec is not None:
+            from .activity_store import mark_reclaim
+
+            start = rec.started_at if rec.started_at is not None else rec.opened_at
+            left = max(0.0, start + rec.walltime_minutes * 60 - now)
+            saved, record_id = rec.rates.gpu_equivalents * left, rec.id
+            try:
+                mark_reclaim(self.portal.grant_ledger.store.engine, rec.id, src, now, saved)
+            except Exception:
+                self.portal.log.exception("Culler: marking %s reclaimed failed", src)
         done = reclaimed_of(self.portal)
-        done[src] = done.get(src, 0.0) + float(saved)
+        done[src] = done.get(src, 0.0) + saved
         target = book.targets[src]
         target.notice = None
-        self.portal.log.info("Culler reclaims %s (%.3f GPU-hours saved)", src, float(saved) / 3600)
-        self.finish({"source": src, "energy": target.meter.to_json()})
+        self.portal.log.info("Culler reclaims %s (%.3f GPU-hours saved)", src, saved / 3600)
+        self.finish(
+            {
+                "source": src,
+                "record": record_id,
+                "saved_gpu_hours": round(saved / 3600, 6),
+                "energy": target.meter.to_json(),
+            }
+        )
 
 
 def routes(prefix: str) -> list[tuple[str, Any]]:

@@ -356,11 +356,15 @@ def close(
     ended_at: float,
     reason: str,
     time_basis: str = "measured",
+    energy: tuple[float, float, str, str] | None = None,
 ) -> Record:
     """The closed record: end time, reason, and its amounts (not yet chained).
 
     Time runs from ``started_at`` (or ``opened_at`` when the devices were never reported
-    held) to ``ended_at``; an end before the start counts zero.
+    held) to ``ended_at``; an end before the start counts zero. ``energy`` is
+    ``(Wh, gCO₂, energy_basis, co2_basis)`` from the samplers' counters
+    (:func:`.activity_store.measured_energy`); without it energy and CO₂ come from the
+    TDP × PUE model (estimated).
     """
     if rec.closed:
         raise LedgerError(f"record {rec.id}: already closed")
@@ -371,12 +375,13 @@ def close(
     start = rec.started_at if rec.started_at is not None else rec.opened_at
     end = round(ended_at, 3)
     seconds = max(0.0, end - start)
-    return replace(
-        rec,
-        ended_at=end,
-        end_reason=reason,
-        amounts=amounts_for(rec.rates, seconds, time_basis),
-    )
+    amounts = amounts_for(rec.rates, seconds, time_basis)
+    if energy is not None and seconds > 0:
+        wh, co2, e_basis, c_basis = energy
+        amounts = _round(
+            replace(amounts, energy_wh=wh, co2_g=co2, energy_basis=e_basis, co2_basis=c_basis)
+        )
+    return replace(rec, ended_at=end, end_reason=reason, amounts=amounts)
 
 
 def adjustment(

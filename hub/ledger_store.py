@@ -234,7 +234,16 @@ class LedgerStore:
             rec = self._locked(conn, record_id)
             if rec.closed:
                 return rec
-            done = L.close(rec, ended_at=end, reason=reason, time_basis=time_basis)
+            from .activity_store import pending
+
+            # measured energy and the culler's mark, kept on the open row (activity_store)
+            p = pending(conn, record_id)
+            if p.reclaimed and reason in ("stopped", "scancel"):
+                reason = "reclaimed"
+            energy = None
+            if p.energy_wh is not None and p.energy_basis and p.co2_basis:
+                energy = (float(p.energy_wh), float(p.co2_g or 0.0), p.energy_basis, p.co2_basis)
+            done = L.close(rec, ended_at=end, reason=reason, time_basis=time_basis, energy=energy)
             placed = self._chain(conn, done)
             row = to_row(placed)
             conn.execute(update(records).where(records.c.id == record_id).values(**row))
