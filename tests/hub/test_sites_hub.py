@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,12 +181,10 @@ def test_stopping_de_slurmrestd_removes_de_and_keeps_its_server(fed: dict[str, A
         page = _form(hub, "spbob")
         assert "julich (DE): cannot be reached now; not offered" in page
         assert "gpu-de" not in page and "gpu-fr" in page
-        # Several poll intervals without an answer from julich: its server is not stopped.
-        hub.wait_for(lambda: "slurmrestd at" in hub.log_text(), 20, "the failed julich poll")
-        for _ in range(5):
+        for _ in range(5):  # five poll intervals without an answer from julich
+            time.sleep(1.0)
             model = hub.api("GET", "/users/spalice").json()
             assert model["servers"][""]["ready"], model
-            hub.wait_for(lambda: True, 1, "a poll interval")
         assert julich.run(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip() == "RUNNING"
     finally:
         julich.start_rest()

@@ -90,3 +90,24 @@ def test_a_repeated_key_in_a_site_is_refused(tmp_path: Path) -> None:
     f.write_text(text)
     with pytest.raises(SiteError, match="not valid TOML"):
         load_site(f)
+
+
+def test_site_state_counts_free_devices_from_the_queue() -> None:
+    from sovereign_portal.spawners.slurm.client import JobInfo, parse_squeue
+    from sovereign_portal.spawners.slurm.sites import capacity, site_state
+
+    site = load_site(TWO)
+    assert capacity(site.partition("gpu-fr")) == 8
+    running = parse_squeue(
+        "1|RUNNING|None|fr-h100-a|N/A|spbob|gpu|5;gres:gpu:h100:6;1|x\n"
+        "2|COMPLETED|None|fr-h100-a|N/A|spbob|gpu|5;gres:gpu:h100:2;1|x\n"
+        "3|RUNNING|None|de-h100-a|N/A|spbob|other|5;gres/gpu:h100=2;1|x\n"
+    )
+    assert running["1"].devices == 6 and running["3"].devices == 2
+    st = site_state(site, "paris", running)
+    assert st.reachable and st.free == {"gpu-fr": 2} and st.queue_minutes == {"gpu-fr": 0.0}
+    waiting = {**running, "4": JobInfo("4", "PENDING", "Resources", "", "N/A", "u", "", "gpu")}
+    st = site_state(site, "paris", waiting)
+    assert st.free == {"gpu-fr": 0} and st.queue_minutes["gpu-fr"] == 120.0
+    down = site_state(site, "julich", None)
+    assert not down.reachable and down.why == "its scheduler does not answer"
