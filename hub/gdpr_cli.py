@@ -33,6 +33,8 @@ from urllib.parse import quote
 from .cli import CLIError, _actor, _printable
 
 TOKEN_ENV = "JUPYTERHUB_API_TOKEN"  # noqa: S105 - the name of the variable
+#: What the erase's token must be allowed (unfiltered): an operator's.
+NEEDED_SCOPES = frozenset({"admin:users", "admin:servers"})
 
 
 class HubConfig:
@@ -237,7 +239,15 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     hub = Hub(cfg.hub_api, token)
     store = _store(cfg.portal_url)
     try:
-        # Bad input changes nothing: check the user, the key and the tables first.
+        # Bad input changes nothing: check the token, the user and the tables first.
+        st, me = hub.call("GET", "/user")
+        missing_scopes = sorted(NEEDED_SCOPES - set((me or {}).get("scopes") or ()))
+        if st != 200 or missing_scopes:
+            raise CLIError(
+                f"{TOKEN_ENV}: the hub answered {st}"
+                + (f"; the token lacks {', '.join(missing_scopes)}" if st == 200 else "")
+                + ": use an operator's token"
+            )
         status, _ = hub.call("GET", hub.user_path(username))
         if status not in (200, 404):
             raise CLIError(
