@@ -455,7 +455,8 @@ def source_for(
 
     ``kind`` is ``auto`` (a script if one is named, else NVML for the granted devices if
     NVML loads, else none), ``nvml``, ``scripted`` or ``none``. ``env`` defaults to
-    ``os.environ``; ``script`` defaults to ``$SOVEREIGN_PORTAL_DEVICE_SCRIPT``.
+    ``os.environ``; ``script`` defaults to ``$SOVEREIGN_PORTAL_DEVICE_SCRIPT``, in which
+    ``{user}`` and ``{server}`` are the hub user and server name (one script per server).
     """
     env = dict(os.environ) if env is None else env
     script = script or env.get(SCRIPT_ENV, "")
@@ -466,6 +467,10 @@ def source_for(
     if kind == "scripted" or (kind == "auto" and script):
         if not script:
             raise TelemetryError(f"device_source is 'scripted' but {SCRIPT_ENV} is not set")
+        # one file per server: {user} and {server} name the hub user and server
+        script = script.replace("{user}", env.get("JUPYTERHUB_USER", "")).replace(
+            "{server}", env.get("JUPYTERHUB_SERVER_NAME", "")
+        )
         src = ScriptedSource(script)
         src.script()  # a bad script fails now, naming the field
         return src
