@@ -107,14 +107,17 @@ class _All(frozenset[str]):
 _ANY_OFFER = SiteOffer(sizes=_All(), images=_All(), data_root=None)
 
 
-def site_offer(site: Site, images: Iterable[str] | None, data_root: str = "") -> SiteOffer:
+def site_offer(
+    site: Site, images: Iterable[str] | None, data_root: str = "", server_access: bool = True
+) -> SiteOffer:
     """What a course on ``site`` may name: its one-node size ids, the allow-list's images
-    (None: the site has none), and the data root."""
+    (None: the site has none), the data root, and whether staff may open servers."""
     sizes = frozenset(s.id for p in site.partitions for s in partition_sizes(p) if s.nodes == 1)
     return SiteOffer(
         sizes=sizes,
         images=frozenset(images) if images is not None else None,
         data_root=data_root or None,
+        server_access=server_access,
     )
 
 
@@ -608,7 +611,7 @@ class CoursePolicy(Configurable):
         return [i.name for i in load_image_allow_list(self.image_allow_list).images]
 
     def offer(self, site: Site) -> SiteOffer:
-        return site_offer(site, self.images(), self.data_root)
+        return site_offer(site, self.images(), self.data_root, self.server_access)
 
 
 def install(c: Any, service: dict[str, Any], options: dict[str, Any] | None = None) -> None:

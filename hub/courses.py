@@ -201,11 +201,13 @@ class Course:
 @dataclass(frozen=True)
 class SiteOffer:
     """What the site has, for validation: size ids and image names (None: no allow-list,
-    so a course names no image), and where course data may live."""
+    so a course names no image), where course data may live, and whether a course may let
+    its staff open students' servers."""
 
     sizes: frozenset[str]
     images: frozenset[str] | None = None
     data_root: str | None = None
+    server_access: bool = True
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -377,6 +379,12 @@ def parse_course(raw: Any, offer: SiteOffer) -> Course:
     access = c.get("ta_server_access", False)
     if not isinstance(access, bool):
         raise CourseError("ta_server_access", "must be true or false")
+    if access and not offer.server_access:
+        raise CourseError(
+            "ta_server_access",
+            "this site does not let course staff open students' servers",
+            status=403,
+        )
     instructors = _users(c["instructors"], "instructors", minimum=1)
     tas = _users(c.get("tas", []), "tas")
     both = sorted(set(instructors) & set(tas))

@@ -123,6 +123,14 @@ def test_bad_input_names_the_field(over: dict[str, Any], field: str, match: str)
     assert str(info.value).startswith(f"{field}: ")
 
 
+def test_a_site_that_keeps_servers_closed_refuses_ta_server_access() -> None:
+    closed = SiteOffer(sizes=OFFER.sizes, images=OFFER.images, server_access=False)
+    with pytest.raises(CourseError) as info:
+        parse_course(raw(data_path=None, ta_server_access=True), closed)
+    assert info.value.field == "ta_server_access" and info.value.status == 403
+    assert not parse_course(raw(data_path=None), closed).ta_server_access
+
+
 def test_a_site_without_an_image_list_takes_no_image() -> None:
     bare = SiteOffer(sizes=OFFER.sizes, images=None)
     with pytest.raises(CourseError, match="no image allow-list"):

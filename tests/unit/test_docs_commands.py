@@ -248,6 +248,7 @@ def _configurable_classes() -> dict[str, list[type[Configurable]]]:
         "jupyterlab.labapp",
         "sovereign_portal.hub.auth",
         "sovereign_portal.hub.service",
+        "sovereign_portal.hub.course_store",
         "sovereign_portal.hub.gdpr",
         "sovereign_portal.spawners.local",
         "sovereign_portal.spawners.slurm.spawner",
