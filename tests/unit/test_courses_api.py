@@ -31,6 +31,7 @@ class FakeHub:
         self.groups: dict[str, set[str]] = {}
         self.users: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
+        self.shares: list[tuple[str, str]] = []
 
     async def __call__(self, portal: Any, method: str, path: str, body: Any = None) -> Any:
         from urllib.parse import unquote
@@ -48,6 +49,9 @@ class FakeHub:
             elif method == "DELETE":
                 g.difference_update(body["users"])
             return {}
+        if parts[0] == "shares":
+            self.shares.append((parts[1], body["user"]))
+            return {}
         if parts[0] == "users":
             user = self.users.get(parts[1])
             if user is None:
@@ -59,14 +63,15 @@ class FakeHub:
         raise AssertionError(path)
 
 
-@pytest.fixture
+@pytest.fixture(params=[False], ids=["servers-closed"])
 def svc(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[PortalServiceThread, FakeHub]]:
     monkeypatch.setenv(DB_URL_ENV, f"sqlite:///{tmp_path / 'portal.sqlite'}")
+    access = "true" if request.param else "false"
     monkeypatch.setenv(
         "SOVEREIGN_PORTAL_COURSES",
-        f'{{"creators": ["{u("igor")}"], "data_root": "{tmp_path}"}}',
+        f'{{"creators": ["{u("igor")}"], "data_root": "{tmp_path}", "server_access": {access}}}',
     )
     hub = FakeHub()
     monkeypatch.setattr(course_api, "hub_api", hub)
@@ -166,3 +171,27 @@ def test_routes(svc: tuple[PortalServiceThread, FakeHub], tmp_path: Path) -> Non
     assert r.json()["stopped"] == [f"{u('s3')}/"] and not hub.users[u("s3")]["servers"]
     assert not data.stat().st_mode & 0o222
     assert call(t, "ines", "PATCH", "/ml101", json={"title": "y"}).status_code == 409
+
+
+@pytest.mark.parametrize("svc", [True], ids=["servers-open"], indirect=True)
+def test_opening_a_students_server_is_recorded_and_shown_to_them(
+    svc: tuple[PortalServiceThread, FakeHub],
+) -> None:
+    t, hub = svc
+    body = {**COURSE, "ta_server_access": False}
+    assert call(t, "olga", "POST", "", json=body).status_code == 201
+    path = f"/ml101/servers/{u('s1')}/access"
+    r = call(t, "tara", "POST", path, json={"reason": "lab 2"})
+    assert r.status_code == 403 and r.json()["field"] == "ta_server_access"  # the course: off
+    assert call(t, "ines", "PATCH", "/ml101", json={"ta_server_access": True}).status_code == 200
+    assert call(t, "tara", "POST", path, json={}).status_code == 400  # a reason is required
+    r = call(t, "tara", "POST", f"/ml101/servers/{u('s3')}/access", json={"reason": "x"})
+    assert r.status_code == 403  # not a student of ml101
+    assert call(t, "s1", "POST", path, json={"reason": "x"}).status_code == 403  # a student
+    assert hub.shares == []
+    r = call(t, "tara", "POST", path, json={"reason": "lab 2"})
+    assert r.status_code == 200, r.text
+    assert hub.shares == [(u("s1"), u("tara"))]
+    (seen,) = call(t, "s1", "GET", "/access").json()["access"]
+    assert seen["by"] == u("tara") and seen["course"] == "ml101" and seen["reason"] == "lab 2"
+    assert call(t, "s3", "GET", "/access").json() == {"access": []}
