@@ -18,9 +18,10 @@ who may do what is :data:`.courses.PERMISSIONS`, read through :func:`.courses.re
 
 A removal takes effect at once: the student leaves the hub group ``course-<id>`` through the
 hub's REST API (their course image, sizes and budget go with it, and the staff's group-
-filtered scopes no longer reach them); an addition is applied to a user the hub knows at
-once, else at their first login (:func:`.courses.effective_groups`). Bad input is a 4xx
-naming the field (a roster file: the row), and nothing changes.
+filtered scopes no longer reach them) and their running course server stops; an addition
+is applied to a user the hub knows at once, else at their first login
+(:func:`.courses.effective_groups`). Bad input is a 4xx naming the field (a roster file: the
+row), and nothing changes.
 """
 
 from __future__ import annotations
@@ -98,7 +99,13 @@ async def apply_roster(
             await hub_api(portal, "POST", f"/groups/{g}/users", {"users": known})
         if removed:
             await hub_api(portal, "DELETE", f"/groups/{g}/users", {"users": removed})
-    return {"added_now": known, "at_first_login": sorted(set(added) - set(known))}
+    # a removed student's running course server stops too: the course is no longer theirs
+    stopped = await stop_course_servers(portal, course, removed) if removed else []
+    return {
+        "added_now": known,
+        "at_first_login": sorted(set(added) - set(known)),
+        "stopped": stopped,
+    }
 
 
 # -- handlers ----------------------------------------------------------------------------------
@@ -350,19 +357,29 @@ class EndHandler(_CourseBody):
 
 
 # -- the end of a course ---------------------------------------------------------------------
+async def stop_course_servers(portal: PortalService, course: Course, users: list[str]) -> list[str]:
+    """Stop the servers of ``users`` that run for ``course`` (their ``user_options`` name
+    it); returns ``user/server name`` of each."""
+    stopped = []
+    for user in users:
+        q = quote(user, safe="")
+        model = await hub_api(portal, "GET", f"/users/{q}")
+        for name, server in list(((model or {}).get("servers") or {}).items()):
+            if (server.get("user_options") or {}).get("course") == course.id:
+                path = (
+                    f"/users/{q}/servers/{quote(name, safe='')}" if name else f"/users/{q}/server"
+                )
+                await hub_api(portal, "DELETE", path)
+                stopped.append(f"{user}/{name}")
+    return stopped
+
+
 async def end_course(
     portal: PortalService, store: CourseStore, course: Course, actor: str
 ) -> dict[str, Any]:
     """The course's data goes read-only and its students' course servers stop; audited."""
     changed = make_read_only(course.data_path) if course.data_path else 0
-    stopped = []
-    for user in await group_members(portal, course.group):
-        model = await hub_api(portal, "GET", f"/users/{quote(user, safe='')}")
-        for name, server in list(((model or {}).get("servers") or {}).items()):
-            if (server.get("user_options") or {}).get("course") == course.id:
-                path = f"/users/{quote(user, safe='')}/servers/{quote(name, safe='')}"
-                await hub_api(portal, "DELETE", path if name else f"/users/{quote(user)}/server")
-                stopped.append(f"{user}/{name}")
+    stopped = await stop_course_servers(portal, course, await group_members(portal, course.group))
     store.mark(course.id, ENDED, actor, read_only=changed, stopped=stopped)
     portal.log.info(
         "Course %s ended by %s: data read-only (%d entries), %d servers stopped",

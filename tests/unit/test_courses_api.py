@@ -142,9 +142,11 @@ def test_routes(svc: tuple[PortalServiceThread, FakeHub], tmp_path: Path) -> Non
     assert r.status_code == 200, r.text
     assert r.json()["added_now"] == [u("s3")] and r.json()["at_first_login"] == [u("new")]
     assert u("s3") in hub.groups["course-ml101"]
+    hub.users[u("s1")]["servers"] = {"": {"user_options": {"course": "ml101"}}}
     r = call(t, "ines", "DELETE", f"/ml101/roster/{u('s1')}")
     assert r.status_code == 204, r.text
     assert u("s1") not in hub.groups["course-ml101"]
+    assert hub.users[u("s1")]["servers"] == {}  # the removed student's course server stopped
     assert call(t, "ines", "GET", "/ml101/roster").json()["removed"] == [u("s1")]
     # 10^5 lines: read to the end, refused at the row limit, nothing changes
     big = b"identifier\n" + b"".join(f"z{i}@uni-a.example\n".encode() for i in range(100_000))
