@@ -14,8 +14,9 @@ culler reads it through REST). Everything is tested as tables.
   in a thread, a cell running) starts it over. A target whose last report is older than
   ``stale_s`` is *unknown*, never idle: the culler acts only on evidence.
 - **Measured energy** (:class:`Meter`): the sum of the energy counters' increases
-  between reports, per device (a counter that goes back or jumps beyond what the board
-  could draw is a reset: that step is skipped and counted in ``resets``). Board energy ×
+  between reports, per device (a counter that goes back, or an NVML counter that jumps
+  beyond what a board could draw, is a reset: that step is skipped and counted in
+  ``resets``). Board energy ×
   the partition's PUE is the facility energy; gCO₂ is that energy × the grid intensity at
   the time of the report (:class:`Intensity`: the partition's static value, or a time
   series for the site). ``measured`` is true only for NVML counters; a scripted source's
@@ -301,7 +302,9 @@ class Meter:
                 continue
             dt_s = r.sampled_at - prev[0]
             step = d.energy_mj - prev[1]
-            if dt_s <= 0 or step < 0 or step > MAX_BOARD_W * dt_s * 1000:
+            # (a scripted source's time runs faster than the clock: no power cap there)
+            jump = r.measured and step > MAX_BOARD_W * dt_s * 1000
+            if dt_s <= 0 or step < 0 or jump:
                 self.resets += 1
                 continue
             board = step / 3.6e6

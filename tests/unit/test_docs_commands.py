@@ -250,6 +250,7 @@ def _configurable_classes() -> dict[str, list[type[Configurable]]]:
         "sovereign_portal.hub.service",
         "sovereign_portal.hub.course_store",
         "sovereign_portal.hub.gdpr",
+        "sovereign_portal.hub.culler",
         "sovereign_portal.spawners.local",
         "sovereign_portal.spawners.slurm.spawner",
         "sovereign_portal.extension.app",
