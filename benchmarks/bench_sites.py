@@ -43,7 +43,7 @@ from tests.support.slurm_cluster import TEST_USERS, Node, SlurmCluster, write_si
 INTERVAL = 2.0
 SCRIPT = (
     "#!/bin/bash\n#SBATCH --job-name=bench-sites\n#SBATCH --partition=gpu\n"
-    "#SBATCH --gres=gpu:h100:1\n#SBATCH --time=30\nsleep 1200\n"
+    "#SBATCH --gres=gpu:h100:1\n#SBATCH --time=30\n#SBATCH --output=/dev/null\nsleep 1200\n"
 )
 
 

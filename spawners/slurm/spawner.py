@@ -441,7 +441,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             home=home,
             python=self.python,
             token_file=f"{token_dir}/{tag}",
-            output=self.output_template.format(home=home),
+            output=self._output(home),
             server_args=args,
             env={**self.job_env(hub_env), **self.portal_env(resolved)},
             ip=self.server_ip,
@@ -450,6 +450,11 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             image_argv=self.image_argv(resolved),
             image_command=list(self.image_command),
         )
+
+    def _output(self, home: str) -> str:
+        """The job's log file; a site's job ids are its own, so its name carries the site."""
+        out = self.output_template.format(home=home)
+        return out.replace("%j", f"{self.job_site}-%j") if self.job_site else out
 
     def slurm_account(self, resolved: Resolved) -> str | None:
         """``--account`` of this server's job (:func:`.accounting.job_account`): the budget
@@ -783,7 +788,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                 )
                 raise _user_error(
                     f"Your Slurm job {self.job_id} ended before the server started: {why}. "
-                    f"Its log is in {self.output_template.format(home=self._pw().pw_dir)}.",
+                    f"Its log is in {self._output(self._pw().pw_dir)}.",
                     reason="job_ended",
                     log_message=f"job {self.job_id} state {info.state} reason {info.reason}",
                 )

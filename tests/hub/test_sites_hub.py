@@ -119,6 +119,8 @@ def fill(c: SlurmCluster) -> str:
             "30",
             "-J",
             "filler",
+            "-o",
+            "/dev/null",
             "-D",
             "/tmp",
             "--wrap",

@@ -45,6 +45,7 @@ EU = [Rule("project", "europa", frozenset({"FR", "DE", "IT", "NL"}), "EU")]
 SCRIPT = (
     "#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --partition=gpu\n"
     "#SBATCH --gres=gpu:h100:{gpus}\n#SBATCH --time=10\n#SBATCH --comment={comment}\n"
+    "#SBATCH --output=/dev/null\n"
     "sleep 600\n"
 )
 
@@ -90,6 +91,8 @@ async def _wait_state(client: Any, job_id: str, states: set[str], within: float 
         info = (await client.query([job_id])).get(job_id)
         if info is not None and info.state in states:
             return info
+        if info is not None and info.ended and not states & {"CANCELLED", "COMPLETED"}:
+            break
         await asyncio.sleep(0.1)
     raise AssertionError(f"job {job_id} is {info}, not in {states}")
 
