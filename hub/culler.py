@@ -332,11 +332,19 @@ class GPUCuller(Application):
         base = self.portal_url if self.portal_url.endswith("/") else self.portal_url + "/"
         return base + path
 
-    async def users(self) -> dict[str, dict[str, Any]]:
-        code, data = await self._fetch(f"{self.hub_api_url}/users?state=active")
-        if code != 200 or not isinstance(data, list):
-            raise RuntimeError(f"the hub did not list users (HTTP {code})")
-        return {u["name"]: u for u in data}
+    async def users(self, page: int = 200) -> dict[str, dict[str, Any]]:
+        """Every user with a running server, page by page (the hub pages its lists)."""
+        out: dict[str, dict[str, Any]] = {}
+        offset = 0
+        while True:
+            url = f"{self.hub_api_url}/users?state=active&offset={offset}&limit={page}"
+            code, data = await self._fetch(url)
+            if code != 200 or not isinstance(data, list):
+                raise RuntimeError(f"the hub did not list users (HTTP {code})")
+            out.update({u["name"]: u for u in data})
+            if len(data) < page:
+                return out
+            offset += len(data)
 
     async def cull_once(self, now: float | None = None) -> Tally:
         now = time.time() if now is None else now

@@ -137,6 +137,11 @@ def configure(
     c.JupyterHub.extra_handlers = [*c.JupyterHub.get("extra_handlers", []), *GDPR_HANDLERS]
     c.GDPRPolicy.pseudonym_key_file = str(state / "gdpr-pseudonym.key")
     c.GDPRPolicy.log_files = [str(state / "*.log")]
+    # Usage pages (/hub/usage...) and the portal's figures on the hub's /hub/metrics.
+    from . import metrics, usage_pages
+
+    usage_pages.install(c)
+    metrics.install(c)
 
     if auth == "dev":
         c.JupyterHub.authenticator_class = "dummy"

@@ -272,6 +272,23 @@ class PortalService(Application):
                 self._budgets = policy.open(url="sqlite://")
         return self._budgets
 
+    def note_refusal(self, raw: Any, reason: str) -> None:
+        """One admission refusal row in the portal database (where and why, not who)."""
+        from .metrics import record_refusal, refusal_place
+
+        try:
+            countries = {p.name: p.jurisdiction.country for p in self.site.partitions}
+            kind, partition, country = refusal_place(raw, countries)
+            record_refusal(
+                self.budgets.store.engine,
+                kind=kind,
+                partition=partition,
+                country=country,
+                reason=reason,
+            )
+        except Exception:
+            self.log.exception("Metrics: recording an admission refusal failed")
+
     @property
     def grant_ledger(self) -> Any:
         """Ledger records of compute sessions (:mod:`.grant_ledger`), on the portal database."""
@@ -707,6 +724,14 @@ class AllowanceHandler(_BodyBase):
 class GrantsHandler(_BodyBase):
     async def post(self) -> None:
         raw = await self.json_body()
+        try:
+            await self._grant(raw)
+        except PortalError as e:
+            if e.status == 403:  # a policy refusal: counted for /hub/metrics (hub/metrics.py)
+                self.portal.note_refusal(raw, e.reason)
+            raise
+
+    async def _grant(self, raw: Any) -> None:
         assert self.caller is not None
         p = self.portal
         grant_id = secrets.token_hex(8)
