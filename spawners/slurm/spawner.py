@@ -582,11 +582,27 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                 "<div class='sp-sites'><p>Sites. A request without a partition is placed "
                 "by your residency rules, then by queue, price and carbon.</p><ul>"
                 + "".join(items)
-                + "</ul></div>"
+                + "</ul><label><input type='checkbox' name='placement' value='auto' checked> "
+                "Let the portal choose the site for this size (your residency rules first, "
+                "then the shortest queue)</label></div>"
             )
             return note + html
 
         return form
+
+    def options_from_form(self, formdata: Any) -> dict[str, Any]:
+        """The form's fields; with ``placement=auto`` (the sites' checkbox) the partition
+        of the chosen size is left to placement (:meth:`place_request`)."""
+        data = dict(formdata)
+        auto = data.pop("placement", None)
+        if auto is not None and list(auto) != ["auto"]:
+            raise self.portal_error(
+                RequestRefused("placement must be 'auto' or absent", field="placement")
+            )
+        out = super().options_from_form(data)
+        if auto is not None and self.site.sites:
+            out.pop("partition", None)
+        return out
 
     @default("apply_user_options")
     def _default_apply_user_options(self) -> Any:

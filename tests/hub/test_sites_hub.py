@@ -177,6 +177,7 @@ def test_stopping_de_slurmrestd_removes_de_and_keeps_its_server(fed: dict[str, A
     hub.api("POST", "/groups/proj-eu/users", json={"users": ["spbob"]})
     page = _form(hub, "spbob")
     assert "julich (DE): open" in page and "gpu-de" in page
+    assert "name='placement' value='auto' checked" in page
     job = job_of(hub, "spalice")
     julich.stop_rest()
     try:
