@@ -143,13 +143,29 @@ async def _no_service(token: str) -> str | None:
     return None
 
 
+_HUB_AUTH: list[Any] = []
+_SERVICE_NAMES: dict[bytes, tuple[float, str | None]] = {}
+
+
 async def _hub_service_name(token: str) -> str | None:
+    """The hub service that owns ``token`` (None: not a service's), reused for 30 s."""
+    import hashlib
+
     from jupyterhub.services.auth import HubAuth
 
-    model = await HubAuth().user_for_token(token, sync=False)
-    if not model or model.get("kind") != "service":
-        return None
-    return str(model.get("name"))
+    key, now = hashlib.sha256(token.encode()).digest(), time.monotonic()
+    hit = _SERVICE_NAMES.get(key)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    if not _HUB_AUTH:
+        _HUB_AUTH.append(HubAuth())
+    model = await _HUB_AUTH[0].user_for_token(token, sync=False)
+    name = str(model.get("name")) if model and model.get("kind") == "service" else None
+    if name is not None:
+        if len(_SERVICE_NAMES) > 100:
+            _SERVICE_NAMES.clear()
+        _SERVICE_NAMES[key] = (now + 30.0, name)
+    return name
 
 
 class _CullerBody(_BodyBase, _CullerBase):
