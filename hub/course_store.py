@@ -429,11 +429,13 @@ def delete_data(path: str | os.PathLike[str]) -> bool:
 class CourseSpawnGate:
     """The course step of a notebook spawn, from the hub side (spawners never import hub).
 
-    :func:`.portal.configure` sets :meth:`options_form` and :meth:`apply_user_options` on
-    ``c.Spawner``. A student of a course gets its sizes and image on the form (a student of
-    several picks the course first); whatever the form or a REST spawn sends is checked
-    against the course (:func:`.courses.check_spawn`, the one rule): another size or image
-    is a 403 naming the course rule, before anything is held or submitted. The server's
+    :func:`.portal.configure` sets :meth:`display` (``course_display``) and
+    :meth:`apply_user_options` on ``c.Spawner``; the latter runs the backend's own step
+    (validation, placement) inside it. A student of a course gets its sizes and image on
+    the form (a student of several picks the course first); whatever the form or a REST
+    spawn sends is checked against the course (:func:`.courses.check_spawn`, the one rule):
+    another size or image is a 403 naming the course rule, before anything is held or
+    submitted. The server's
     ``user_options`` keep the course's id (the end of a course stops those servers).
     """
 
@@ -455,39 +457,22 @@ class CourseSpawnGate:
         groups = [g.name for g in getattr(spawner.user, "groups", []) or []]
         return self.store(spawner).student_courses(spawner.user.name, groups)
 
-    def options_form(self, spawner: Any) -> str:
-        from sovereign_portal.spawners.form import render_form
-
-        parts = spawner.partitions()
-        if not parts:
-            return (
-                "<p>No partition of this site is open to you. Ask your course instructor "
-                "or the operators to add you to a project.</p>"
-            )
-        notes, banner = ({}, "")
-        if getattr(spawner, "budget_display", None) is not None:
-            notes, banner = spawner.budget_display(spawner, parts)
+    def display(self, spawner: Any) -> tuple[set[str] | None, set[str] | None, list[Any]]:
+        """``course_display`` of the spawn form: the sizes and images of the user's courses
+        (None where a course does not narrow them), and the courses to pick from first."""
         courses = self.courses(spawner)
-        images = list(spawner.image_choices())
-        sizes: set[str] | None = None
-        if courses:
-            if all(c.sizes for c in courses):
-                sizes = {s for c in courses for s in c.sizes}
-            if all(c.image for c in courses):
-                images = [i for i in images if i in {c.image for c in courses}]
-        return str(
-            render_form(
-                parts,
-                spawner.free_devices,
-                images,
-                notes=notes,
-                banner=banner,
-                sizes=sizes,
-                courses=[(c.id, c.title) for c in courses] if len(courses) > 1 else (),
-            )
-        )
+        if not courses:
+            return None, None, []
+        sizes = {s for c in courses for s in c.sizes} if all(c.sizes for c in courses) else None
+        images = {str(c.image) for c in courses} if all(c.image for c in courses) else None
+        pick = [(c.id, c.title) for c in courses] if len(courses) > 1 else []
+        return sizes, images, pick
 
-    def apply_user_options(self, spawner: Any, options: Any) -> Any:
+    async def apply_user_options(self, spawner: Any, options: Any) -> Any:
+        """The course step, then the backend's own ``apply_user_options`` (validation, and
+        placement where the backend places), then the course rule on the result."""
+        import inspect
+
         from sovereign_portal.spawners.errors import PortalError
 
         from .courses import check_spawn, pick_course
@@ -498,9 +483,18 @@ class CourseSpawnGate:
             course = pick_course(self.courses(spawner), chosen)
         except PortalError as e:
             raise spawner.portal_error(e) from None
-        resolved = spawner.validate_request(opts)
-        if course is None:
-            return resolved
+        inner = spawner.trait_defaults("apply_user_options")  # the backend's, not config's
+        if not callable(inner):
+            if not hasattr(spawner, "validate_request"):
+                return None  # not a portal spawner: no request, no course rule
+            out = spawner.validate_request(opts)
+        else:
+            out = inner(spawner, opts)
+        if inspect.isawaitable(out):
+            out = await out
+        resolved = getattr(spawner, "resolved", None)
+        if course is None or resolved is None:
+            return out
         try:
             check_spawn(course, resolved.size.id, resolved.request.image)
         except PortalError as e:
@@ -509,7 +503,7 @@ class CourseSpawnGate:
         spawner.user_options = kept
         if getattr(spawner, "orm_spawner", None) is not None:
             spawner.orm_spawner.user_options = kept
-        return resolved
+        return out
 
 
 class CoursePolicy(Configurable):
@@ -619,7 +613,7 @@ def install(c: Any, service: dict[str, Any], options: dict[str, Any] | None = No
     ``c.Spawner``, and the CoursePolicy ``options`` for the hub and, through its
     environment, for the portal ``service`` entry."""
     gate = CourseSpawnGate()
-    c.Spawner.options_form = gate.options_form
+    c.Spawner.course_display = gate.display
     c.Spawner.apply_user_options = gate.apply_user_options
     opts = dict(options or {})
     CoursePolicy(**opts)  # a bad option stops the hub's start here, named

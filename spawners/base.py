@@ -81,6 +81,18 @@ class PortalSpawnerMixin(LoggingConfigurable):
         no budget.""",
     )
 
+    course_display = AnyTrait(
+        None,
+        allow_none=True,
+        config=True,
+        help="""A callable ``(spawner) -> (sizes, images, courses)`` that narrows the spawn
+        form to the user's courses: ``sizes`` the size ids to offer (None: all),
+        ``images`` the image names (None: all the user may choose), ``courses`` a list of
+        (id, title) to pick from first (empty: no choice). ``configure()`` sets it from the
+        portal's courses; the hub checks every spawn against the course as well. None
+        narrows nothing.""",
+    )
+
     resolved: Resolved | None = None
     #: Ledger (issue 10): why the server ended when the hub did not stop it, in the
     #: ledger's words ("died", "walltime", "budget", "reclaimed"); set by the backend (or
@@ -129,8 +141,20 @@ class PortalSpawnerMixin(LoggingConfigurable):
             notes, banner = ({}, "")
             if spawner.budget_display is not None:
                 notes, banner = spawner.budget_display(spawner, parts)
+            sizes, images, courses = None, None, []
+            if spawner.course_display is not None:
+                sizes, images, courses = spawner.course_display(spawner)
+            choices = spawner.image_choices()
+            if images is not None:
+                choices = [i for i in choices if i in images]
             return render_form(
-                parts, spawner.free_devices, spawner.image_choices(), notes=notes, banner=banner
+                parts,
+                spawner.free_devices,
+                choices,
+                notes=notes,
+                banner=banner,
+                sizes=sizes,
+                courses=courses,
             )
 
         return form
