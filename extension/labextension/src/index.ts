@@ -144,7 +144,12 @@ function sourceText(a: IActivity | null): string {
   if (!a || a.source === 'none' || !a.devices.length) {
     return 'not available (no device telemetry)';
   }
-  return a.measured ? `measured (${a.source})` : `estimated (${a.source})`;
+  if (a.measured) {
+    return `measured (${a.source === 'nvml' ? 'NVML' : a.source})`;
+  }
+  return a.source === 'scripted'
+    ? 'not measured: a scripted test source stands in for NVML'
+    : `estimated (${a.source})`;
 }
 
 /** The hub's "My usage" page ({hub base}/hub/usage), or null outside a hub. */
