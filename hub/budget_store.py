@@ -19,16 +19,31 @@ input raises :class:`.budgets.BudgetError` naming the field, before anything is 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sovereign_portal.spawners.errors import Unavailable
 from sovereign_portal.spawners.request import Resolved
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, UniqueConstraint, select
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    and_,
+    case,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from traitlets import Bool, Dict, Int, List, default, validate
@@ -46,6 +61,7 @@ from .budgets import (
     Period,
     applicable,
     balance_of,
+    charged,
     check_allowance,
     decide,
     describe,
@@ -53,6 +69,8 @@ from .budgets import (
 )
 from .ledger import Amounts, Rates
 from .store import AuditEvent, Base, PortalDatabase, PortalStore, UTCDateTime, utcnow
+
+log = logging.getLogger("sovereign_portal.budgets")
 
 BUDGETS_ENV = "SOVEREIGN_PORTAL_BUDGETS"
 #: The portal database URL for a process the hub starts (the portal service): in its
@@ -118,7 +136,16 @@ class BudgetCharge(Base):
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (
-        Index("ix_budget_charges_budget_state", "budget_id", "state"),
+        # covering: a balance is one index-only aggregate (Alembic revision 0004)
+        Index(
+            "ix_budget_charges_balance",
+            "budget_id",
+            "state",
+            "user",
+            "expires_at",
+            "held",
+            "settled",
+        ),
         Index("ix_budget_charges_ref", "ref"),
     )
 
@@ -131,15 +158,6 @@ def _budget(row: BudgetRow, period: Period) -> Budget:
     return Budget(
         Owner(row.owner_kind, row.owner_id), period, row.unit, row.amount, row.per_student
     )
-
-
-def _charge(key: str, row: BudgetCharge, now: datetime) -> Charge | None:
-    if row.state == SETTLED:
-        return Charge(key, row.user, row.settled or 0.0, settled=True)
-    if row.state == HELD:
-        # a hold past its walltime and slack is charged in full, as settled usage
-        return Charge(key, row.user, row.held, settled=row.expires_at <= now)
-    return None
 
 
 class BudgetStore:
@@ -267,9 +285,28 @@ class BudgetStore:
             q = q.with_for_update().execution_options(populate_existing=True)
         return s.scalars(q).first()
 
-    def _budgets(self, s: Session) -> list[tuple[BudgetRow, Budget]]:
+    def _budgets(
+        self, s: Session, user: str | None = None, groups: Iterable[str] = ()
+    ) -> list[tuple[BudgetRow, Budget]]:
+        """Every budget; with ``user``, only those it might charge (its own, and those of
+        the course and project groups it is in), read on the owner index: admission never
+        loads a site's thousands of other budgets. :func:`.budgets.applicable` still
+        decides which of them apply."""
         periods = {r.name: _period(r) for r in s.scalars(select(BudgetPeriod))}
-        rows = s.scalars(select(BudgetRow).order_by(BudgetRow.owner_kind, BudgetRow.owner_id))
+        q = select(BudgetRow)
+        if user is not None:
+            from .claims import COURSE_GROUP, PROJECT_GROUP
+
+            prefixes = {"course": COURSE_GROUP.format(""), "project": PROJECT_GROUP.format("")}
+            wanted = [
+                and_(BudgetRow.owner_kind == k, BudgetRow.owner_id == g.removeprefix(pre))
+                for g in set(groups)
+                for k, pre in prefixes.items()
+                if g.startswith(pre)
+            ]
+            own = and_(BudgetRow.owner_kind == "user", BudgetRow.owner_id == user)
+            q = q.where(or_(own, *wanted))
+        rows = s.scalars(q.order_by(BudgetRow.owner_kind, BudgetRow.owner_id))
         return [(r, _budget(r, periods[r.period])) for r in rows]
 
     def budgets(self, owner: Any = None, period: str | None = None) -> list[Budget]:
@@ -383,11 +420,53 @@ class BudgetStore:
         self, s: Session, row: BudgetRow, b: Budget, user: str | None, now: datetime
     ) -> Balance:
         self._settle_from_ledger(s, row.id)
-        q = select(BudgetCharge).where(
-            BudgetCharge.budget_id == row.id, BudgetCharge.state != RELEASED
+        return self._fold(s, row.id, b, user, now)
+
+    def _fold(
+        self,
+        s: Session,
+        budget_id: int,
+        b: Budget,
+        user: str | None,
+        now: datetime,
+        live: Mapping[str, float] | None = None,
+    ) -> Balance:
+        """The balance of ``b`` from its charges, summed in SQL (one index-only aggregate
+        on ``ix_budget_charges_balance``, however many charges a semester has made).
+
+        A settled charge counts what it settled at; a hold counts in full, as settled usage
+        once it is past its walltime and :data:`HOLD_SLACK`.
+        ``live`` maps the refs of running jobs to what they used until now: their holds
+        count that instead (:meth:`running_balances`)."""
+        c = BudgetCharge
+        done = or_(c.state == SETTLED, c.expires_at <= now)
+        mine = c.user == user if user is not None else literal(False)
+        where: list[Any] = [c.budget_id == budget_id, c.state.in_((HELD, SETTLED))]
+        charges: list[Charge] = []
+        if live:
+            running = and_(c.state == HELD, c.ref.in_(list(live)))
+            where.append(not_(running))
+            q = select(c.user, c.ref).where(c.budget_id == budget_id, running)
+            for who, ref in s.execute(q):
+                charges.append(Charge(b.key, who, live[ref], settled=True))
+        amount = case((c.state == SETTLED, func.coalesce(c.settled, 0.0)), else_=c.held)
+        sub = (
+            select(
+                case((mine, 1), else_=0).label("mine"),
+                case((done, 1), else_=0).label("done"),
+                amount.label("amount"),
+            )
+            .where(*where)
+            .subquery()
         )
-        charges = [c for r in s.scalars(q) if (c := _charge(b.key, r, now)) is not None]
-        return balance_of(b, charges, user, self._allowances(s, row.id))
+        q2 = select(sub.c.mine, sub.c.done, func.coalesce(func.sum(sub.c.amount), 0.0)).group_by(
+            sub.c.mine, sub.c.done
+        )
+        for is_mine, is_done, total in s.execute(q2):
+            # "" is no user name: the sums of everybody else's charges
+            who = user if is_mine and user is not None else ""
+            charges.append(Charge(b.key, who, float(total), settled=bool(is_done)))
+        return balance_of(b, charges, user, self._allowances(s, budget_id))
 
     def balances(
         self, user: str, groups: Iterable[str], now: datetime | None = None
@@ -395,7 +474,8 @@ class BudgetStore:
         """The balances ``user`` charges now, in the order admission uses them."""
         t = now or utcnow()
         with self.store.begin() as s:
-            pairs = self._budgets(s)
+            groups = list(groups)
+            pairs = self._budgets(s, user, groups)
             rows = {b.key: r for r, b in pairs}
             found = applicable([b for _, b in pairs], user, groups, t)
             return [self._balance(s, rows[b.key], b, user, t) for b in found]
@@ -455,11 +535,9 @@ class BudgetStore:
         t: datetime,
     ) -> Decision:
         with self.store.begin() as s:
-            pairs = self._budgets(s)
-            found = applicable([b for _, b in pairs], user, groups, t)
-            if not found:
+            b = charged([b for _, b in self._budgets(s, user, groups)], user, groups, t)
+            if b is None:
                 return decide(None, rates, walltime_minutes, what)
-            b = found[0]
             row = self._row(s, b.owner, b.period.name, lock=True)  # FOR UPDATE on PostgreSQL
             assert row is not None
             d = decide(
@@ -496,17 +574,81 @@ class BudgetStore:
                 if b.key != key:
                     continue
                 self._settle_from_ledger(s, row.id)
-                q = select(BudgetCharge).where(
-                    BudgetCharge.budget_id == row.id, BudgetCharge.state != RELEASED
-                )
-                charges = []
-                for r in s.scalars(q):
-                    if r.state == HELD and r.ref in live:
-                        charges.append(Charge(key, r.user, live[r.ref], settled=True))
-                    elif (c := _charge(key, r, t)) is not None:
-                        charges.append(c)
-                return balance_of(b, charges, user, self._allowances(s, row.id))
+                return self._fold(s, row.id, b, user, t, live)
         return None
+
+    def charged_budget(
+        self, user: str, groups: Iterable[str], now: datetime | None = None
+    ) -> Budget | None:
+        """The budget an admission of ``user`` charges now (:func:`.budgets.charged`), or
+        None; nothing is held. The job-script preview names its Slurm account with it."""
+        with self.store.begin() as s:
+            groups = list(groups)
+            found = [b for _, b in self._budgets(s, user, groups)]
+            return charged(found, user, groups, now or utcnow())
+
+    def running_balances(self, refs: Iterable[str], now: float | None = None) -> dict[str, Balance]:
+        """For each of ``refs`` that holds a charge (a running server ``server:<user>/<name>``
+        or session ``grant:<id>``), the balance its user has in the budget it charges, with
+        **every** running job of that budget, servers and sessions alike, at what it has
+        used until ``now`` (epoch seconds) instead of its hold: the figure the budget watch
+        (:class:`BudgetWatch`) stops jobs on. A job counts from its ledger record's start
+        (``started_at``; nothing while it is still queued)."""
+        t = time.time() if now is None else now
+        wanted = list(dict.fromkeys(refs))
+        out: dict[str, Balance] = {}
+        if not wanted:
+            return out
+        with self.store.begin() as s:
+            q = select(BudgetCharge.ref, BudgetCharge.user, BudgetCharge.budget_id).where(
+                BudgetCharge.ref.in_(wanted), BudgetCharge.state == HELD
+            )
+            by_budget: dict[int, list[tuple[str, str]]] = {}
+            for ref, who, bid in s.execute(q):
+                by_budget.setdefault(bid, []).append((ref, who))
+            if not by_budget:
+                return out
+            pairs = {r.id: (r, b) for r, b in self._budgets(s)}
+            when = datetime.fromtimestamp(t, tz=UTC)
+            for bid, items in by_budget.items():
+                if bid not in pairs:
+                    continue
+                _row, b = pairs[bid]
+                self._settle_from_ledger(s, bid)
+                live = self._live_usage(s, bid, b.unit, t)
+                for ref, who in items:
+                    out[ref] = self._fold(s, bid, b, who, when, live)
+        return out
+
+    def _live_usage(self, s: Session, budget_id: int, unit: str, now: float) -> dict[str, float]:
+        """ref -> what the open ledger record of each hold of ``budget_id`` used until now."""
+        from .budgets import amount_in
+        from .ledger import amounts_for
+        from .ledger_store import from_row, records
+
+        held = s.execute(
+            select(BudgetCharge.ref, BudgetCharge.created_at).where(
+                BudgetCharge.budget_id == budget_id, BudgetCharge.state == HELD
+            )
+        ).all()
+        live: dict[str, float] = {}
+        for ref, created in held:
+            row = s.execute(
+                select(records)
+                .where(
+                    records.c.source == ref,
+                    records.c.ended_at.is_(None),
+                    records.c.opened_at >= created.timestamp() - 1.0,
+                )
+                .order_by(records.c.opened_at.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                continue  # no record yet: the hold counts in full
+            rec = from_row(row)
+            ran = 0.0 if rec.started_at is None else max(0.0, now - rec.started_at)
+            live[ref] = amount_in(amounts_for(rec.rates, ran), unit)
+        return live
 
     def admit_resolved(
         self,
@@ -745,6 +887,40 @@ class BudgetPolicy(Configurable):
         return bs
 
 
+# -- while jobs run: the one rule that stops them for their budget ---------------------------------
+class BudgetWatch:
+    """When a running job must stop for its budget: the one rule, for notebook servers
+    (the hub's :class:`SpawnBudgetGate`) and compute sessions (the portal service).
+
+    A job must stop once the budget it charges (or its user's allowance in a course) has
+    been at 100 % for longer than the grace, counting what is settled plus what **every**
+    running job of that budget has used until now (:meth:`BudgetStore.running_balances`:
+    servers and sessions alike, from their open ledger records). Whoever runs the job
+    stops it and closes its record with reason ``budget``. The grace starts when the
+    budget is first seen spent; it restarts if the budget is raised meanwhile.
+    """
+
+    def __init__(self, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self._over_since: dict[tuple[str, str | None], float] = {}
+
+    def due(self, bs: BudgetStore, refs: Iterable[str], now: float) -> list[tuple[str, Balance]]:
+        """The refs among ``refs`` (the running jobs this caller stops) that must stop now,
+        with the balance that says why."""
+        from .budgets import over_budget
+
+        out: list[tuple[str, Balance]] = []
+        for ref, bal in bs.running_balances(refs, now).items():
+            mark = (bal.budget.key, bal.user)
+            if bal.used_fraction < 1.0 - 1e-9:
+                self._over_since.pop(mark, None)
+                continue
+            since = self._over_since.setdefault(mark, now)
+            if over_budget(bal, since, now, self.grace_seconds):
+                out.append((ref, bal))
+        return out
+
+
 # -- the hub's spawn path -------------------------------------------------------------------------
 class SpawnBudgetGate:
     """The budget step of a notebook spawn, from the hub side (spawners never import hub).
@@ -760,12 +936,12 @@ class SpawnBudgetGate:
 
     def __init__(self, previous_pre: Any = None, previous_post: Any = None) -> None:
         self._stores: dict[str, BudgetStore] = {}
+        self._readers: dict[str, BudgetStore] = {}  # previews: config budgets not applied
         self._previous = (previous_pre, previous_post)
         #: ref -> (spawner, budget key) of the servers admitted against a budget
         self._running: dict[str, tuple[Any, str]] = {}
-        self._over_since: dict[tuple[str, str], float] = {}
         self._watch: Any = None
-        self._grace = BudgetPolicy.grace_seconds.default_value
+        self._watchman = BudgetWatch(BudgetPolicy.grace_seconds.default_value)
 
     def __deepcopy__(self, memo: Any) -> SpawnBudgetGate:
         # traitlets deep-copies config values (the hooks are bound methods of this gate):
@@ -778,6 +954,19 @@ class SpawnBudgetGate:
         if url not in self._stores:
             self._stores[url] = policy.open()
         return self._stores[url], policy
+
+    def charge_to(self, spawner: Any) -> tuple[str, str] | None:
+        """``budget_charge`` of the Slurm spawner: (owner kind, id) of the budget a spawn by
+        this user would charge now (:meth:`BudgetStore.charged_budget`, the rule admission
+        holds on), or None. Nothing is held or written: the job-script preview
+        (``sovereign-portal job-script``, ``job_script()``) names its ``--account`` with it."""
+        url = PortalDatabase(parent=spawner).url
+        bs = self._stores.get(url) or self._readers.get(url)
+        if bs is None:
+            bs = self._readers[url] = BudgetPolicy(parent=spawner).open(apply=False)
+        groups = [g.name for g in getattr(spawner.user, "groups", []) or []]
+        b = bs.charged_budget(spawner.user.name, groups)
+        return (b.owner.kind, b.owner.id) if b is not None else None
 
     @staticmethod
     def ref(spawner: Any) -> str:
@@ -833,8 +1022,10 @@ class SpawnBudgetGate:
         except BudgetRefused as e:
             spawner.log.info("Budget refused %s: %s", spawner.user.name, e)
             raise e.spawn_exception() from None
+        # the ledger record (hub/ledger_hub.py) and the job's --account charge the budget
+        # that admitted it (none: the user's own record, the default account)
+        spawner.ledger_charge_to = None
         if d.budget is not None:
-            # the ledger record (hub/ledger_hub.py) charges the budget that admitted it
             owner = Owner.parse(d.budget.rsplit("@", 1)[0])
             spawner.ledger_charge_to = (owner.kind, owner.id)
             self._running[ref] = (spawner, d.budget)
@@ -867,55 +1058,45 @@ class SpawnBudgetGate:
             return
         from tornado.ioloop import PeriodicCallback
 
-        self._grace = policy.grace_seconds
+        self._watchman.grace_seconds = policy.grace_seconds
         self._watch = PeriodicCallback(self.check, policy.check_interval_seconds * 1000)
         self._watch.start()
 
     async def check(self, now: float | None = None) -> list[str]:
-        """Stop the servers whose budget has been over 100 % for longer than the grace.
-        Returns the refs stopped (their ledger records end with reason "budget")."""
-        import time as _time
-
-        from .budgets import amount_in, over_budget
-        from .ledger import amounts_for
-        from .ledger_store import LedgerStore
-
-        t = _time.time() if now is None else now
+        """Stop the servers that :class:`BudgetWatch` says must stop (their budget has been
+        over 100 % for longer than the grace). Returns the refs stopped (their ledger
+        records end with reason "budget")."""
+        t = time.time() if now is None else now
         stopped: list[str] = []
-        for ref, (spawner, key) in list(self._running.items()):
+        by_store: dict[int, tuple[BudgetStore, list[str]]] = {}
+        for ref, (spawner, _key) in list(self._running.items()):
             try:
                 bs, _ = self._store(spawner)
-                ledger = LedgerStore(bs.store)
-                live: dict[str, float] = {}
-                unit = bs.get(*key.rsplit("@", 1)).unit
-                for other, (_sp, k) in self._running.items():
-                    if k != key:
-                        continue
-                    rec = ledger.open_for(other)
-                    if rec is not None:
-                        start = rec.started_at if rec.started_at is not None else rec.opened_at
-                        used = amounts_for(rec.rates, max(0.0, t - start))
-                        live[other] = amount_in(used, unit)
-                bal = bs.live_balance(key, spawner.user.name, live)
-                if bal is None:
-                    continue
-                mark = (key, spawner.user.name)
-                if bal.used_fraction < 1.0 - 1e-9:
-                    self._over_since.pop(mark, None)
-                    continue
-                since = self._over_since.setdefault(mark, t)
-                if not over_budget(bal, since, t, self._grace):
-                    continue
-                spawner.log.warning(
-                    "Budget %s is spent (%s): stopping the server of %s",
-                    key,
-                    bal.to_json()["banner"],
-                    spawner.user.name,
-                )
-                spawner.ledger_end_reason = "budget"
-                self._running.pop(ref, None)
-                await spawner.user.stop(spawner.name)
-                stopped.append(ref)
             except Exception:  # one server's trouble never stops the watch
                 spawner.log.exception("Budget check of %s failed", ref)
+                continue
+            by_store.setdefault(id(bs), (bs, []))[1].append(ref)
+        for bs, refs in by_store.values():
+            try:
+                due = self._watchman.due(bs, refs, t)
+            except Exception:
+                log.exception("Budget check of %d server(s) failed", len(refs))
+                continue
+            for ref, bal in due:
+                found = self._running.pop(ref, None)
+                if found is None:
+                    continue
+                spawner = found[0]
+                try:
+                    spawner.log.warning(
+                        "Budget %s is spent (%s): stopping the server of %s",
+                        bal.budget.key,
+                        bal.to_json()["banner"],
+                        spawner.user.name,
+                    )
+                    spawner.ledger_end_reason = "budget"
+                    await spawner.user.stop(spawner.name)
+                    stopped.append(ref)
+                except Exception:  # one server's trouble never stops the watch
+                    spawner.log.exception("Budget stop of %s failed", ref)
         return stopped

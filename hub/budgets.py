@@ -392,6 +392,16 @@ def applicable(
     return sorted(found, key=lambda b: (order[b.owner.kind], b.owner.id, b.period.start))
 
 
+def charged(
+    budgets: Iterable[Budget], user: str, groups: Iterable[str], when: datetime
+) -> Budget | None:
+    """The one budget an admission of ``user`` charges at ``when``: the first of
+    :func:`applicable`, or None. Admission holds on it, and the Slurm ``--account`` of the
+    job (and of its preview) is its account."""
+    found = applicable(budgets, user, groups, when)
+    return found[0] if found else None
+
+
 # -- admission ------------------------------------------------------------------------------------
 def fmt(x: float, *, up: bool = False) -> str:
     """Two decimals, rounded down (what is left) or up (what is needed), no trailing zeros."""

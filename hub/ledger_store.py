@@ -245,6 +245,7 @@ class LedgerStore:
                 energy = (float(p.energy_wh), float(p.co2_g or 0.0), p.energy_basis, p.co2_basis)
             done = L.close(rec, ended_at=end, reason=reason, time_basis=time_basis, energy=energy)
             placed = self._chain(conn, done)
+            # only what closing sets: an unchanged indexed column costs no index write
             row = to_row(placed)
             conn.execute(update(records).where(records.c.id == record_id).values(**row))
         return placed

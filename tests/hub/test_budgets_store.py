@@ -264,3 +264,95 @@ def test_twenty_parallel_admissions_processes_admit_exactly_five(
         results = list(pool.map(_admit_in_process, [db_url] * 20, range(20)))
     assert sum(results) == 5
     assert sum(h["held"] for h in bs.holds() if h["state"] == "held") == 5.0
+
+
+def _running(bs: BudgetStore, user: str, ref: str, start: float | None) -> None:
+    """An open ledger record for ``ref`` (a server or a session), started at ``start``
+    (None: still queued), charging the course."""
+    from sovereign_portal.hub import ledger as L
+    from sovereign_portal.hub.ledger_store import LedgerStore
+    from sovereign_portal.spawners.request import parse_request, resolve
+    from sovereign_portal.spawners.site import load_site
+
+    from tests.support.slurm_cluster import SITE_FILE
+
+    r = resolve(
+        load_site(SITE_FILE),
+        parse_request(
+            {"kind": "notebook", "partition": "gpu-fr", "accelerator": "h100", "gpus": 1}
+        ),
+    )
+    rec = L.open_record(
+        r, user=user, now=NOW.timestamp(), source=ref, owner_type="course", owner="ml101"
+    )
+    if start is not None:
+        rec = L.attach(rec, job_ids=["1"], nodes="n1", started_at=start)
+    LedgerStore(bs.store).open(rec)
+
+
+def test_the_budget_watch_counts_every_running_job_servers_and_sessions(bs: BudgetStore) -> None:
+    """One rule for servers and sessions: the watch sums what every running job of the
+    budget has used so far (from its open record), stops only after the grace, and only
+    while the budget stays spent."""
+    from sovereign_portal.hub.budget_store import BudgetWatch
+
+    course(bs, 3.0)
+    admit(bs, SAM, "server:sam/")  # a notebook server, running since NOW
+    admit(bs, "ann@uni-a.example", "grant:g1")  # a compute session, running since NOW
+    admit(bs, "ann@uni-a.example", "grant:g2")  # a session still queued: nothing used
+    t0 = NOW.timestamp()
+    _running(bs, SAM, "server:sam/", t0)
+    _running(bs, "ann@uni-a.example", "grant:g1", t0)
+    _running(bs, "ann@uni-a.example", "grant:g2", None)
+    refs = ["server:sam/", "grant:g1", "grant:g2", "grant:none"]
+    half = t0 + 1800
+    bals = bs.running_balances(refs, half)
+    assert set(bals) == {"server:sam/", "grant:g1", "grant:g2"}  # no hold, no balance
+    # 0.5 + 0.5 GPU-hours used by the two running jobs; the queued one counts nothing
+    assert bals["grant:g1"].settled == pytest.approx(1.0)
+    assert bals["grant:g1"].held == 0.0
+    assert bals["server:sam/"].user == SAM and bals["grant:g1"].user == "ann@uni-a.example"
+    watch = BudgetWatch(grace_seconds=60)
+    assert watch.due(bs, refs, half) == []
+    # the operator lowers the pool to what is used: spent, but the grace runs first
+    course(bs, 1.0)
+    assert watch.due(bs, refs, half) == []
+    assert watch.due(bs, refs, half + 59) == []
+    due = dict(watch.due(bs, refs, half + 60))
+    assert set(due) == {"server:sam/", "grant:g1", "grant:g2"}
+    assert due["grant:g1"].budget.key == "course:ml101@2026-autumn"
+    # raised again before the grace is over: nothing stops, and the grace starts anew
+    watch2 = BudgetWatch(grace_seconds=60)
+    assert watch2.due(bs, refs, half) == []
+    course(bs, 3.0)
+    assert watch2.due(bs, refs, half + 61) == []
+    course(bs, 1.0)
+    assert watch2.due(bs, refs, half + 62) == []
+    # the holds themselves are untouched: the watch only reads
+    assert [h["state"] for h in bs.holds()] == ["held", "held", "held"]
+
+
+def test_balance_sums_many_charges_in_sql_as_the_rule_says(bs: BudgetStore) -> None:
+    """The balance folds settled charges, holds and expired holds per user and for the
+    pool, however many there are (one aggregate)."""
+    course(bs, 5.0, per_student=3.0)
+    for i in range(40):
+        admit(bs, SAM if i % 2 else "ann@uni-a.example", f"grant:s{i}", minutes=1)
+        bs.settle(f"grant:s{i}", used=0.01)
+    admit(bs, SAM, "grant:h1", minutes=30)  # held 0.5
+    bs.admit(SAM, ["course-ml101"], GPU, 30, "1 H100 GPU", "grant:old",
+             now=NOW - timedelta(days=2))  # fmt: skip
+    admit(bs, "ann@uni-a.example", "grant:r1", minutes=30)
+    bs.release("grant:r1")  # released: counts nothing
+    [bal] = bs.balances(SAM, ["course-ml101"], NOW)
+    # settled: 40 × 0.01 + the expired hold of 0.5 (past its walltime and slack)
+    assert bal.settled == pytest.approx(0.9)
+    assert bal.held == pytest.approx(0.5)
+    assert bal.user_settled == pytest.approx(0.2 + 0.5)
+    assert bal.user_held == pytest.approx(0.5)
+    assert bal.allowance == 3.0
+    assert bal.left == pytest.approx(3.0 - 1.2)
+    # the pool's balance now (months after NOW): every hold is past its walltime and
+    # slack by now, so it counts in full, as settled usage
+    pool = bs.balance("course:ml101", "2026-autumn")
+    assert (pool.settled, pool.held) == (pytest.approx(1.4), 0.0)
