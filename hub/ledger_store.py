@@ -247,7 +247,9 @@ class LedgerStore:
             placed = self._chain(conn, done)
             # only what closing sets: an unchanged indexed column costs no index write
             row = to_row(placed)
-            conn.execute(update(records).where(records.c.id == record_id).values(**row))
+            was = to_row(rec)
+            changed = {k: v for k, v in row.items() if k != "id" and v != was.get(k)}
+            conn.execute(update(records).where(records.c.id == record_id).values(**changed))
         return placed
 
     def _chain(self, conn: Connection, rec: L.Record) -> L.Record:
