@@ -144,6 +144,12 @@ def test_usage_groups_and_filters_in_sql(ledger: LedgerStore) -> None:
     assert ledger.usage(UsageFilter(project="health"), by=["project"])[0]["project"] == "health"
     months = ledger.usage(by=["month"])
     assert [m["month"] for m in months] == ["2026-09"]
+    days = ledger.usage(by=["day"])  # UTC days of the end time, on either engine
+    assert [(d["day"], d["records"]) for d in days] == [
+        ("2026-09-01", 2),
+        ("2026-09-02", 1),
+        ("2026-09-03", 1),
+    ]
     assert ledger.balance("course", "ml101").gpu_seconds == pytest.approx(3600 + 3600 * 3 / 7)
     assert ledger.balance("course", "ml101", since=T0 + 7200).gpu_seconds == 0
     with pytest.raises(L.LedgerError, match="unknown field 'color'"):
