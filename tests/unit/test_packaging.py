@@ -61,6 +61,8 @@ def test_wheel_carries_package_data(wheel: zipfile.ZipFile) -> None:
         "sovereign_portal/hub/migrations/env.py",
         "sovereign_portal/hub/migrations/script.py.mako",
         "sovereign_portal/hub/migrations/versions/0001_accounts_and_audit.py",
+        "sovereign_portal/hub/templates/usage.html",  # the usage pages' templates
+        "sovereign_portal/hub/templates/usage_macros.html",
     ]:
         assert must in names, must
     conf = [n for n in names if n.endswith("jupyter_server_config.d/sovereign_portal.json")]
