@@ -225,10 +225,10 @@ class Slot:
         self.server.add_sockets(sockets)
         self.sampling = PeriodicCallback(self.sampler.sample, 1000 * REPORT_S / 5)
         self.reporting = PeriodicCallback(self.report, 1000 * REPORT_S, jitter=0.2)
+        self.kernel_seen_busy = False
         self.sampler.sample()
         self.sampling.start()
         self.reporting.start()
-        self.kernel_seen_busy = False
 
     def minute(self) -> float:
         return self.host.minute()

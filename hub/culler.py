@@ -388,10 +388,10 @@ class GPUCuller(Application):
         return tally
 
     async def stop(self, t: dict[str, Any], tally: Tally) -> None:
-        code, _ = await self._fetch(
+        code, got = await self._fetch(
             self._purl("api/activity/reclaim"), "POST", {"source": t["source"]}
         )
-        if code != 200:
+        if code != 200 or not isinstance(got, dict):
             self.log.warning(
                 "Culler: the portal service refused the reclaim of %s (HTTP %s)", t["source"], code
             )
@@ -405,6 +405,13 @@ class GPUCuller(Application):
         code, data = await self._fetch(self.hub_api_url + path, "DELETE")
         if code in (202, 204):
             tally.stopped.append(t["source"])
+            # a stop of someone's server is worth a line at the default log level
+            self.log.warning(
+                "Culler: reclaimed %s, idle since %s: %.3f GPU-hours saved",
+                t["source"],
+                iso(float(t["idle_since"])) if t.get("idle_since") else "?",
+                float(got.get("saved_gpu_hours") or 0.0),
+            )
         else:
             self.log.warning("Culler: stopping %s failed: HTTP %s %s", t["source"], code, data)
 
