@@ -10,6 +10,7 @@ its admin service token and an external proxy.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,7 +65,27 @@ def portal_stack(workdir: Path) -> Iterator[tuple[HubProcess, LocalIdP]]:
     The callers check the egress log themselves, after their own last request.
     """
     with hub_with_idp(workdir, configure_text, check_egress=False) as stack:
+        wait_portal_service(stack[0])
         yield stack
+
+
+def wait_portal_service(hub: HubProcess, timeout: float = 60) -> None:
+    """Until the portal service answers behind the proxy (its health route, JSON), not the
+    hub's error page: the hub starts a managed service after it listens itself."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{hub.url}/services/sovereign-portal", timeout=5)
+            if r.status_code == 200 and r.headers.get("Content-Type", "").startswith(
+                "application/json"
+            ):
+                assert r.json()["service"] == "sovereign-portal", r.text
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except requests.RequestException as e:
+            last = repr(e)
+        time.sleep(0.2)
+    raise TimeoutError(f"the portal service did not answer in {timeout}s: {last}")
 
 
 def leases(hub: HubProcess) -> dict[str, str]:
