@@ -733,11 +733,12 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         )
         try:
             job_id = await self.scheduler.submit(script, user=self.unix_user, cwd=pw.pw_dir)
-        except SlurmError as e:
+        except SchedulerError as e:  # sbatch's exit, or a site's slurmrestd refusal
             TRACKED_TAGS.discard(tag)
             self._remove_token(spec.token_file)
             self.log.error("sbatch for %s failed: %s", self._label, e)
-            if "configuration is not available" in e.stderr or "Invalid" in e.stderr:
+            stderr = e.stderr if isinstance(e, SlurmError) else str(e)
+            if "configuration is not available" in stderr or "Invalid" in stderr:
                 have = await self._available(resolved)
                 raise _user_error(
                     f"Slurm can never run {resolved.size.label} on {resolved.partition.name}. "
@@ -747,7 +748,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
                     status=400,
                 ) from None
             raise _user_error(
-                f"Slurm refused the job: {e.stderr.strip()[:300]}", reason="sbatch_failed"
+                f"Slurm refused the job: {stderr.strip()[:300]}", reason="sbatch_failed"
             ) from None
         self.job_id = job_id
         self.job_tag = tag

@@ -135,7 +135,9 @@ def fill(c: SlurmCluster) -> str:
 def test_an_eu_user_goes_to_de_when_fr_is_full(fed: dict[str, Any]) -> None:
     hub, paris, julich = fed["hub"], fed["paris"], fed["julich"]
     fed["filler"] = fill(paris)
-    hub.spawn("spalice", {"gpus": 1}, timeout=120)
+    r = hub.api("POST", "/users/spalice/server", json={"gpus": 1})
+    assert r.status_code in (201, 202), f"{r.status_code} {r.text}\n{hub.tail(80)}"
+    hub.wait_ready("spalice", timeout=120)
     on_de = portal_jobs(julich, "spalice")
     assert len(on_de) == 1 and portal_jobs(paris, "spalice", ("PENDING", "RUNNING")) == []
     assert job_of(hub, "spalice") == on_de[0]
