@@ -381,7 +381,7 @@ async def end_course(
     changed = make_read_only(course.data_path) if course.data_path else 0
     stopped = await stop_course_servers(portal, course, await group_members(portal, course.group))
     store.mark(course.id, ENDED, actor, read_only=changed, stopped=stopped)
-    portal.log.info(
+    portal.log.warning(  # rare, and it changes students' files and servers: always shown
         "Course %s ended by %s: data read-only (%d entries), %d servers stopped",
         course.id,
         actor,
@@ -404,7 +404,7 @@ async def lifecycle(portal: PortalService, store: CourseStore) -> list[tuple[str
             else:
                 gone = delete_data(course.data_path) if course.data_path else False
                 store.mark(course.id, PURGED, "schedule", data=course.data_path, deleted=gone)
-                portal.log.info(
+                portal.log.warning(
                     "Course %s: retention over, data %s %s",
                     course.id,
                     course.data_path,

@@ -196,6 +196,10 @@ class PortalSpawnerMixin(LoggingConfigurable):
     # -- validation -------------------------------------------------------------------------
     def validate_request(self, options: Any) -> Resolved:
         """Turn user options into a Resolved request, or raise HTTP 400 saying what is allowed."""
+        if isinstance(options, dict) and "course" in options:
+            # the course a server is for: the hub's course step reads it (hub/course_store),
+            # the request does not carry it
+            options = {k: v for k, v in options.items() if k != "course"}
         try:
             req = parse_request(dict(options) if isinstance(options, dict) else options)
             names = open_partition_names(self.site, self.partitions(), req.partition)

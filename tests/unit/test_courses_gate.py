@@ -63,6 +63,7 @@ def test_one_course_narrows_the_form_and_refuses_other_sizes(gate: Any) -> None:
     assert 'name="course"' not in html
     resolved = asyncio.run(sp.apply_user_options(sp, {"accelerator": "h100", "slice": "1g.10gb"}))
     assert resolved.size.id == "h100:1g.10gb" and sp.user_options["course"] == "ml101"
+    assert sp.validate_request(sp.user_options).size.id == "h100:1g.10gb"  # start re-validates
     with pytest.raises(Exception) as info:
         asyncio.run(sp.apply_user_options(sp, {"accelerator": "h100", "gpus": 1}))
     assert info.value.status_code == 403  # type: ignore[attr-defined]
