@@ -61,3 +61,33 @@ def hub_with_users(
     users_file = write_users(workdir / "users.json", users)
     with hub_with_idp(workdir, login_config(extra), idp_kw={"users_file": users_file}) as s:
         yield s
+
+
+# -- courses (issue 12): two courses, five students, one TA, two instructors ------------------
+def _course_ent(course: str, role: str | None = None) -> str:
+    r = f":role={role}" if role else ""
+    return f"urn:geant:uni-a.example:group:course:{course}{r}#uni-a.example"
+
+
+#: Students of ml101 and cv202 by IdP entitlement (``s5`` in both; ``s4`` in none: an
+#: instructor adds them by identifier), a TA (a student by affiliation, made TA of ml101 by
+#: the course record), and an instructor of each course (``ines`` by entitlement as well,
+#: ``igor`` only by the course record).
+COURSE_USERS = [
+    idp_user("s1", "sub-s1", "s1", eduPersonEntitlement=[_course_ent("ml101")]),
+    idp_user("s2", "sub-s2", "s2", eduPersonEntitlement=[_course_ent("ml101")]),
+    idp_user("s3", "sub-s3", "s3", eduPersonEntitlement=[_course_ent("cv202")]),
+    idp_user("s4", "sub-s4", "s4"),
+    idp_user(
+        "s5", "sub-s5", "s5", eduPersonEntitlement=[_course_ent("ml101"), _course_ent("cv202")]
+    ),
+    idp_user("tara", "sub-tara", "tara"),
+    idp_user(
+        "ines",
+        "sub-ines",
+        "ines",
+        eduPersonAffiliation=["faculty", "member"],
+        eduPersonEntitlement=[_course_ent("ml101", "instructor")],
+    ),
+    idp_user("igor", "sub-igor", "igor", eduPersonAffiliation=["faculty", "member"]),
+]
