@@ -232,6 +232,24 @@ class PortalService(Application):
         energy is then multiplied by the intensity at the time of each report; empty uses
         the partition's static ``carbon_g_per_kwh``.""",
     )
+    submit_prefix = List(
+        Unicode(),
+        ["runuser", "-u", "{unix_user}", "--"],
+        config=True,
+        help="""argv prefix that runs scancel as the session user's Unix account when the
+        service stops a compute session whose budget is spent (as
+        c.SlurmGPUSpawner.submit_prefix; {unix_user} is replaced): Slurm itself then lets
+        it cancel only that user's own jobs. The default needs the service to run as
+        root, as the hub does; use ["sudo", "-n", "-u", "{unix_user}", "--"] with a
+        sudoers rule for scancel otherwise.""",
+    )
+    unix_user_template = Unicode(
+        "{username}",
+        config=True,
+        help="""The Unix account of a hub user, whose compute-session jobs the service may
+        cancel (as c.SlurmGPUSpawner.unix_user_template; {username} is the hub user
+        name). A system account (UnixAccountPolicy) is never used.""",
+    )
     ip = Unicode("127.0.0.1", config=True, help="Address to listen on (default from the URL).")
     port = Int(0, config=True, help="Port to listen on (default from $JUPYTERHUB_SERVICE_URL).")
 
@@ -312,6 +330,86 @@ class PortalService(Application):
             self.grant_ledger.on_poll(jobs.poller, set(jobs.grants))
         except Exception:
             self.log.exception("Ledger: checking compute sessions failed")
+
+    # -- budgets while sessions run: spent, after the grace, stops them --------------------
+    def _start_budget_watch(self) -> None:
+        """The same watch as the hub's for notebook servers (:class:`.budget_store.BudgetWatch`,
+        every ``BudgetPolicy.check_interval_seconds``), for compute sessions."""
+        from .budget_store import BudgetWatch
+
+        if getattr(self, "_budget_watch", None) is not None:
+            return
+        policy = self.budget_policy
+        self._budget_watch = BudgetWatch(policy.grace_seconds)
+        PeriodicCallback(self.check_budgets, policy.check_interval_seconds * 1000).start()
+
+    async def check_budgets(self, now: float | None = None) -> list[str]:
+        """Stop the compute sessions whose budget has been spent for longer than the grace
+        (:class:`.budget_store.BudgetWatch`, the one rule for servers and sessions).
+        Returns the ids of the grants stopped; their records end with reason "budget"."""
+        from .budget_store import BudgetWatch
+
+        t = time.time() if now is None else now
+        gl = self.grant_ledger
+        watch = getattr(self, "_budget_watch", None)
+        if watch is None:
+            watch = self._budget_watch = BudgetWatch(self.budget_policy.grace_seconds)
+        try:
+            refs = [
+                r.source
+                for r in gl.store.list_open("grant:")
+                if r.source.split(":", 1)[1] not in gl.ending
+            ]
+            due = watch.due(self.budgets, refs, t) if refs else []
+        except Exception:
+            self.log.exception("Budget check of compute sessions failed")
+            return []
+        stopped = []
+        for ref, bal in due:
+            gid = ref.split(":", 1)[1]
+            try:
+                if await self.stop_for_budget(gid, bal.budget.key, bal.to_json()["banner"]):
+                    stopped.append(gid)
+            except Exception:  # one session's trouble never stops the watch
+                self.log.exception("Budget stop of compute session %s failed", gid)
+        return stopped
+
+    async def stop_for_budget(self, grant_id: str, key: str, why: str) -> bool:
+        """Stop one compute session for its budget: cancel its Slurm jobs (its record closes
+        "budget" at the poll that sees them end), or release a local one's devices and
+        close its record "budget" now."""
+        gl = self.grant_ledger
+        rec = gl.store.open_for(f"grant:{grant_id}")
+        if rec is None:
+            return False
+        self.log.warning(
+            "Budget %s is spent (%s): stopping compute session %s of %s",
+            key,
+            why,
+            grant_id,
+            rec.user,
+        )
+        jobs = self.session_jobs
+        watch = jobs.grants.get(grant_id)
+        ids = sorted(set(rec.job_ids) | set(watch.jobs if watch is not None else ()))
+        gl.budget_stopped.add(grant_id)
+        if ids:
+            from sovereign_portal.spawners.accounts import UnixAccountPolicy
+
+            # scancel as the session user's own account: Slurm lets it cancel its jobs only
+            unix = self.unix_user_template.format(username=rec.user)
+            UnixAccountPolicy(parent=self).check(unix)  # never as a system account
+            client = SlurmCLI(env=slurm_env(), submit_prefix=self.submit_prefix, timeout=20)
+            gl.ending[grant_id] = "budget"
+            try:
+                await client.cancel(ids, user=unix)
+            except Exception:
+                gl.ending.pop(grant_id, None)  # still running: the next check tries again
+                raise
+            return True
+        self.release(grant_id)  # a local session's devices
+        gl.close(grant_id, "budget")
+        return True
 
     def budget_step(self, caller: Caller, ref: str) -> BudgetStep:
         """The ``budget=`` step of :func:`.admission.admit` for one grant."""
@@ -499,12 +597,12 @@ class PortalService(Application):
     def make_app(self, prefix: str = "/") -> web.Application:
         prefix = prefix if prefix.endswith("/") else prefix + "/"
         from .activity_service import routes as activity_routes
+        from .course_api import course_handlers as course_routes
 
         # Compute sessions' open ledger records are watched from the start (after a
         # restart too), once the loop runs.
         IOLoop.current().add_callback(lambda: self.grant_ledger)
-        from .course_api import course_handlers as course_routes
-
+        IOLoop.current().add_callback(self._start_budget_watch)
         return web.Application(
             [
                 (prefix + "api/catalog", CatalogHandler),
@@ -515,8 +613,8 @@ class PortalService(Application):
                 (prefix + "api/budgets", BudgetsHandler),
                 (prefix + COURSE_BUDGET, CourseBudgetHandler),
                 (prefix + COURSE_BUDGET + "/allowances/([^/]{1,128})", AllowanceHandler),
-                *course_routes(self, prefix),
                 *activity_routes(prefix),
+                *course_routes(self, prefix),
                 (prefix.rstrip("/") or "/", HealthHandler),
             ],
             portal=self,
@@ -812,6 +910,10 @@ class GrantJobsHandler(_Base):
             ids = parse_job_ids(self.get_query_argument("jobs", ""))
         except JobsRequestError as e:
             raise web.HTTPError(400, str(e)) from None
+        if grant_id in self.portal.grant_ledger.budget_stopped:
+            # stopped for its budget before its jobs were registered: nothing is recorded
+            # or watched for it any more; the caller cancels its jobs
+            raise Forbidden("the budget of this session is spent: it was stopped", reason="budget")
         view = self.portal.session_jobs.register(grant_id, self.caller.name, ids)
         if view is None:  # another user's grant answers like an unknown one
             raise web.HTTPError(404, f"no grant {grant_id} of yours")
