@@ -7,7 +7,11 @@ server registers them, marks the start when a job first runs, and closes it:
 - ``stopped`` when the grant is released (the session was stopped), or, with no job and
   no time charged, when nobody registered a job before its walltime and an hour were over;
 - the reason of the jobs' final Slurm state (``scancel``, ``walltime``, ``died``, ...)
-  once every job of the session has ended, seen in the service's one shared poll.
+  once every job of the session has ended, seen in the service's one shared poll;
+- ``budget`` when the service stopped the session because its budget was spent
+  (:class:`.budget_store.BudgetWatch`): a Slurm session's jobs are cancelled and the
+  record closes at the poll that sees them end (:attr:`GrantLedger.ending`); a session
+  with no job (a local one, or a Slurm one not yet registered) closes at once.
 
 The budget hold of the grant (ref ``grant:<id>``) settles from the closed record
 (:mod:`.budget_store`). A record never closes twice; errors are logged, never raised into
@@ -35,6 +39,11 @@ class GrantLedger:
         self.store = store
         self.site = site
         self.adopted: set[str] = set()  # job ids polled only for their open record
+        #: grant id -> the end reason of a session the portal is stopping (``budget``):
+        #: its record closes with it, not with the cancelled jobs' own final state
+        self.ending: dict[str, str] = {}
+        #: grants stopped for their budget: jobs registered for them later are refused
+        self.budget_stopped: set[str] = set()
 
     def adopt(self, poller: Any) -> None:
         """At start (a restart too): poll the jobs of every open session record, so that
@@ -107,7 +116,7 @@ class GrantLedger:
             final = [i for i in infos if not i.active]
             if len(final) == len(infos):
                 start = rec.started_at if rec.started_at is not None else now
-                reason = (
+                reason = self.ending.pop(gid, None) or (
                     L.slurm_end_reason(
                         final[-1].state,
                         seconds=now - start,

@@ -194,3 +194,73 @@ def test_a_restarted_service_still_closes_the_record_of_a_running_session(
         for svc in (first, second):
             if svc is not None:
                 svc.stop()
+
+
+def test_a_session_over_its_budget_is_stopped_after_the_grace(
+    slurm_cluster: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 100 % of its budget, after the grace, the portal service stops a running compute
+    session (the same watch as for notebook servers): its Slurm job is cancelled and its
+    record closes with reason "budget". Its own service and database, with a short grace
+    (no other service may see the job end first)."""
+    from traitlets.config import Config
+
+    c = slurm_cluster
+    db = f"sqlite:///{tmp_path / 'portal.sqlite'}"
+    today = datetime.now(UTC).date()
+    span = ["--start", str(today - timedelta(days=1)), "--end", str(today + timedelta(days=9))]
+    budgets(db, "set", "course:ml101", "--period", "now", *span, "--gpu-hours", "10")
+    monkeypatch.setenv(DB_URL_ENV, db)
+    cfg = Config()
+    cfg.BudgetPolicy.grace_seconds = 3
+    cfg.BudgetPolicy.check_interval_seconds = 1
+    svc = PortalServiceThread(str(SITE_FILE), TOKENS, session_poll_interval=1.0, config=cfg)
+    svc.start()
+    job = ""
+    try:
+        g = grant(svc)
+        job = (
+            c.run(
+                ["sbatch", "--parsable", "--chdir=/tmp", "--output=/dev/null",
+                 *g["scheduler_args"]],
+                user=USER,
+                input="#!/bin/bash\nsleep 300\n",
+            )
+            .stdout.strip()
+            .split(";")[0]
+        )  # fmt: skip
+        r = requests.put(
+            svc.url + f"api/grants/{g['id']}/jobs", params={"jobs": job}, headers=AUTH,
+            timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert c.wait_job_state(job, ["RUNNING"]) == "RUNNING"
+        wait_for("the start", lambda: (x := record(db, g["id"])) and x.started_at is not None)
+        time.sleep(3)  # well inside the budget: nothing stops
+        assert c.wait_job_state(job, ["RUNNING"]) == "RUNNING"
+        assert not record(db, g["id"]).closed  # type: ignore[attr-defined]
+        # the operator takes the pool down to nothing: it is spent now
+        budgets(db, "set", "course:ml101", "--period", "now", "--gpu-hours", "0")
+        t0 = time.monotonic()
+        rec = wait_for(
+            "the record to close", lambda: (x := record(db, g["id"])) and x.closed and x, 90
+        )
+        assert time.monotonic() - t0 >= 2.5  # not before the grace
+        assert rec.end_reason == "budget", rec
+        assert rec.amounts is not None and rec.amounts.gpu_seconds > 0, rec
+        # the job was really cancelled by the service, not left running
+        state = c.run(["squeue", "-h", "-j", job, "-o", "%T"], check=False).stdout.strip()
+        assert state in ("", "CANCELLED", "COMPLETING"), state
+        shown = json.loads(budgets(db, "show", "course:ml101", "--period", "now", "--json").stdout)
+        assert [h for h in shown["holds"] if h["ref"] == f"grant:{g['id']}"] == []
+        assert "budget is spent" in shown["banner"]
+        # jobs registered afterwards for the stopped session are refused
+        r = requests.put(
+            svc.url + f"api/grants/{g['id']}/jobs", params={"jobs": job}, headers=AUTH,
+            timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 403 and r.json()["reason"] == "budget", r.text
+    finally:
+        if job:
+            c.run(["scancel", job], check=False)
+        svc.stop()
