@@ -47,6 +47,7 @@ from urllib.parse import quote
 
 from sqlalchemy import Engine, MetaData, Table, inspect, or_, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 from traitlets import Int, List, Unicode
 from traitlets.config import Configurable
 
@@ -511,24 +512,28 @@ def sqlite_path(url: str) -> Path | None:
 def compact_sqlite(engine: Engine, attempts: int = 20) -> bool:
     """Rewrite a SQLite database so deleted rows leave no trace in free pages or the WAL
     (VACUUM, then a truncating WAL checkpoint); False if other connections kept it busy."""
-    last: Exception | None = None
     for _ in range(attempts):
-        try:
-            with engine.connect() as conn:
-                raw = conn.connection.dbapi_connection
-                assert raw is not None
-                raw.isolation_level = None
-                cur = raw.cursor()
-                cur.execute("VACUUM")
-                busy = cur.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                cur.close()
-            if not busy or busy[0] == 0:
-                return True
-        except Exception as e:  # "database is locked" while the hub writes: retry
-            last = e
+        if _compact_once(engine):
+            return True
         time.sleep(0.25)
-    del last
     return False
+
+
+def _compact_once(engine: Engine) -> bool:
+    import sqlite3
+
+    try:
+        with engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            raw.isolation_level = None  # VACUUM runs outside a transaction
+            cur = raw.cursor()
+            cur.execute("VACUUM")
+            busy = cur.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            cur.close()
+    except (sqlite3.OperationalError, OperationalError):  # locked while the hub writes
+        return False
+    return not busy or busy[0] == 0
 
 
 def sqlite_engine(path: Path) -> Engine:
