@@ -35,6 +35,7 @@ from typing import Any
 
 from jupyterhub.spawner import Spawner, SpawnException
 from tornado import web
+from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, List, TraitError, Unicode, default, validate
 
 from ..accounts import UnixAccountPolicy
@@ -217,6 +218,17 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         help="""Slurm account (--account) of a job that charges no course or project budget
         (a user budget, or no budget), when its partition names none. Empty: no --account
         for such jobs, which slurm_accounting does not allow.""",
+    )
+    budget_charge = AnyTrait(
+        None,
+        allow_none=True,
+        config=True,
+        help="""A callable ``(spawner) -> (owner kind, owner id) | None``: the budget a spawn
+        by this user would charge now (a course, project or user), without holding
+        anything. The job-script preview (`sovereign-portal job-script`, job_script())
+        names its --account with it, through the same rule a spawn uses, so it shows the
+        account of the budget's Slurm account. configure() sets it from the hub's budgets;
+        None previews with the partition's or the default account.""",
     )
     extra_sbatch_args = List(
         Unicode(),
@@ -445,7 +457,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             server_args=args,
             env={**self.job_env(hub_env), **self.portal_env(resolved)},
             ip=self.server_ip,
-            account=self.slurm_account(resolved),
+            account=self.slurm_account(resolved, preview=hub_env is None),
             extra_sbatch=list(self.extra_sbatch_args),
             image_argv=self.image_argv(resolved),
             image_command=list(self.image_command),
@@ -456,15 +468,19 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         out = self.output_template.format(home=home)
         return out.replace("%j", f"{self.job_site}-%j") if self.job_site else out
 
-    def slurm_account(self, resolved: Resolved) -> str | None:
+    def slurm_account(self, resolved: Resolved, preview: bool = False) -> str | None:
         """``--account`` of this server's job (:func:`.accounting.job_account`): the budget
-        the spawn charges (``ledger_charge_to``, set by the budget gate), else the partition's
-        or the default account."""
+        the spawn charges (``ledger_charge_to``, set by the budget gate at admission; in a
+        ``preview``, the budget a spawn would charge now, from ``budget_charge``), else the
+        partition's or the default account."""
         from .accounting import AccountingError, job_account
 
+        charge = getattr(self, "ledger_charge_to", None)
+        if preview and self.budget_charge is not None:
+            charge = self.budget_charge(self)
         try:
             return job_account(
-                getattr(self, "ledger_charge_to", None),
+                charge,
                 self.default_account,
                 resolved.partition.account,
                 self.slurm_accounting,

@@ -16,6 +16,7 @@ Everything added to Slurm is deleted in ``finally``: the cluster's associations 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ from sovereign_portal.hub.budget_store import SpawnBudgetGate
 gate = SpawnBudgetGate()
 c.Spawner.pre_spawn_hook = gate.pre_spawn_hook
 c.Spawner.post_stop_hook = gate.post_stop_hook
+c.SlurmGPUSpawner.budget_charge = gate.charge_to
 """
 
 
@@ -203,14 +205,23 @@ def test_sync_check_drift_and_slurm_holds_the_spawn(
             time.sleep(0.5)
     assert not c.run(["squeue", "-h", "-u", USER, "-o", "%i"]).stdout.strip()
 
-    # the job-script preview (no spawn, so no budget charged yet) shows the default account
-    preview = subprocess.run(
-        [str(VENV_BIN / "sovereign-portal"), "job-script", "--config", str(hub.config_path),
-         "--user", USER, "--partition", "gpu-fr", "--size", "h100x1"],
-        env=hub.env(), cwd=hub.dir, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert preview.returncode == 0, preview.stderr
-    assert "#SBATCH --account=portal\n" in preview.stdout, preview.stdout
+    # the job-script preview names the account the spawn above was submitted with: the
+    # course budget's (the same rule: the budget a spawn charges, then job_account) ...
+    def preview(*groups: str) -> str:
+        r = subprocess.run(
+            [str(VENV_BIN / "sovereign-portal"), "job-script", "--config", str(hub.config_path),
+             "--user", USER, "--partition", "gpu-fr", "--size", "h100x1",
+             *[a for g in groups for a in ("--group", g)]],
+            env=hub.env(), cwd=hub.dir, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        found = re.findall(r"^#SBATCH --account=(\S+)$", r.stdout, re.M)
+        assert len(found) == 1, r.stdout
+        return str(found[0])
+
+    assert preview(f"course-{COURSE}") == ACCOUNT
+    # ... and without the course group no course budget applies: the default account
+    assert preview() == "portal"
 
     # sync puts the portal's limit back
     r = sync(hub, c)
