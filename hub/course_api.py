@@ -126,7 +126,10 @@ class _CourseBase(_Base):
     def role_in(self, course: Course) -> str | None:
         c = self.caller
         assert c is not None
-        return course_role(course, c.name, c.groups, c.role == "operator")
+        role = course_role(course, c.name, c.groups, c.role == "operator")
+        if role == "student" and c.name in self.courses.roster(course.id)["removed"]:
+            return None  # removed: at once, even while the service still caches their groups
+        return role
 
     def course_for(self, course_id: str, action: str) -> tuple[Course, str]:
         """The course and the caller's role in it, or 403/404; ``action`` must be allowed."""
@@ -201,10 +204,8 @@ class _CourseBody(_CourseBase):
 class CoursesHandler(_CourseBody):
     async def get(self) -> None:
         await self.authenticate()
-        c = self.caller
-        assert c is not None
-        got = self.courses.courses_for(c.name, c.groups, c.role == "operator")
-        self.finish({"courses": [self.view(course, role) for course, role in got]})
+        got = [(course, self.role_in(course)) for course in self.courses.all()]
+        self.finish({"courses": [self.view(course, role) for course, role in got if role]})
 
     async def post(self) -> None:
         raw = await self.json()

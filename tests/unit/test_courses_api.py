@@ -147,6 +147,7 @@ def test_routes(svc: tuple[PortalServiceThread, FakeHub], tmp_path: Path) -> Non
     assert r.status_code == 204, r.text
     assert u("s1") not in hub.groups["course-ml101"]
     assert hub.users[u("s1")]["servers"] == {}  # the removed student's course server stopped
+    assert call(t, "s1", "GET", "/ml101").status_code == 403  # though its token still says so
     assert call(t, "ines", "GET", "/ml101/roster").json()["removed"] == [u("s1")]
     # 10^5 lines: read to the end, refused at the row limit, nothing changes
     big = b"identifier\n" + b"".join(f"z{i}@uni-a.example\n".encode() for i in range(100_000))
