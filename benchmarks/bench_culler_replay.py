@@ -67,7 +67,7 @@ ROOT = HERE.parent
 LIMIT_MIN = 30.0  # N, scripted minutes
 WARN_MIN = 5.0  # W
 TRACE_MIN = 150.0
-REPORT_S = 5.0  # real seconds between a stand-in's reports
+REPORT_S = 2.0  # real seconds between a stand-in's reports
 
 
 # -- the trace -------------------------------------------------------------------------------

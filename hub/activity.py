@@ -204,13 +204,22 @@ class Thresholds:
 
 def idle_since(history: Iterable[Report], th: Thresholds, now: float) -> float | None:
     """Since when the target has been idle (GPUs idle and no kernel busy), or None: busy
-    in its last report, or no recent report (unknown is never idle)."""
+    in its last report, or no recent report (unknown is never idle).
+
+    A report's figures are the highest since the report before it, so an idle report
+    vouches for the whole interval since that earlier report: the idle time starts at the
+    last busy report (or at the first report, with nothing before it), and never before
+    the kernels' own idle start.
+    """
     reports = list(history)
     if not reports or now - reports[-1].received_at > th.stale_s:
         return None
     since: float | None = None
-    for r in reversed(reports):
+    for i in range(len(reports) - 1, -1, -1):
+        r = reports[i]
         if r.kernels_busy or not r.gpus_idle(th.util_pct, th.mem_pct):
+            if since is not None:
+                since = r.sampled_at  # the interval after this busy report was idle
             break
         since = r.sampled_at
     if since is None:
@@ -219,8 +228,6 @@ def idle_since(history: Iterable[Report], th: Thresholds, now: float) -> float |
     k = reports[-1].kernel_idle_since
     if k is not None and k > since:
         since = k
-    # the GPUs were idle over the whole interval before the first idle report only if that
-    # interval's maximum says so: that report's time is where the evidence starts
     return since
 
 

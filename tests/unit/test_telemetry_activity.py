@@ -194,13 +194,15 @@ TH = A.Thresholds(util_pct=5, mem_pct=5, stale_s=120)
         # both idle from the first report on
         ([report(NOW - 60), report(NOW - 30), report(NOW)], NOW, NOW - 60),
         # a busy GPU (a training loop in a thread) while the kernel is idle: not idle
-        ([report(NOW - 60), report(NOW - 30, util=70), report(NOW)], NOW, NOW),
+        # ...until a report vouches for the interval after the busy one
+        ([report(NOW - 60), report(NOW - 30, util=70), report(NOW)], NOW, NOW - 30),
         ([report(NOW - 60), report(NOW, util=70)], NOW, None),
         # memory activity alone keeps it
         ([report(NOW - 30), report(NOW, mem=20)], NOW, None),
         # a busy kernel on an idle GPU (a cell running on the CPU): not idle
         ([report(NOW - 60), report(NOW, busy=1)], NOW, None),
-        ([report(NOW - 60, busy=1), report(NOW - 30), report(NOW)], NOW, NOW - 30),
+        ([report(NOW - 60, busy=1), report(NOW - 30), report(NOW)], NOW, NOW - 60),
+        ([report(NOW - 60, busy=1), report(NOW - 30, kernel_idle=NOW - 45)], NOW, NOW - 45),
         # the kernels' own idle time, when it is later
         ([report(NOW - 60), report(NOW, kernel_idle=NOW - 10)], NOW, NOW - 10),
         # below the thresholds is idle
