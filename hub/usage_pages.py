@@ -336,7 +336,12 @@ def _handlers() -> list[tuple[str, Any]]:
             groups = [g.name for g in (target.groups if target is not None else [])]
             bs, policy = budget_store()
             balances = [b.to_json(policy.warn_at) for b in bs.balances(name, groups)]
-            export = "usage/export" + (f"?user={quote(name, safe='@')}" if name != me.name else "")
+            # the archive of someone else is for operators only (hub/gdpr_pages.py)
+            export = (
+                "usage/export"
+                if name == me.name
+                else (f"usage/export?user={quote(name, safe='@')}" if me.admin else None)
+            )
             await self.show(
                 "usage.html",
                 page_title="My usage" if name == me.name else f"Usage of {name}",

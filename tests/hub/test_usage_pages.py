@@ -84,7 +84,10 @@ def test_my_usage_shows_totals_marks_plot_and_the_download_button(
     # sessions: both records, with where they ran
     assert "gpu-de" in html and ">DE<" in html
     assert html.count("<td>stopped") == 2
-    assert re.search(r'id="sp-download" href="/hub/usage/export"', html)
+    assert re.search(r'id="sp-download" href="/hub/usage/export">Download my data<', html)
+    archive = sessions["alice"].get(f"{hub.url}/hub/usage/export", timeout=60)  # H3's route
+    assert archive.status_code == 200, archive.text[:300]
+    assert "attachment" in archive.headers["Content-Disposition"] and ALICE in archive.text
     # a range that reaches back 400 days adds the old record, plotted by month
     start = (datetime.now(UTC).date() - timedelta(days=500)).isoformat()
     r = get(hub, sessions["alice"], "usage", **{"from": start})
@@ -115,6 +118,7 @@ def test_course_page_for_its_instructor_per_student(
     # an instructor reaches his students' My usage page, not anyone else's
     mine = get(hub, sessions["ivan"], "usage", user=ALICE)
     assert mine.status_code == 200 and "Usage of alice@uni-a.example" in mine.text
+    assert "sp-download" not in mine.text  # her archive is for her and the operators
     assert get(hub, sessions["ivan"], "usage", user=BOB).status_code == 403
     # another course, and a student on her own course: 403 with the scope named
     for who, course in (("ivan", "cv202"), ("alice", "ml101"), ("bob", "cv202")):
@@ -138,7 +142,9 @@ def test_operator_page_by_partition_site_and_country(
     assert cells(r.text, "sp-country") == ["DE", "FR"] and cells(r.text, "sp-partition") == []
     # the operator reaches every course page and everyone's usage
     assert get(hub, sessions["olga"], "usage/courses/cv202").status_code == 200
-    assert get(hub, sessions["olga"], "usage", user=BOB).status_code == 200
+    theirs = get(hub, sessions["olga"], "usage", user=BOB)
+    assert theirs.status_code == 200
+    assert 'href="/hub/usage/export?user=bob@uni-a.example">Download their data<' in theirs.text
     for who in ("alice", "ivan"):
         denied = get(hub, sessions[who], "usage/operator")
         assert denied.status_code == 403 and "read:users" in denied.text
