@@ -171,6 +171,11 @@ def job_properties(options: Sequence[str]) -> dict[str, Any]:
             raise SchedulerError(f"sbatch option {opt!r}: bad value") from None
     if "exclusive" in props:
         props["exclusive"] = "exclusive"
+    sig = props.get("signal")
+    if isinstance(sig, str) and sig[:2].upper() == "B:":
+        # 22.05's REST parser refuses the batch-shell flag ("Invalid SIGNAL
+        # specification"): the warning goes to the job's steps instead.
+        props["signal"] = sig[2:]
     return props
 
 

@@ -207,7 +207,7 @@ def test_submit_sends_the_script_and_its_sbatch_lines_as_job_properties(
         "time_limit": 90,
         "current_working_directory": "/home/spalice",
         "requeue": False,
-        "signal": "B:TERM@60",
+        "signal": "TERM@60",  # 22.05's REST parser takes no B: flag
         "environment": {"PATH": "/bin"},
     }  # --qos after the first command is not a directive (as sbatch reads it)
 
