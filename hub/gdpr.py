@@ -67,7 +67,7 @@ PORTAL_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "budgets": (("owner_id", "updated_by"), (), "pseudonymise"),
     "budget_allowances": (("user", "updated_by"), (), "pseudonymise"),
     "budget_charges": (("user",), ("ref",), "pseudonymise"),
-    "courses": (("created_by", "updated_by"), (), "pseudonymise"),
+    "courses": (("created_by", "updated_by"), ("spec",), "pseudonymise"),
     "course_staff": (("user",), (), "delete"),
     "course_roster": (("user", "updated_by"), (), "pseudonymise"),
 }
