@@ -153,11 +153,13 @@ def test_status_bar_panel_and_idle_notice_in_jupyterlab(
                 "() => document.querySelector('.sp-status')?.textContent.includes('GPU 37 %')"
             )
             text = item.inner_text()
-            assert re.search(r" \| \d+\.\d Wh \| GPU 37 % \| ", text), text
+            assert re.search(r" \| \d+\.\d\d? Wh \| GPU 37 % \| ", text), text
             tip = item.get_attribute("title") or ""
             assert "Energy so far: not measured: a scripted test source" in tip, tip
             activity = server_api(page, hub, "GET", "activity")
             assert activity["source"] == "scripted" and activity["devices"], activity
+            assert activity["devices"][0]["utilization_pct"] == 37
+            assert activity["devices"][0]["energy_wh"] is not None, activity
             status = server_api(page, hub, "GET", "status")
             assert status["device"]["label"] == "H100 · MIG 1g.10gb · FR"
             assert status["eur_per_hour"] > 0 and status["estimated"] is True

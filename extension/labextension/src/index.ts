@@ -188,7 +188,7 @@ class StatusItem extends Widget {
     const parts = [
       s?.device ? s.device.label : 'no GPU granted',
       `${eur(s?.eur_so_far)} · ${s?.gpu_hours_so_far?.toFixed(2) ?? DASH} GPU-h`,
-      wh === null ? `${DASH} Wh` : `${wh.toFixed(1)} Wh`,
+      wh === null ? `${DASH} Wh` : `${wh.toFixed(wh < 10 ? 2 : 1)} Wh`,
       util === null ? `GPU ${DASH}` : `GPU ${Math.round(util)} %`,
       left(s?.seconds_left ?? null)
     ];
