@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
 from jupyterhub.spawner import Spawner
 from tornado import httpclient, web
 from tornado.httpserver import HTTPServer
@@ -67,7 +68,7 @@ ROOT = HERE.parent
 LIMIT_MIN = 30.0  # N, scripted minutes
 WARN_MIN = 5.0  # W
 TRACE_MIN = 150.0
-REPORT_S = 2.0  # real seconds between a stand-in's reports
+REPORT_S = 3.0  # real seconds between a stand-in's reports
 
 
 # -- the trace -------------------------------------------------------------------------------
@@ -226,6 +227,17 @@ class Slot:
         self.sampling = PeriodicCallback(self.sampler.sample, 1000 * REPORT_S / 5)
         self.reporting = PeriodicCallback(self.report, 1000 * REPORT_S, jitter=0.2)
         self.kernel_seen_busy = False
+        # until the trace starts: a user at work (hub activity every 10 s), no reports yet
+        self.prestart = PeriodicCallback(self.hub_activity, 10_000)
+        self.prestart.start()
+        IOLoop.current().add_callback(self.hub_activity)
+
+    def begin(self) -> None:
+        """The trace starts (``host.start``): the script's clock, then sample and report."""
+        self.prestart.stop()
+        path = self.host.dir / f"{self.user}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "start": self.host.start}))
+        self.sampler.source._script = None  # type: ignore[attr-defined]
         self.sampler.sample()
         self.sampling.start()
         self.reporting.start()
@@ -258,17 +270,21 @@ class Slot:
         await self.sampler.report()
         if self.kernel_seen_busy:  # what jupyterhub-singleuser reports: the kernel's activity
             self.kernel_seen_busy = False
-            now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
-            await httpclient.AsyncHTTPClient().fetch(
-                f"{self.api_url}/users/{self.user}/activity",
-                method="POST",
-                headers={"Authorization": f"token {self.token}"},
-                body=json.dumps({"last_activity": now, "servers": {"": {"last_activity": now}}}),
-                raise_error=False,
-                request_timeout=30,
-            )
+            await self.hub_activity()
+
+    async def hub_activity(self) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        await httpclient.AsyncHTTPClient().fetch(
+            f"{self.api_url}/users/{self.user}/activity",
+            method="POST",
+            headers={"Authorization": f"token {self.token}"},
+            body=json.dumps({"last_activity": now, "servers": {"": {"last_activity": now}}}),
+            raise_error=False,
+            request_timeout=30,
+        )
 
     def close(self) -> None:
+        self.prestart.stop()
         self.sampling.stop()
         self.reporting.stop()
         self.server.stop()
@@ -388,15 +404,24 @@ def replay(which: str, patterns: list[Pattern], scale: float, workdir: Path) -> 
         dir=workdir,
         service_port=free_port(),
     )
-    hub = HubProcess(workdir / "hub", config + extra, poll_interval=5)
+    hub = HubProcess(workdir / "hub", config + extra, poll_interval=30)
     hub.start(timeout=120)
     try:
         names = [p.name for p in patterns]
         r = hub.api("POST", "/users", json={"usernames": names})
         assert r.status_code in (201, 409), r.text
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(4) as pool:
             codes = list(
-                pool.map(lambda n: hub.api("POST", f"/users/{n}/server").status_code, names)
+                pool.map(
+                    lambda n: (
+                        requests.post(
+                            f"{hub.url}/hub/api/users/{n}/server",
+                            headers={"Authorization": f"token {hub.token}"},
+                            timeout=180,
+                        ).status_code
+                    ),
+                    names,
+                )
             )
         assert all(c in (201, 202) for c in codes), codes
         deadline = time.time() + 300
@@ -406,12 +431,7 @@ def replay(which: str, patterns: list[Pattern], scale: float, workdir: Path) -> 
         # the servers started; the trace starts now, for all at once
         host.start = time.time() + 2
         for slot in list(host.slots.values()):
-            slot.sampler.source._script = None  # re-read: the start moved
-            (workdir / f"{slot.user}.json").write_text(
-                json.dumps(
-                    {**json.loads((workdir / f"{slot.user}.json").read_text()), "start": host.start}
-                )
-            )
+            host.loop.add_callback(slot.begin)
         t_end = host.start + TRACE_MIN * real_min
         while time.time() < t_end:
             time.sleep(1)
