@@ -183,7 +183,12 @@ def test_stopping_de_slurmrestd_removes_de_and_keeps_its_server(fed: dict[str, A
     job = job_of(hub, "spalice")
     julich.stop_rest()
     try:
-        page = _form(hub, "spbob")
+        # The form shows the site states of the last poll: julich's next one fails.
+        page = hub.wait_for(
+            lambda: next((p for p in [_form(hub, "spbob")] if "cannot be reached now" in p), None),
+            10,
+            "julich marked unreachable on the form",
+        )
         assert "julich (DE): cannot be reached now; not offered" in page
         assert "gpu-de" not in page and "gpu-fr" in page
         for _ in range(5):  # five poll intervals without an answer from julich
