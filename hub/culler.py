@@ -43,7 +43,7 @@ from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 from tornado import httpclient
-from traitlets import Bool, Float, List, Unicode, default, validate
+from traitlets import Bool, Float, Int, List, Unicode, default, validate
 from traitlets.config import Application
 
 from .admission import role_of
@@ -263,6 +263,13 @@ class GPUCuller(Application):
         help="""Whether servers that hold no GPU are culled too (on their kernels alone).
         Off by default: this culler is about GPUs; jupyterhub-idle-culler covers the rest.""",
     )
+    concurrency = Int(
+        10,
+        config=True,
+        help="""Warnings and stops sent at once in one check (as jupyterhub-idle-culler's
+        --concurrency): a check of many servers then takes a few round trips, not one
+        per server.""",
+    )
     dry_run = Bool(False, config=True, help="Log what would be warned and stopped; change nothing.")
 
     @default("hub_api_url")
@@ -356,6 +363,7 @@ class GPUCuller(Application):
             raise RuntimeError(f"the portal service did not answer its activity (HTTP {code})")
         users = await self.users()
         policy, tally = self.policy(), Tally()
+        todo = []
         for t in act.get("targets", []):
             user = users.get(t["user"])
             server = (user or {}).get("servers", {}).get(t["server"])
@@ -372,9 +380,15 @@ class GPUCuller(Application):
             if d.action in ("none",):
                 continue
             self.log.info("Culler: %s %s (%s)", d.action, t["source"], d.why)
-            if self.dry_run:
-                continue
-            if d.action in ("warn", "clear"):
+            if not self.dry_run:
+                todo.append((t, d))
+        gate = asyncio.Semaphore(max(1, self.concurrency))
+
+        async def act_on(t: dict[str, Any], d: Decision) -> None:
+            async with gate:
+                if d.action == "stop":
+                    await self.stop(t, tally)
+                    return
                 code, _ = await self._fetch(
                     self._purl("api/activity/notice"),
                     "PUT",
@@ -383,8 +397,8 @@ class GPUCuller(Application):
                 if code == 200:
                     tally.warned += d.action == "warn"
                     tally.cleared += d.action == "clear"
-            elif d.action == "stop":
-                await self.stop(t, tally)
+
+        await asyncio.gather(*(act_on(t, d) for t, d in todo))
         return tally
 
     async def stop(self, t: dict[str, Any], tally: Tally) -> None:
