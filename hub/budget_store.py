@@ -1020,8 +1020,7 @@ class SpawnBudgetGate:
         try:
             d = bs.admit_resolved(spawner.user.name, groups, resolved, ref, policy)
         except BudgetRefused as e:
-            spawner.log.info("Budget refused %s: %s", spawner.user.name, e)
-            raise e.spawn_exception() from None
+            raise spawner.portal_error(e) from None  # logged and counted there
         # the ledger record (hub/ledger_hub.py) and the job's --account charge the budget
         # that admitted it (none: the user's own record, the default account)
         spawner.ledger_charge_to = None

@@ -14,9 +14,10 @@ What it exports, each labelled by ``partition`` and ``country``:
   rule for totals). Gauges, since a correction row may lower them;
 - ``sovereign_portal_open_records``: records open now (servers and sessions running);
 - ``sovereign_portal_admission_refusals_total`` (also by ``reason``): compute-session
-  requests that admission refused with 403.
+  requests that admission refused with 403, and notebook spawns refused with 403 (policy,
+  course, budget: ``Spawner.refusal_hook`` = :func:`spawn_refusal`).
 
-Refusals happen in the portal service, another process. The service writes one row per
+Session refusals happen in the portal service, another process. The service writes one row per
 refusal to the portal database (:func:`record_refusal`, table ``admission_refusals``,
 Alembic 0006), and the collector in the hub reads the counts from there, so the figure
 survives restarts of either process. A row holds when, what kind, where (the partition
@@ -87,6 +88,32 @@ def record_refusal(
                 reason=(reason or "forbidden")[:32],
             )
         )
+
+
+def spawn_refusal(spawner: Any, error: Any) -> None:
+    """``Spawner.refusal_hook`` (set by ``configure()``): one refusal row for a notebook
+    spawn refused with 403, placed where the spawner resolved it (else where the form
+    asked), in the hub's own portal database."""
+    from jupyterhub.app import JupyterHub
+
+    from .ledger_hub import HUB_LEDGER
+
+    resolved = getattr(spawner, "resolved", None)
+    countries = {p.name: p.jurisdiction.country for p in spawner.site.partitions}
+    if resolved is not None:
+        raw: Any = {"kind": "notebook", "partition": resolved.partition.name}
+    else:
+        options = getattr(spawner, "user_options", None) or {}
+        raw = {"kind": "notebook", "partition": options.get("partition")}
+    kind, partition, country = refusal_place(raw, countries)
+    engine = HUB_LEDGER.ledger(JupyterHub.instance()).engine
+    record_refusal(
+        engine,
+        kind=kind,
+        partition=partition,
+        country=country,
+        reason=str(getattr(error, "reason", "") or "forbidden"),
+    )
 
 
 def refusal_counts(engine: Engine) -> dict[tuple[str, str, str], int]:

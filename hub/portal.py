@@ -121,6 +121,10 @@ def configure(
     c.Spawner.pre_spawn_hook = gate.pre_spawn_hook
     c.Spawner.post_stop_hook = gate.post_stop_hook
     c.Spawner.budget_display = gate.display  # the remaining budget on the spawn form
+    # every refused spawn (policy, course, budget) counts for /hub/metrics (hub/metrics.py)
+    from .metrics import spawn_refusal
+
+    c.Spawner.refusal_hook = spawn_refusal
     # the job-script preview names the --account of the budget a spawn would charge
     c.SlurmGPUSpawner.budget_charge = gate.charge_to
     # Courses (issue 12): the course's sizes and image on the form and at every spawn.

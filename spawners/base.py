@@ -93,6 +93,16 @@ class PortalSpawnerMixin(LoggingConfigurable):
         narrows nothing.""",
     )
 
+    refusal_hook = AnyTrait(
+        None,
+        allow_none=True,
+        config=True,
+        help="""A callable ``(spawner, error)`` called once for every spawn the portal refuses
+        with HTTP 403 (policy, course, budget), before the user sees it. ``configure()``
+        sets it to count refusals for the hub's /hub/metrics (where and why, never who);
+        None counts nothing. An exception in it is logged, never shown to the user.""",
+    )
+
     resolved: Resolved | None = None
     #: Ledger (issue 10): why the server ended when the hub did not stop it, in the
     #: ledger's words ("died", "walltime", "budget", "reclaimed"); set by the backend (or
@@ -187,6 +197,11 @@ class PortalSpawnerMixin(LoggingConfigurable):
         """The one place a spawner turns a :class:`PortalError` into what JupyterHub shows:
         a ``SpawnException`` with the user message, the log message, reason and status."""
         self.log.info("Refused for %s (%s): %s", _user_name(self), e.reason, e.log_message)
+        if e.status == 403 and self.refusal_hook is not None:
+            try:
+                self.refusal_hook(self, e)
+            except Exception:
+                self.log.exception("refusal_hook failed (the refusal stands)")
         return e.spawn_exception()
 
     @default("apply_user_options")

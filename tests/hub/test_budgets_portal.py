@@ -94,6 +94,20 @@ def service(
     )
 
 
+def budget_refusals(hub: HubProcess) -> float:
+    """sovereign_portal_admission_refusals_total for budget refusals on lab (FR), scraped
+    from the hub's /hub/metrics with the hub's admin token (it holds read:metrics)."""
+    r = requests.get(
+        f"{hub.url}/hub/metrics", headers={"Authorization": f"token {hub.token}"}, timeout=30
+    )
+    assert r.status_code == 200, r.text[:300]
+    want = 'sovereign_portal_admission_refusals_total{country="FR",partition="lab",reason="budget"}'
+    for line in r.text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def progress_text(hub: HubProcess, user: str) -> str:
     """The spawn's progress events, to the end (the failure message is the last)."""
     r = hub.api("GET", f"/users/{user}/server/progress", stream=True)
@@ -263,6 +277,7 @@ def test_spawn_form_and_rest_spawn_refused_over_budget_nothing_starts(
         "ml101 has 0.1 GPU-hours left for you; 1 H100 GPU (80 GB) for 60 min needs at most 1: "
         "ask for at most 6 min, or a smaller size"
     )
+    refused_before = budget_refusals(hub)
     login = oidc_login(hub.url, idp, "alice")
     s = login.session
     form = s.get(f"{hub.url}/hub/spawn", timeout=60)
@@ -291,6 +306,14 @@ def test_spawn_form_and_rest_spawn_refused_over_budget_nothing_starts(
         Path("/tmp/budget_hub_tail.log").write_text(hub.tail(120))
     assert rest.status_code == 403, (rest.status_code, rest.text)
     assert want in rest.json()["message"]
+    # both refused spawns (the form's and the REST one) count on /hub/metrics, by place
+    assert budget_refusals(hub) == refused_before + 2, [
+        line
+        for line in requests.get(
+            f"{hub.url}/hub/metrics", headers={"Authorization": f"token {hub.token}"}, timeout=30
+        ).text.splitlines()
+        if line.startswith("sovereign_portal_")
+    ]
     model = hub.api("GET", f"/users/{ALICE}").json()
     assert not model["servers"] or not any(sv.get("ready") for sv in model["servers"].values())
     assert not [d for d, owner in leases(hub).items() if ALICE in owner]
