@@ -158,7 +158,7 @@ HELP = {
     "energy_wh": "Facility energy of closed ledger records, in watt-hours",
     "co2_grams": "CO2 of closed ledger records, in grams",
     "open_records": "Ledger records open now (servers and compute sessions running)",
-    "admission_refusals": "Compute-session requests refused by admission (HTTP 403)",
+    "admission_refusals": "Compute-session requests and notebook spawns refused (HTTP 403)",
 }
 
 
