@@ -22,9 +22,7 @@ step "ruff lint"   ruff check .
 step "ruff format" ruff format --check .
 step "mypy"        mypy hub spawners extension
 step "unit"        pytest -m unit tests/unit "$@"
-# Two xdist workers: each module stays on one worker, and the modules that run jobs as the
-# real Unix test users share one (tests/hub/conftest.py). SP_TEST_WORKERS=0 runs serially.
-step "hub, idp, slurm, browser" pytest -n "${SP_TEST_WORKERS:-2}" --dist loadgroup tests/hub "$@"
+step "hub, idp, slurm, browser" pytest tests/hub "$@"
 step "extension"   pytest -p pytest_jupyter.jupyter_server -o asyncio_mode=strict tests/extension "$@"
 step "docs"        bash -c 'python docs/gen_config_reference.py --check && sphinx-build -E -a -W --keep-going -q -b html docs docs/_build/html'
 echo

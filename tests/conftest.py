@@ -5,8 +5,7 @@ file in a shuffled order too. ``--order=reverse`` runs them back to front. The d
 ``--order=file``, the collected order. The seed is printed in the header, so a failing order
 can be run again. Tests must pass in any order: none may depend on another's leftovers.
 Each file's tests stay together, so its module-scoped fixtures (a hub, an IdP) start once.
-``SP_TEST_ORDER`` sets the same thing from the environment. With pytest-xdist (``-n``), give
-the seed (``random:SEED``) so the printed seed is the one the workers used.
+``SP_TEST_ORDER`` sets the same thing from the environment.
 
 The fixtures of each layer are listed in the docstrings of tests/unit/conftest.py,
 tests/hub/conftest.py and tests/extension/conftest.py. The shared rigs are in tests/support.
@@ -39,11 +38,7 @@ def _order(config: pytest.Config) -> tuple[str, int | None]:
     if seed and not (seed.isascii() and seed.isdecimal()):
         raise pytest.UsageError(f"--order={value}: the seed must be a number")
     if not hasattr(config, "_sp_order_seed"):
-        # Under pytest-xdist every worker must collect the same order: derive the seed from
-        # the run's id that all workers share.
-        run = getattr(config, "workerinput", {}).get("testrunuid")
-        fresh = int(run, 16) % 10**6 if run else random.randrange(10**6)
-        config._sp_order_seed = int(seed) if seed else fresh  # type: ignore[attr-defined]
+        config._sp_order_seed = int(seed) if seed else random.randrange(10**6)  # type: ignore[attr-defined]
     return mode, config._sp_order_seed  # type: ignore[attr-defined]
 
 
