@@ -267,6 +267,16 @@ def test_instructor_reaches_own_students_only(hub: HubProcess, idp: LocalIdP):
 
 
 def test_student_gets_403_on_others_servers_and_privileged_routes(hub: HubProcess, idp: LocalIdP):
+    for login in ("alice", "bob"):  # both servers running, whatever ran before
+        name = f"{login}@uni-a.example"
+        assert oidc_login(hub.url, idp, login).response.status_code == 200
+        deadline = time.monotonic() + 60
+        model = hub.api("GET", f"/users/{name}").json()
+        while model.get("pending") and time.monotonic() < deadline:  # e.g. a stop under way
+            time.sleep(0.5)
+            model = hub.api("GET", f"/users/{name}").json()
+        if not (model.get("servers") or {}).get("", {}).get("ready"):
+            hub.spawn(name, {})
     alice = oidc_login(hub.url, idp, "alice").session
     token = hub.api(
         "POST", "/users/alice@uni-a.example/tokens", json={"scopes": ["inherit"]}
