@@ -86,6 +86,13 @@ def configure(
     c.LocalGPUSpawner.inventory_source = inventory_source
     c.LocalGPUSpawner.residency = dict(residency or {})
     c.Spawner.start_timeout = 120
+    # A storm is a queue, not a failure (issue 12): the portal's start queue
+    # (spawners/start_queue.py, PortalSpawnerMixin.start_slots) is the throttle, with a
+    # place in line on the spawn page; JupyterHub's own limit is only a far ceiling, so
+    # the hub never answers a class with 429.
+    from sovereign_portal.spawners.start_queue import HUB_SPAWN_CEILING
+
+    c.JupyterHub.concurrent_spawn_limit = HUB_SPAWN_CEILING
     # EGRESS_LOG: an egress audit guard's log (acceptance runs) reaches the servers too.
     c.Spawner.env_keep = [
         "PATH",

@@ -7,14 +7,16 @@ sets ``backend``. User options, from the form or straight from the REST API, bec
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import pwd
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from traitlets import Any as AnyTrait
-from traitlets import Dict, List, Unicode, default
+from traitlets import Dict, Float, Int, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from .accounts import SystemAccountError, UnixAccountPolicy
@@ -24,6 +26,7 @@ from .policy import allowed_partitions, open_partition_names
 from .request import RequestError, Resolved, parse_request, resolve
 from .site import Partition, Site, load_site
 from .sizes import Size
+from .start_queue import Ticket, queue_events, start_queue
 
 _SITES: dict[tuple[str, float], Site] = {}
 
@@ -41,6 +44,28 @@ def cached_site(path: str | None) -> Site:
 
 def _user_name(spawner: Any) -> str:
     return str(getattr(getattr(spawner, "user", None), "name", "?"))
+
+
+def _gives_turn_back(start: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(start)
+    async def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await start(self, *args, **kwargs)
+        finally:
+            self.give_turn_back()
+
+    return wrapped
+
+
+def _line_first(progress: Callable[..., AsyncIterator[dict[str, Any]]]) -> Callable[..., Any]:
+    @functools.wraps(progress)
+    async def wrapped(self: Any) -> AsyncIterator[dict[str, Any]]:
+        async for event in queue_events(self._start_ticket):
+            yield event
+        async for event in progress(self):
+            yield event
+
+    return wrapped
 
 
 class PortalSpawnerMixin(LoggingConfigurable):
@@ -110,10 +135,74 @@ class PortalSpawnerMixin(LoggingConfigurable):
     #: Empty means a plain stop. The hub resets it before each start.
     ledger_end_reason: str = ""
 
+    start_slots = Int(
+        4,
+        min=0,
+        config=True,
+        help="""How many servers of this backend the hub starts at once (the start queue,
+        issue 12). More starts than that wait in line, first come first served, and the
+        spawn page shows each one its place in line and an estimate; waiting in line does
+        not count against start_timeout. 0 turns the queue off (every start runs at once,
+        and JupyterHub's concurrent_spawn_limit is then the only throttle).""",
+    )
+    start_estimate_seconds = Float(
+        20.0,
+        min=1.0,
+        config=True,
+        help="""The seconds one start is assumed to take, for the spawn page's estimate,
+        until the queue has timed real starts (then it uses the mean of the last 20).""",
+    )
+
+    _start_ticket: Ticket | None = None
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__name__.endswith("Mixin") and cls.backend not in ("local", "slurm"):
             raise TypeError(f"{cls.__name__} must set backend = 'local' or 'slurm'")
+        # the start queue: a backend's start gives its turn back when it ends, and its
+        # progress shows the place in line first (spawners/start_queue.py)
+        if "start" in cls.__dict__:
+            setattr(cls, "start", _gives_turn_back(cls.__dict__["start"]))  # noqa: B010
+        if "progress" in cls.__dict__:
+            setattr(cls, "progress", _line_first(cls.__dict__["progress"]))  # noqa: B010
+
+    # -- the start queue (issue 12) -------------------------------------------------------
+    async def run_pre_spawn_hook(self) -> None:
+        """JupyterHub's pre-spawn hook (budget, course), then this start's turn in the
+        start queue: outside ``start_timeout``, after every check that may refuse."""
+        inner = getattr(super(), "run_pre_spawn_hook", None)
+        out = inner() if inner is not None else None
+        if inspect.isawaitable(out):
+            await out
+        await self.wait_turn()
+
+    async def wait_turn(self) -> None:
+        """Take this start's place in the backend's start queue and wait for a slot."""
+        self.give_turn_back()
+        if self.start_slots <= 0:
+            return
+        hold = float(getattr(self, "start_timeout", 120)) + 60.0
+        q = start_queue(self.backend, self.start_slots, self.start_estimate_seconds, hold)
+        ticket = q.join(_user_name(self))
+        self._start_ticket = ticket
+        if ticket.waiting:
+            self.log.info(
+                "Start of %s waits in line: place %s of %d (%d starting)",
+                _user_name(self),
+                ticket.position(),
+                q.waiting,
+                q.holding,
+            )
+        await q.wait(ticket)
+
+    def give_turn_back(self) -> None:
+        ticket, self._start_ticket = self._start_ticket, None
+        if ticket is not None:
+            ticket.release()
+
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+        async for event in queue_events(self._start_ticket):
+            yield event
 
     # -- the site, filtered for this user -------------------------------------------------
     @property
