@@ -150,8 +150,8 @@ class PortalExtension(ExtensionApp):
         self._stop_on_sigint()
 
     def _start_sampler(self, hub: HubService) -> None:
-        from ..spawners.telemetry import NoSource, TelemetryError, source_for
-        from .sampler import Sampler, kernel_counter, service_post
+        from ..spawners.telemetry import SESSION_SCRIPT_ENV, NoSource, TelemetryError, source_for
+        from .sampler import Sampler, SessionReporter, kernel_counter, service_post
 
         try:
             source = source_for(self.device_source)
@@ -170,12 +170,30 @@ class PortalExtension(ExtensionApp):
         self.sampler.sample()
         self._sampling = PeriodicCallback(self._sample, self.sample_interval * 1000)
         self._sampling.start()
-        self._reporting = PeriodicCallback(self.sampler.report, self.report_interval * 1000)
+        self.session_reporter = SessionReporter(
+            self.manager,
+            self.sampler,
+            service_post(hub) if self.hub_service_url else None,
+            log=self.log,
+        )
+        # the samplers in session jobs: their interval, and a scripted source's file
+        script = os.environ.get(SESSION_SCRIPT_ENV, "")
+        for key, env in (("{user}", "JUPYTERHUB_USER"), ("{server}", "JUPYTERHUB_SERVER_NAME")):
+            script = script.replace(key, os.environ.get(env, ""))
+        self.manager.job_sampler = (self.sample_interval, script)
+        self._reporting = PeriodicCallback(self._report, self.report_interval * 1000)
         self._reporting.start()
         self.log.info("sovereign-portal: device telemetry from %s", source.name)
 
     def _sample(self) -> None:
         self.sampler.sample()
+
+    async def _report(self) -> None:
+        await self.sampler.report()
+        try:
+            await self.session_reporter.report()
+        except Exception:
+            self.log.exception("sovereign-portal: reporting sessions' activity failed")
 
     def _stop_on_sigint(self) -> None:
         """Make SIGINT a clean stop, so stopping the server releases every session.

@@ -4,7 +4,8 @@ dask-jobqueue starts ``--nworkers G`` worker processes in a job that holds G dev
 each is named ``<job name>-<i>``. This preload keeps device ``i`` of the job's
 ``CUDA_VISIBLE_DEVICES`` for worker ``i``, before anything initialises CUDA. The number
 of workers per job comes from ``SOVEREIGN_PORTAL_WORKERS_PER_JOB`` (set in the job
-script); without it the preload leaves the environment alone.
+script); without it the preload leaves the environment alone. It then starts the
+worker's device sampler (:mod:`.job_sampler`).
 """
 
 from __future__ import annotations
@@ -32,3 +33,8 @@ def dask_setup(worker: Any) -> None:
     if dev is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = dev
         os.environ["NVIDIA_VISIBLE_DEVICES"] = dev
+    # the worker's device sampler (its readings go to the session directory; the
+    # notebook server reports them to the hub: :mod:`.job_sampler`)
+    from .job_sampler import start
+
+    start(os.environ.get("SOVEREIGN_PORTAL_SESSION_DIR"), f"worker-{worker.name}")

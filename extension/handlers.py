@@ -166,8 +166,8 @@ class ActivityHandler(_Base):
 
 class NoticesHandler(_Base):
     """``GET notices``: ``{"notices": [{"id", "kind", "level", "message", "deadline"}]}``:
-    the culler's idle warning for this server (from the last activity report's answer)
-    and the budget warnings of the hub's ``api/budgets``."""
+    the culler's idle warnings for this server and its compute sessions (from the answers
+    to their activity reports) and the budget warnings of the hub's ``api/budgets``."""
 
     @web.authenticated
     @authorized
@@ -175,7 +175,7 @@ class NoticesHandler(_Base):
         from .sampler import budget_notices
 
         sampler = self.settings["sovereign_portal_sampler"]
-        notices = list(sampler.notices)
+        notices = sampler.all_notices()
         try:
             code, data = await self.manager.hub._call("GET", "api/budgets")
             if code == 200:

@@ -31,6 +31,8 @@ from sovereign_portal.spawners.slurm.client import SchedulerClient, SlurmCLI
 from sovereign_portal.spawners.upstream import dask_correct_state
 
 FORBIDDEN_ENV = ("TOKEN", "SECRET", "PASSWORD", "KEY")
+#: A Dask worker's session directory, where its device sampler writes (:mod:`.job_sampler`).
+SESSION_DIR_ENV = "SOVEREIGN_PORTAL_SESSION_DIR"
 
 #: Dask's HTTP servers take no credentials: anyone who can reach the port could read worker
 #: logs, call stacks and task names (``/info``, ``/json``, ``/metrics``) or, with
@@ -206,7 +208,12 @@ class LocalDask(_DaskLauncher):
                     "host": "127.0.0.1",
                     "nthreads": 1,
                     "name": f"gpu-{i}",
-                    "env": {**env, "CUDA_VISIBLE_DEVICES": dev, "NVIDIA_VISIBLE_DEVICES": dev},
+                    "env": {
+                        **env,
+                        "CUDA_VISIBLE_DEVICES": dev,
+                        "NVIDIA_VISIBLE_DEVICES": dev,
+                        SESSION_DIR_ENV: str(self.dir),  # where its sampler writes
+                    },
                     "local_directory": str(self.dir / "work"),
                     "dashboard_address": "127.0.0.1:0",
                 },
@@ -289,6 +296,7 @@ class SlurmDask(_DaskLauncher):
             job_cls=_slurm_job_cls(self.cfg.scheduler(), job_env(self.cfg.env_names)),
             job_script_prologue=[
                 f"export SOVEREIGN_PORTAL_WORKERS_PER_JOB={per_job}",
+                f"export {SESSION_DIR_ENV}={shlex.quote(str(self.dir))}",
                 f"export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES={shlex.quote(routes)}",
             ],
             worker_extra_args=[

@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         "pid": os.getpid(),
         "job": os.environ.get("SLURM_JOB_ID", ""),
     }
+    from .job_sampler import start as start_sampler
+
+    start_sampler(sdir, f"rank-{rank}")  # the rank's device, for the culler and the ledger
     (sdir / "ranks").mkdir(exist_ok=True)
     (sdir / "ranks" / str(rank)).write_text(json.dumps(info))
     secret = (sdir / "secret").read_bytes()

@@ -1,4 +1,4 @@
-"""The sampler inside a notebook server (and, lightly, inside a session's ranks).
+"""The sampler inside a notebook server, and the reports of its compute sessions.
 
 It reads its own granted devices (:mod:`sovereign_portal.spawners.telemetry`) every
 ``interval`` seconds into a bounded ring, and every ``report_interval`` seconds sends the
@@ -62,7 +62,24 @@ class Sampler:
         self._max: dict[int, tuple[float, float]] = {}  # since the last report
         self._kernel_idle_since: float | None = None
         self.notices: list[dict[str, Any]] = []
+        #: the notices of this server's compute sessions (session id -> notices), from
+        #: the answers to their reports (:class:`SessionReporter`)
+        self.session_notices: dict[str, list[dict[str, Any]]] = {}
         self.last_report_ok: bool | None = None
+
+    def all_notices(self) -> list[dict[str, Any]]:
+        """The server's notices, then its sessions'."""
+        return [*self.notices, *(n for ns in self.session_notices.values() for n in ns)]
+
+    def kernels_json(self) -> dict[str, Any]:
+        busy, total = self.kernels()
+        return {
+            "busy": int(busy),
+            "total": int(total),
+            "idle_since": None
+            if self._kernel_idle_since is None
+            else round(self._kernel_idle_since, 3),
+        }
 
     # -- sampling --------------------------------------------------------------------------
     def sample(self) -> list[DeviceSample]:
@@ -119,7 +136,6 @@ class Sampler:
     # -- reporting -------------------------------------------------------------------------
     def report_body(self) -> dict[str, Any]:
         """One report: bounded, plain JSON numbers."""
-        busy, total = self.kernels()
         devices = []
         for d in self.latest:
             u, m = self._max.get(d.index, (d.utilization_pct, d.memory_util_pct))
@@ -143,13 +159,7 @@ class Sampler:
             "measured": bool(self.source.measured),
             "sampled_at": round(self.latest[0].at, 3) if self.latest else round(self.clock(), 3),
             "devices": devices,
-            "kernels": {
-                "busy": int(busy),
-                "total": int(total),
-                "idle_since": None
-                if self._kernel_idle_since is None
-                else round(self._kernel_idle_since, 3),
-            },
+            "kernels": self.kernels_json(),
         }
 
     async def report(self) -> bool:
@@ -170,6 +180,66 @@ class Sampler:
             self.notices = answer["notices"][:20]
         self.last_report_ok = True
         return True
+
+
+class SessionReporter:
+    """Reports this server's compute sessions' activity to the hub, as the server's own.
+
+    Each session's workers or ranks write their readings into the session directory
+    (:mod:`.job_sampler`: the jobs hold no token); at each report this reads the readings
+    taken since the session's last report (:func:`.job_sampler.read_job_samples`) and
+    sends them as ``{"grant": <the session's grant id>, ...}`` with the server's kernels
+    (a cell running in any kernel keeps the session: it may be driving the workers).
+    A session with no fresh reading sends nothing: the hub's copy goes stale, never idle.
+    The answer carries the session's notices, and ``"reclaimed": true`` once the culler
+    has reclaimed it: the session is then stopped here too (its processes, its files).
+    """
+
+    def __init__(self, manager: Any, sampler: Sampler, post: Post | None, log: Any = None):
+        self.manager, self.sampler, self.post, self.log = manager, sampler, post, log
+        self._since: dict[str, float] = {}
+
+    async def report(self) -> int:
+        """One round; returns the number of sessions reported."""
+        from .job_sampler import read_job_samples
+
+        if self.post is None:
+            return 0
+        sent = 0
+        live = {sid for sid, s in self.manager.sessions.items() if s.state in ("starting", "ready")}
+        for sid in set(self.sampler.session_notices) - live:
+            del self.sampler.session_notices[sid]
+        for sid in sorted(live):
+            s = self.manager.sessions[sid]
+            got = read_job_samples(s.dir, self._since.get(sid, 0.0))
+            if got is None:
+                continue
+            body = {
+                "server": self.sampler.server,
+                "grant": str(s.grant["id"]),
+                **got,
+                "kernels": self.sampler.kernels_json(),
+            }
+            try:
+                answer = await self.post(body)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if self.log:
+                    self.log.warning("sovereign-portal: session %s activity not sent: %s", sid, e)
+                continue
+            sent += 1
+            self._since[sid] = float(got["sampled_at"])
+            if not isinstance(answer, dict):
+                continue
+            if isinstance(answer.get("notices"), list):
+                self.sampler.session_notices[sid] = answer["notices"][:20]
+            if answer.get("reclaimed") is True:
+                self.sampler.session_notices.pop(sid, None)
+                await self.manager.stop(
+                    sid, "stopped", "reclaimed: its GPUs were idle (the hub's culler)"
+                )
+        return sent
 
 
 def kernel_counter(serverapp: Any) -> Kernels:

@@ -228,6 +228,8 @@ class SessionManager:
         self._hub_version = -1
         self._registered: dict[str, tuple[str, ...]] = {}
         self._follower: asyncio.Task[None] | None = None
+        #: (sample interval, device script) for the samplers in session jobs; None: none
+        self.job_sampler: tuple[float, str] | None = None
 
     # -- create / stop ----------------------------------------------------------------------
     async def create(self, request: Any, kernel_id: str | None = None) -> Session:
@@ -247,6 +249,11 @@ class SessionManager:
         s.launcher.on_change = self._kick
         self.sessions[sid] = s
         write_meta(sdir, {"id": sid, "grant": grant, "kernel_id": kernel_id})
+        if self.job_sampler is not None:  # what the jobs' samplers read (:mod:`.job_sampler`)
+            from .job_sampler import write_settings
+
+            interval, script = self.job_sampler
+            write_settings(sdir, interval, script.replace("{session}", sid))
         s.task = asyncio.create_task(self._start(s))
         self._ensure_watch()
         self.log.info(

@@ -6,7 +6,9 @@ culler reads it through REST). Everything is tested as tables.
 - :func:`parse_report` turns a sampler's JSON report into a :class:`Report`, refusing a bad
   field by name (unknown fields, NaN, out-of-range numbers, too many devices).
 - A **target** is what a report is about, named like its ledger record's source:
-  ``server:<user>/<server name>``. Its history is bounded (:data:`HISTORY`).
+  ``server:<user>/<server name>`` for a notebook server, ``grant:<id>`` for a compute
+  session (the devices of its Dask workers or torch ranks, reported by the server that
+  started it). Its history is bounded (:data:`HISTORY`).
 - **The idle rule** (:func:`idle_since`): a target is idle from the moment its GPUs are
   idle, that is every device's highest utilisation since the last report below
   ``util_pct`` *and* its highest memory activity below ``mem_pct``, *and* no kernel is
@@ -29,6 +31,7 @@ import bisect
 import csv
 import datetime as dt
 import math
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,6 +48,8 @@ MAX_DEVICES = 64
 MAX_BOARD_W = 5000.0
 SOURCES = ("nvml", "scripted", "none")
 _SERVER_NAME_LEN = 255
+#: A grant id as the portal service writes them (hex), as in its ``api/grants/<id>`` routes.
+_GRANT_ID = re.compile(r"[0-9a-f]{1,64}")
 
 
 class ActivityError(ValueError):
@@ -92,9 +97,13 @@ class Report:
     kernels_busy: int
     kernels_total: int
     kernel_idle_since: float | None
+    grant: str | None = None  # a compute session's grant id (its jobs' devices)
 
     @property
     def target(self) -> str:
+        """The source of the ledger record the report is about."""
+        if self.grant is not None:
+            return f"grant:{self.grant}"
         return f"server:{self.user}/{self.server}"
 
     def gpus_idle(self, util_pct: float, mem_pct: float) -> bool:
@@ -128,8 +137,9 @@ def parse_report(user: str, data: Any, now: float) -> Report:
     server = data.get("server", "")
     if not isinstance(server, str) or len(server) > _SERVER_NAME_LEN or "/" in server:
         raise ActivityError("server: must be this server's name (JUPYTERHUB_SERVER_NAME)")
-    if data.get("grant") is not None:
-        raise ActivityError("grant: compute-session reports are not taken yet; send null")
+    grant = data.get("grant")
+    if grant is not None and (not isinstance(grant, str) or not _GRANT_ID.fullmatch(grant)):
+        raise ActivityError("grant: must be the id of one of your compute sessions, or null")
     source = data.get("source")
     if source not in SOURCES:
         raise ActivityError(f"source: must be one of {', '.join(SOURCES)}")
@@ -187,6 +197,7 @@ def parse_report(user: str, data: Any, now: float) -> Report:
         kernels_busy=busy,
         kernels_total=total,
         kernel_idle_since=None if busy else idle_since,
+        grant=grant,
     )
 
 
@@ -350,11 +361,19 @@ class Target:
     meter: Meter = field(default_factory=Meter)
     notice: dict[str, Any] | None = None
     record_id: str | None = None  # the open ledger record the meter belongs to
+    #: the culler reclaimed this compute session: the next report's answer says so, and
+    #: the server that started it stops it
+    reclaimed: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "session" if self.source.startswith("grant:") else "server"
 
     def to_json(self, th: Thresholds, now: float) -> dict[str, Any]:
         last = self.history[-1]
         return {
             "source": self.source,
+            "kind": self.kind,
             "user": self.user,
             "server": self.server,
             "last_report_at": last.received_at,

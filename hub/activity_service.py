@@ -1,8 +1,10 @@
 """The portal service's activity routes (:mod:`.activity` is the pure core).
 
 =====  ==============================  ===================================================
-POST   ``{prefix}api/activity``        a sampler's report, with the server's own token;
-                                        answers ``{"notices": [...]}`` for that server
+POST   ``{prefix}api/activity``        a sampler's report, with the server's own token:
+                                        of the server, or (``"grant": id``) of one of its
+                                        compute sessions; answers ``{"notices": [...],
+                                        "reclaimed": bool}`` for that target
 GET    ``{prefix}api/notices``         the caller's notices (idle warnings), e.g. for the
                                         spawn page
 GET    ``{prefix}api/activity/all``    every target: idle since, GPUs, kernels, energy,
@@ -11,9 +13,10 @@ GET    ``{prefix}api/activity/all``    every target: idle since, GPUs, kernels, 
 PUT    ``{prefix}api/activity/notice``  ``{"source": "server:<u>/<n>", "notice": {...} |
                                         null}``: set or clear a target's idle warning.
                                         Culler only
-POST   ``{prefix}api/activity/reclaim``  ``{"source": ..., "saved_gpu_seconds": x}``: the
-                                        culler is about to stop it; the GPU-hours it saves
-                                        are counted. Culler only
+POST   ``{prefix}api/activity/reclaim``  ``{"source": ...}``: the culler is about to
+                                        stop a server (it then stops it through the hub),
+                                        or stops a compute session (here); the GPU-hours
+                                        it saves are counted. Culler only
 =====  ==============================  ===================================================
 
 The culler is a hub service (:mod:`.culler`); its token is accepted here only if the hub
@@ -82,6 +85,13 @@ class ActivityReportHandler(_BodyBase):
         p = self.portal
         book = book_of(p)
         rec = _open_record(p, report.target)
+        if report.grant is not None and (rec is None or rec.user != self.caller.name):
+            # a session's report needs its open record: the grant is the caller's own
+            raise PortalError(
+                "grant: no running compute session of yours has this id",
+                status=404,
+                reason="not_found",
+            )
         target = book.targets.get(report.target)
         if target is not None and rec is not None and target.record_id != rec.id:
             book.forget(report.target)  # a new server in the same place: a new meter
@@ -107,7 +117,9 @@ class ActivityReportHandler(_BodyBase):
                     meter_open(p.grant_ledger.store.engine, rec.id, wh, co2, eb, cb)
                 except Exception:
                     p.log.exception("Activity: metering record %s failed", rec.id)
-        self.finish({"notices": [target.notice] if target.notice else []})
+        self.finish(
+            {"notices": [target.notice] if target.notice else [], "reclaimed": target.reclaimed}
+        )
 
 
 def _open_record(portal: Any, source: str) -> Any:
@@ -274,6 +286,16 @@ class ReclaimHandler(_CullerBody):
         done[src] = done.get(src, 0.0) + saved
         target = book.targets[src]
         target.notice = None
+        if target.kind == "session":
+            # the culler stops a compute session here (the hub cannot): its Slurm jobs
+            # are cancelled as its user, or a local one's devices released, and its
+            # record closes "reclaimed"; the server that started it hears it in the
+            # answer to its next report and stops the session's processes
+            target.reclaimed = True
+            try:
+                await self.portal.stop_session(src.split(":", 1)[1], "reclaimed", "idle GPUs")
+            except Exception:
+                self.portal.log.exception("Culler: stopping compute session %s failed", src)
         self.portal.log.info("Culler reclaims %s (%.3f GPU-hours saved)", src, saved / 3600)
         self.finish(
             {

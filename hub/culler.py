@@ -16,6 +16,10 @@ The policy (:func:`decide`, pure, tested as a table):
   stopped (``DELETE /users/<name>/servers/<server>``); the portal service is told first
   (``api/activity/reclaim``), so the ledger record closes as ``reclaimed`` and the GPU-
   hours saved (the rest of the granted walltime) are counted;
+- a compute session (Dask workers, torch ranks: target ``grant:<id>``, reported by the
+  server that started it) follows the same rule on its own GPUs; its stop is the portal
+  service's (``api/activity/reclaim`` cancels its jobs as its user), and the user's
+  notebook server stays;
 - any activity (a cell, a busy GPU) clears the warning and starts the count over;
 - a server with no recent report is *unknown* and never stopped: no evidence, no stop;
 - never a stop without a warning first, never during quiet hours (the warning stays and
@@ -117,9 +121,19 @@ def _notice_deadline(notice: dict[str, Any] | None) -> float | None:
         return None
 
 
-def warning_text(server: str, idle_min: float, deadline: float, tz: str) -> str:
-    what = f"your server {server!r}" if server else "your server"
+def warning_text(
+    server: str, idle_min: float, deadline: float, tz: str, session: str | None = None
+) -> str:
     at = dt.datetime.fromtimestamp(deadline, ZoneInfo(tz)).strftime("%H:%M")
+    if session is not None:
+        on = f" of your server {server!r}" if server else ""
+        return (
+            f"The GPUs of your compute session {session}{on} have been idle for "
+            f"{idle_min:.0f} minutes: the session (its Dask workers or torch ranks) will be "
+            f"stopped and its GPUs given back at {at} ({tz}). To keep it, run a cell or use "
+            "its GPUs before then; your server and your files stay."
+        )
+    what = f"your server {server!r}" if server else "your server"
     return (
         f"Your GPU has been idle for {idle_min:.0f} minutes: {what} will be stopped and its "
         f"GPU given back at {at} ({tz}). To keep it, run a cell or use the GPU before then; "
@@ -164,10 +178,21 @@ def decide(
         "id": f"idle:{target['source']}",
         "kind": "idle",
         "level": "warning",
-        "message": warning_text(target.get("server", ""), idle_s / 60, end, policy.timezone),
+        "message": warning_text(
+            target.get("server", ""),
+            idle_s / 60,
+            end,
+            policy.timezone,
+            session=_session_of(str(target["source"])),
+        ),
         "deadline": iso(end),
     }
     return Decision("warn", f"idle {idle_s / 60:.1f} min", notice)
+
+
+def _session_of(source: str) -> str | None:
+    """A compute session's grant id (``grant:<id>``), None for a server."""
+    return source.split(":", 1)[1] if source.startswith("grant:") else None
 
 
 @dataclass
@@ -408,6 +433,17 @@ class GPUCuller(Application):
         if code != 200 or not isinstance(got, dict):
             self.log.warning(
                 "Culler: the portal service refused the reclaim of %s (HTTP %s)", t["source"], code
+            )
+            return
+        if _session_of(t["source"]) is not None:
+            # the portal service stopped the compute session itself (its jobs cancelled,
+            # its record closing "reclaimed"); the user's server stays
+            tally.stopped.append(t["source"])
+            self.log.warning(
+                "Culler: reclaimed %s, idle since %s: %.3f GPU-hours saved",
+                t["source"],
+                iso(float(t["idle_since"])) if t.get("idle_since") else "?",
+                float(got.get("saved_gpu_hours") or 0.0),
             )
             return
         name = quote(t["user"], safe="")

@@ -375,11 +375,8 @@ class PortalService(Application):
         return stopped
 
     async def stop_for_budget(self, grant_id: str, key: str, why: str) -> bool:
-        """Stop one compute session for its budget: cancel its Slurm jobs (its record closes
-        "budget" at the poll that sees them end), or release a local one's devices and
-        close its record "budget" now."""
-        gl = self.grant_ledger
-        rec = gl.store.open_for(f"grant:{grant_id}")
+        """Stop one compute session for its budget (:meth:`stop_session`, reason "budget")."""
+        rec = self.grant_ledger.store.open_for(f"grant:{grant_id}")
         if rec is None:
             return False
         self.log.warning(
@@ -389,10 +386,22 @@ class PortalService(Application):
             grant_id,
             rec.user,
         )
+        self.grant_ledger.budget_stopped.add(grant_id)
+        return await self.stop_session(grant_id, "budget", why)
+
+    async def stop_session(self, grant_id: str, reason: str, why: str) -> bool:
+        """Stop one compute session from the service (its budget is spent, or the culler
+        reclaims its idle GPUs): cancel its Slurm jobs (its record closes ``reason`` at the
+        poll that sees them end), or release a local one's devices and close its record
+        ``reason`` now. False when it has no open record."""
+        gl = self.grant_ledger
+        rec = gl.store.open_for(f"grant:{grant_id}")
+        if rec is None:
+            return False
+        self.log.info("Stopping compute session %s of %s (%s: %s)", grant_id, rec.user, reason, why)
         jobs = self.session_jobs
         watch = jobs.grants.get(grant_id)
         ids = sorted(set(rec.job_ids) | set(watch.jobs if watch is not None else ()))
-        gl.budget_stopped.add(grant_id)
         if ids:
             from sovereign_portal.spawners.accounts import UnixAccountPolicy
 
@@ -400,7 +409,7 @@ class PortalService(Application):
             unix = self.unix_user_template.format(username=rec.user)
             UnixAccountPolicy(parent=self).check(unix)  # never as a system account
             client = SlurmCLI(env=slurm_env(), submit_prefix=self.submit_prefix, timeout=20)
-            gl.ending[grant_id] = "budget"
+            gl.ending[grant_id] = reason
             try:
                 await client.cancel(ids, user=unix)
             except Exception:
@@ -408,7 +417,7 @@ class PortalService(Application):
                 raise
             return True
         self.release(grant_id)  # a local session's devices
-        gl.close(grant_id, "budget")
+        gl.close(grant_id, reason)
         return True
 
     def budget_step(self, caller: Caller, ref: str) -> BudgetStep:

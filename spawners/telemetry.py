@@ -50,6 +50,9 @@ from typing import Any, Protocol
 
 #: Environment variable naming a scripted device source file (tests, the replay benchmark).
 SCRIPT_ENV = "SOVEREIGN_PORTAL_DEVICE_SCRIPT"
+#: The same for a compute session's jobs (``{user}``, ``{server}`` and ``{session}``: the
+#: session id), read by the notebook server and handed to the jobs' samplers.
+SESSION_SCRIPT_ENV = "SOVEREIGN_PORTAL_SESSION_DEVICE_SCRIPT"
 #: Compute slices of a whole GPU (MIG on A100/H100/H200/B200).
 COMPUTE_SLICES = 7
 _PROFILE = re.compile(r"(\d)g\.\d+gb")
@@ -409,7 +412,12 @@ class ScriptedSource:
         self._script: Script | None = None
 
     def script(self) -> Script:
-        mtime = self.path.stat().st_mtime_ns
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError as e:
+            if self._script is not None:
+                return self._script  # being replaced: keep the last good script
+            raise TelemetryError(f"{self.path}: no script file ({e.strerror})") from None
         if self._script is None or mtime != self._mtime:
             try:
                 data = json.loads(self.path.read_text())

@@ -297,7 +297,7 @@ def test_intensity_series_errors_name_the_line(tmp_path: Path, text: str, why: s
         ({"kernels": {"busy": 2, "total": 1, "idle_since": None}}, "kernels.busy"),
         ({"sampled_at": float("nan")}, "sampled_at"),
         ({"sampled_at": NOW + 3600}, "sampled_at"),
-        ({"grant": "abc"}, "grant"),
+        ({"grant": "not-hex"}, "grant"),
         ({"measured": "yes"}, "measured"),
         ({"devices": [{"index": 0, "utilization_pct": 101}]}, "utilization_pct"),
         ({"devices": [{"index": 0, "gpu": 1}]}, "gpu"),
