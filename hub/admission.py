@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sovereign_portal.spawners.placement import session_partitions
 from sovereign_portal.spawners.policy import allowed_partitions, open_partition_names
 from sovereign_portal.spawners.request import (
     Request,
@@ -55,6 +56,8 @@ class Caller:
     name: str
     groups: frozenset[str] = frozenset()
     role: str = "student"
+    #: the [[sites]] entry the asking notebook server runs at ("" when not known)
+    site: str = ""
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,8 @@ def admit(
             reason="role",
         )
     parts = allowed_partitions(site, caller.groups, residency)
+    # a session runs at its notebook's site (never spans sites; residency already holds)
+    parts = session_partitions(site, parts, caller.site, req.partition, AdmissionError)
     names = open_partition_names(site, parts, req.partition, AdmissionError)
     r = resolve(site, req, default_partition=names[0])
     jobs, nodes_per_job = _session_shape(req, r)

@@ -35,9 +35,12 @@ def source(grant_id: str) -> str:
 
 
 class GrantLedger:
-    def __init__(self, store: LedgerStore, site: str = "") -> None:
+    def __init__(self, store: LedgerStore, site: str = "", site_of: Any = None) -> None:
+        """``site``: the deployment's name; ``site_of``: a partition's site for its record
+        (``Site.site_name_of``: the declared [[sites]] entry, else the deployment)."""
         self.store = store
         self.site = site
+        self.site_of = site_of
         self.adopted: set[str] = set()  # job ids polled only for their open record
         #: grant id -> the end reason of a session the portal is stopping (``budget``):
         #: its record closes with it, not with the cancelled jobs' own final state
@@ -45,13 +48,15 @@ class GrantLedger:
         #: grants stopped for their budget: jobs registered for them later are refused
         self.budget_stopped: set[str] = set()
 
-    def adopt(self, poller: Any) -> None:
+    def adopt(self, poller: Any, poller_of: Any = None) -> None:
         """At start (a restart too): poll the jobs of every open session record, so that
-        a session whose server never registers again still ends in a closed record."""
+        a session whose server never registers again still ends in a closed record.
+        ``poller_of(site)``: the poller of a record's site (several sites), else ``poller``."""
         for rec in self.store.list_open("grant:"):
+            p = poller_of(rec.site) if poller_of is not None else poller
             for j in rec.job_ids:
-                self.adopted.add(j)
-                poller.track(j)
+                self.adopted.add(f"{rec.site}/{j}")
+                p.track(j)
 
     def open(self, grant: Any, resolved: Any, role: str) -> L.Record:
         owner_type, owner = "user", grant.user
@@ -63,7 +68,7 @@ class GrantLedger:
             user=grant.user,
             role=role,
             now=now,
-            site=self.site,
+            site=self.site_of(resolved.partition) if self.site_of else self.site,
             source=source(grant.id),
             owner_type=owner_type,
             owner=owner,
@@ -92,8 +97,10 @@ class GrantLedger:
             rec = self.store.attach(rec.id, started_at=end)
         return self.store.close(rec.id, ended_at=end, reason=reason)
 
-    def on_poll(self, poller: Any, watched: set[str]) -> None:
-        """After each shared poll: starts, and sessions whose jobs have all ended."""
+    def on_poll(self, poller: Any, watched: set[str], poller_of: Any = None) -> None:
+        """After each shared poll: starts, and sessions whose jobs have all ended. With
+        several sites, ``poller_of(site)`` is the poller of a record's site (its job ids
+        are that site's own)."""
         from sovereign_portal.spawners.slurm.jobscript import SIGNAL_RESOLUTION_S
 
         now = time.time()
@@ -106,7 +113,8 @@ class GrantLedger:
                 if gid not in watched and rec.nodes != "local" and late:
                     self._close(rec, now, "stopped")
                 continue
-            infos = [poller.info(j) for j in rec.job_ids]
+            site_poller = poller_of(rec.site) if poller_of is not None else poller
+            infos = [site_poller.info(j) for j in rec.job_ids]
             if any(i is None for i in infos):
                 continue  # not seen yet
             running = [i for i in infos if i.state == "RUNNING"]
@@ -128,6 +136,7 @@ class GrantLedger:
                 self._close(rec, now, reason)
                 log.info("Ledger: grant %s ended (%s)", gid, reason)
                 if gid not in watched:
-                    for j in set(rec.job_ids) & self.adopted:
-                        self.adopted.discard(j)
-                        poller.untrack(j)
+                    for j in rec.job_ids:
+                        if f"{rec.site}/{j}" in self.adopted:
+                            self.adopted.discard(f"{rec.site}/{j}")
+                            site_poller.untrack(j)

@@ -314,20 +314,24 @@ class PortalService(Application):
             from .grant_ledger import GrantLedger
             from .ledger_store import LedgerStore
 
-            self._grant_ledger = GrantLedger(LedgerStore(self.budgets.store), self.site.name)
+            self._grant_ledger = GrantLedger(
+                LedgerStore(self.budgets.store), self.site.name, site_of=self.site.site_name_of
+            )
             jobs = self.session_jobs
-            jobs.poller.listeners.append(
-                lambda ok: self._grant_poll(jobs)  # after each shared poll
+            jobs.listeners.append(
+                lambda ok: self._grant_poll(jobs)  # after each shared poll (of any site)
             )
             try:
-                self._grant_ledger.adopt(jobs.poller)
+                self._grant_ledger.adopt(jobs.poller, poller_of=jobs.poller_of_record)
             except Exception:
                 self.log.exception("Ledger: adopting open compute-session records failed")
         return self._grant_ledger
 
     def _grant_poll(self, jobs: Any) -> None:
         try:
-            self.grant_ledger.on_poll(jobs.poller, set(jobs.grants))
+            self.grant_ledger.on_poll(
+                jobs.poller, set(jobs.grants), poller_of=jobs.poller_of_record
+            )
         except Exception:
             self.log.exception("Ledger: checking compute sessions failed")
 
@@ -408,7 +412,7 @@ class PortalService(Application):
             # scancel as the session user's own account: Slurm lets it cancel its jobs only
             unix = self.unix_user_template.format(username=rec.user)
             UnixAccountPolicy(parent=self).check(unix)  # never as a system account
-            client = SlurmCLI(env=slurm_env(), submit_prefix=self.submit_prefix, timeout=20)
+            client = self.scheduler_for(watch.site if watch is not None else rec.site)
             gl.ending[grant_id] = reason
             try:
                 await client.cancel(ids, user=unix)
@@ -468,7 +472,24 @@ class PortalService(Application):
             self.default_role,
             hub_roles=model.get("roles") or [],
         )
-        return Caller(name=model["name"], groups=groups, role=role)
+        site = str(model.get("site") or "") or self.notebook_site(
+            model["name"], model.get("server")
+        )
+        return Caller(name=model["name"], groups=groups, role=role, site=site)
+
+    def notebook_site(self, user: str, server: str | None) -> str:
+        """The [[sites]] entry where ``user``'s notebook server ``server`` runs: the site of
+        its open ledger record (the hub's spawner wrote it at spawn, with the placed
+        partition). "" without [[sites]], or when it is not known (no such record)."""
+        if server is None or not self.site.sites:
+            return ""
+        try:
+            rec = self.grant_ledger.store.open_for(f"server:{user}/{server}")
+        except Exception:
+            self.log.exception("Ledger: reading the server record of %s failed", user)
+            return ""
+        names = {cs.name for cs in self.site.sites}
+        return rec.site if rec is not None and rec.site in names else ""
 
     async def _hub_authenticate_cached(self, token: str) -> UserModel | None:
         """The hub's answer for ``token``, reused for ``caller_cache_seconds``.
@@ -525,6 +546,7 @@ class PortalService(Application):
             "groups": full.get("groups", []),
             "roles": full.get("roles", []),
             "admin": full.get("admin"),
+            "server": server_of_token(full["name"], model.get("scopes") or []),
         }
 
     # -- local devices --------------------------------------------------------------------
@@ -576,12 +598,31 @@ class PortalService(Application):
     @property
     def session_jobs(self) -> SessionJobs:
         if self._session_jobs is None:
+            from sovereign_portal.spawners.slurm.sites import site_client
+
+            def factory(cs: Any) -> Callable[[], Any]:
+                return lambda: site_client(cs, timeout=20, squeue=self.squeue)
+
             self._session_jobs = SessionJobs(
                 lambda: SlurmCLI(env=slurm_env(), squeue=self.squeue, timeout=20),
                 self.session_poll_interval,
                 snapshot_file=self.queue_snapshot_file,
+                site_clients={cs.name: factory(cs) for cs in self.site.sites},
             )
         return self._session_jobs
+
+    def scheduler_for(self, site: str) -> Any:
+        """The client that cancels a session's jobs at ``site`` (with submit_prefix): the
+        declared site's own (its CLI or its slurmrestd), else the hub host's CLI."""
+        from sovereign_portal.spawners.slurm.sites import site_client
+
+        names = {cs.name for cs in self.site.sites}
+        if site in names:
+            cs = self.site.cluster_site(site)
+            return site_client(cs, submit_prefix=self.submit_prefix, timeout=20)
+        if names:  # a record of no declared site: never the hub host's CLI instead
+            raise Unavailable(f"no declared site {site[:40]!r} to cancel its jobs at")
+        return SlurmCLI(env=slurm_env(), submit_prefix=self.submit_prefix, timeout=20)
 
     async def queue_state(self, site: Site) -> dict[str, dict[str, int]]:
         """Pending and running jobs per Slurm partition; free sizes on local partitions."""
@@ -593,13 +634,16 @@ class PortalService(Application):
                     "free_devices": len(a.free_ids()),
                     "devices": len(a.devices),
                 }
-        slurm = [p.scheduler_partition for p in site.partitions if p.backend == "slurm"]
+        slurm = [p for p in site.partitions if p.backend == "slurm"]
         if not slurm:
             return out
-        cached = await self.session_jobs.queue_counts(self.queue_cache_seconds)
-        for p in site.partitions:
-            if p.backend == "slurm":
-                out[p.name] = cached.get(p.scheduler_partition, {"pending": 0, "running": 0})
+        jobs = self.session_jobs
+        by_site: dict[str, dict[str, dict[str, int]]] = {}
+        for p in slurm:  # each site's own queue (a partition name is a site's own)
+            key = (p.site or "") if jobs.sites else ""
+            if key not in by_site:
+                by_site[key] = await jobs.queue_counts(self.queue_cache_seconds, site=key)
+            out[p.name] = by_site[key].get(p.scheduler_partition, {"pending": 0, "running": 0})
         return out
 
     # -- app ----------------------------------------------------------------------------
@@ -867,9 +911,14 @@ class GrantsHandler(_BodyBase):
             except PortalError:
                 p.budgets.release(ref)  # nothing was granted: nothing stays held
                 raise
-        else:  # a Slurm session: its jobs are watched here, for its user only
+        else:  # a Slurm session: its jobs are watched here (at its site), for its user only
+            cs = p.site.site_of(grant.partition)
             p.session_jobs.note_grant(
-                grant.id, self.caller.name, grant.walltime_minutes, p.grant_ttl_seconds
+                grant.id,
+                self.caller.name,
+                grant.walltime_minutes,
+                p.grant_ttl_seconds,
+                site=cs.name if cs is not None else "",
             )
         try:
             from dataclasses import replace as _replace
@@ -923,7 +972,11 @@ class GrantJobsHandler(_Base):
             # stopped for its budget before its jobs were registered: nothing is recorded
             # or watched for it any more; the caller cancels its jobs
             raise Forbidden("the budget of this session is spent: it was stopped", reason="budget")
-        view = self.portal.session_jobs.register(grant_id, self.caller.name, ids)
+        rec = None
+        if grant_id not in self.portal.session_jobs.grants:  # after a restart: its record
+            rec = self.portal.grant_ledger.store.open_for(f"grant:{grant_id}")
+        site = rec.site if rec is not None else ""
+        view = self.portal.session_jobs.register(grant_id, self.caller.name, ids, site=site)
         if view is None:  # another user's grant answers like an unknown one
             raise web.HTTPError(404, f"no grant {grant_id} of yours")
         try:
@@ -946,6 +999,15 @@ class JobsHandler(_Base):
             raise web.HTTPError(400, str(e)) from None
         jobs = self.portal.session_jobs
         self.finish(await jobs.wait(self.caller.name, version, float(wait)))
+
+
+def server_of_token(user: str, scopes: list[str]) -> str | None:
+    """The server a token was issued to, from its scopes (``access:servers!server=
+    <user>/<name>``, what ``SERVER_TOKEN_SCOPES`` expands to); None for any other token
+    (a user's own API token, a browser session): exactly one server, or none."""
+    prefix = f"access:servers!server={user}/"
+    names = {s[len(prefix) :] for s in scopes if isinstance(s, str) and s.startswith(prefix)}
+    return names.pop() if len(names) == 1 else None
 
 
 # -- configuration helpers for jupyterhub_config.py ----------------------------------------
@@ -1030,6 +1092,9 @@ def service_role(name: str = SERVICE_NAME) -> dict[str, Any]:
             # (CoursePolicy.server_access adds "shares": a recorded, shared access.)
             "groups",
             "servers",
+            # class starts (hub/class_start_api.py): a warm server is claimed when its
+            # student's browser gets an OAuth token for it (token metadata, never values)
+            "read:tokens",
         ],
         "services": [name],
     }

@@ -7,6 +7,13 @@ for their state. One :class:`~sovereign_portal.spawners.slurm.scheduler.JobPolle
 whole queue, one ``squeue`` per interval) answers for every session of every user, and
 for the catalog's queue state: no notebook server calls the scheduler.
 
+With several Slurm sites (``[[sites]]`` in the site file) each site has its own poller,
+through that site's own scheduler client (:func:`~sovereign_portal.spawners.slurm.sites.client_for`:
+its CLI, or its slurmrestd): a session's jobs are watched at the site of its grant's
+partition, never through the hub host's CLI for a remote site, and job ids (a site's own)
+are looked up at that site only. Still one whole-queue query per site per interval, for
+every session there. A site that does not answer leaves only its own jobs unknown.
+
 Each answer is the caller's own sessions only: a grant is bound to the user it was
 granted to (or, after a service restart, to the first user who registers it; grant ids
 are random and never shown to anyone else). For each job it gives Slurm's state and
@@ -19,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +51,8 @@ class _Watch:
     user: str
     until: float
     jobs: tuple[str, ...] = ()
+    #: the site whose scheduler runs the session ("" without [[sites]]: the hub host's)
+    site: str = ""
 
 
 @dataclass
@@ -78,48 +87,98 @@ class SessionJobs:
         interval: float,
         timeout: float = 20,
         snapshot_file: str = "",
+        site_clients: Mapping[str, Callable[[], SchedulerClient]] | None = None,
     ) -> None:
+        """``make_client``: the hub host's scheduler (no [[sites]]). ``site_clients``: each
+        declared site's client, by site name; with them, every session is watched at its
+        own site and the hub host's client is never used."""
         self._make_client = make_client
+        self._site_clients = dict(site_clients or {})
         self.interval = interval
         self.snapshot_file = snapshot_file
         self.timeout = timeout
-        self._poller: JobPoller | None = None
+        self._pollers: dict[str, JobPoller] = {}
         self.grants: dict[str, _Watch] = {}
         self.users: dict[str, _UserView] = {}
+        #: called after every poll of any site (the ledger's check of open records)
+        self.listeners: list[Callable[[bool], None]] = []
 
     @property
-    def poller(self) -> JobPoller:
-        """Made on first use, inside the service's event loop."""
-        if self._poller is None:
-            self._poller = JobPoller(
+    def sites(self) -> tuple[str, ...]:
+        """The declared sites (empty: one cluster, the hub host's)."""
+        return tuple(self._site_clients)
+
+    def site_key(self, site: str) -> str:
+        """The poller a session at ``site`` uses: that site's, or "" (the hub host's)
+        without [[sites]]. A site that is not declared is refused (never the host's)."""
+        if not self._site_clients:
+            return ""
+        if site not in self._site_clients:
+            raise JobsRequestError(
+                f"'site': {site[:40]!r} is not a declared site; declared: "
+                + ", ".join(self._site_clients)
+            )
+        return site
+
+    def poller_for(self, site: str = "") -> JobPoller:
+        """The poller of ``site`` (made on first use, inside the service's event loop):
+        one whole-queue query per interval for every session job there."""
+        key = self.site_key(site)
+        if key not in self._pollers:
+            make = self._site_clients[key] if key else self._make_client
+            snap = ""
+            if self.snapshot_file:
+                snap = f"{self.snapshot_file}.{key}" if key else self.snapshot_file
+            poller = JobPoller(
                 interval=self.interval,
                 jitter=0.1,
                 fast_interval=self.interval,
                 timeout=self.timeout,
-                client=self._make_client(),
+                client=make(),
                 whole_queue=True,
-                snapshot=QueueSnapshot(self.snapshot_file) if self.snapshot_file else None,
+                snapshot=QueueSnapshot(snap) if snap else None,
             )
-            self._poller.listeners.append(self._polled)
-        return self._poller
+            poller.listeners.append(self._polled)
+            self._pollers[key] = poller
+        return self._pollers[key]
+
+    @property
+    def poller(self) -> JobPoller:
+        """The hub host's poller (one cluster, no [[sites]]); with sites, the first site's."""
+        return self.poller_for(self.sites[0] if self.sites else "")
+
+    def pollers(self) -> dict[str, JobPoller]:
+        """Every site's poller (made now if not yet), by site ("" without [[sites]])."""
+        return {s: self.poller_for(s) for s in (self.sites or ("",))}
+
+    def poller_of_record(self, site: str) -> JobPoller:
+        """The poller for a ledger record's ``site`` (a declared site, else the host's)."""
+        return self.poller_for(site if site in self._site_clients else (self.sites or ("",))[0])
 
     # -- grants and registrations ---------------------------------------------------------
-    def note_grant(self, grant_id: str, user: str, walltime_minutes: int, ttl_s: float) -> None:
-        """The service granted a Slurm session: bind the grant to its user."""
+    def note_grant(
+        self, grant_id: str, user: str, walltime_minutes: int, ttl_s: float, site: str = ""
+    ) -> None:
+        """The service granted a Slurm session (at ``site``): bind the grant to its user."""
         until = time.time() + ttl_s + walltime_minutes * 60 + GRACE_S
-        self.grants[grant_id] = _Watch(user, until)
+        self.grants[grant_id] = _Watch(user, until, site=self.site_key(site))
 
-    def register(self, grant_id: str, user: str, ids: tuple[str, ...]) -> dict[str, Any] | None:
-        """Set a session's job ids; None if the grant is another user's."""
+    def register(
+        self, grant_id: str, user: str, ids: tuple[str, ...], site: str = ""
+    ) -> dict[str, Any] | None:
+        """Set a session's job ids; None if the grant is another user's. ``site``: where
+        a grant unknown here (after a restart) runs, from its ledger record."""
         w = self.grants.get(grant_id)
         if w is None:  # unknown here (the service restarted): the caller adopts it
-            w = self.grants[grant_id] = _Watch(user, time.time() + 24 * 3600)
+            key = site if site in self._site_clients else (self.sites or ("",))[0]
+            w = self.grants[grant_id] = _Watch(user, time.time() + 24 * 3600, site=key)
         if w.user != user:
             return None
         old, w.jobs = set(w.jobs), ids
+        poller = self.poller_for(w.site)
         for j in set(ids) - old:
-            self.poller.track(j)
-        self._untrack(old - set(ids))
+            poller.track(j)
+        self._untrack(old - set(ids), w.site)
         self._refresh_user(user, force=True)
         return self.view(user)
 
@@ -129,14 +188,15 @@ class SessionJobs:
         if w is None or w.user != user:
             return False
         del self.grants[grant_id]
-        self._untrack(set(w.jobs))
+        self._untrack(set(w.jobs), w.site)
         self._refresh_user(user, force=True)
         return True
 
-    def _untrack(self, ids: set[str]) -> None:
-        still = {j for w in self.grants.values() for j in w.jobs}
+    def _untrack(self, ids: set[str], site: str = "") -> None:
+        still = {j for w in self.grants.values() if w.site == site for j in w.jobs}
+        poller = self.poller_for(site)
         for j in ids - still:
-            self.poller.untrack(j)
+            poller.untrack(j)
 
     def expire(self) -> None:
         now = time.time()
@@ -145,8 +205,8 @@ class SessionJobs:
                 self.forget(gid, w.user)
 
     # -- views ------------------------------------------------------------------------------
-    def _job_view(self, job_id: str) -> dict[str, Any] | None:
-        p = self.poller
+    def _job_view(self, job_id: str, site: str = "") -> dict[str, Any] | None:
+        p = self.poller_for(site)
         info = p.info(job_id)
         if info is None:
             return None
@@ -158,14 +218,20 @@ class SessionJobs:
         }
 
     def _compute(self, user: str) -> dict[str, Any]:
-        p = self.poller
+        mine = {gid: w for gid, w in self.grants.items() if w.user == user}
+        # the sites of the caller's sessions (the host's, or the first site's, if none)
+        sites = sorted({w.site for w in mine.values()}) or [self.sites[0] if self.sites else ""]
+        polled = [self.poller_for(s) for s in sites]
+        errors = [
+            f"site {s}: {p.last_error}" if s else p.last_error
+            for s, p in zip(sites, polled, strict=True)
+            if p.last_error is not None
+        ]
         return {
-            "ok": p.last_error is None and p.last_ok > 0,
-            "error": p.last_error,
+            "ok": not errors and all(p.last_ok > 0 for p in polled),
+            "error": "; ".join(e for e in errors if e) or None,
             "grants": {
-                gid: {j: self._job_view(j) for j in w.jobs}
-                for gid, w in self.grants.items()
-                if w.user == user
+                gid: {j: self._job_view(j, w.site) for j in w.jobs} for gid, w in mine.items()
             },
         }
 
@@ -180,6 +246,8 @@ class SessionJobs:
         self.expire()
         for user in {w.user for w in self.grants.values()} | set(self.users):
             self._refresh_user(user)
+        for listener in list(self.listeners):
+            listener(ok)
 
     def view(self, user: str) -> dict[str, Any]:
         uv = self.users.get(user)
@@ -202,10 +270,10 @@ class SessionJobs:
         return self.view(user)
 
     # -- queue state (the catalog) --------------------------------------------------------
-    async def queue_counts(self, max_age: float) -> dict[str, dict[str, int]]:
-        """Pending and running jobs per Slurm partition, from the shared poll (a fresh
-        one if the last answer is older than ``max_age`` seconds)."""
-        p = self.poller
+    async def queue_counts(self, max_age: float, site: str = "") -> dict[str, dict[str, int]]:
+        """Pending and running jobs per Slurm partition of ``site``, from the shared poll
+        (a fresh one if the last answer is older than ``max_age`` seconds)."""
+        p = self.poller_for(site)
         if time.monotonic() - p.last_ok > max_age:
             await p.refresh()
         counts: dict[str, dict[str, int]] = {}

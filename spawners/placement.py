@@ -289,3 +289,46 @@ def _countries(rules: Sequence[Rule]) -> str:
     for r in rules:
         allowed = set(r.countries) if allowed is None else allowed & r.countries
     return "/".join(sorted(allowed or ())) or "no country"
+
+
+def session_partitions(
+    site: Site,
+    parts: Sequence[Partition],
+    notebook_site: str,
+    requested: str | None,
+    error: type[RequestRefused] = PlacementRefused,
+) -> list[Partition]:
+    """The partitions a compute session of a notebook at ``notebook_site`` may use, out of
+    ``parts`` (those residency and groups already allow). Pure.
+
+    A session runs at its notebook's site: its jobs are submitted from the notebook's own
+    node with that site's scheduler, so one session never spans sites. Without [[sites]],
+    or when the notebook's site is not known (a local server), ``parts`` is the answer.
+    Raises ``error`` (field ``partition``) when the request names a partition at another
+    site, or when the notebook's site has no partition the caller's rules allow (the
+    session is refused; it never moves to another site)."""
+    declared = {s.name: s for s in site.sites}
+    if notebook_site not in declared:
+        return list(parts)
+    here = declared[notebook_site]
+    where = f"{here.name} ({here.country})"
+    home = [p for p in parts if p.site == notebook_site]
+    by_name = {p.name: p for p in parts}
+    if requested is not None and requested in by_name and requested not in {p.name for p in home}:
+        other = by_name[requested].site or HOST_SITE
+        raise error(
+            f"partition {requested!r} is at site {other}; a compute session runs at its "
+            f"notebook's site, {where}"
+            + (f": choose one of {', '.join(p.name for p in home)}" if home else ""),
+            reason="site",
+            field="partition",
+        )
+    if not home:
+        raise error(
+            f"your notebook runs at site {where}, where your rules allow no partition for a "
+            "compute session; a session never runs at another site than its notebook's "
+            "(start your notebook at a site your rules allow)",
+            reason="residency",
+            field="partition",
+        )
+    return home

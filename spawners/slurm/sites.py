@@ -52,6 +52,26 @@ def client_for(
     return _CLIENTS[key]
 
 
+def site_client(
+    cs: ClusterSite,
+    *,
+    submit_prefix: Sequence[str] = (),
+    timeout: float = 30,
+    squeue: str = "squeue",
+) -> SchedulerClient:
+    """A new client of site ``cs`` with these settings (the portal service's session
+    poll and its budget stops): its slurmrestd, or its CLI with the site's SLURM_CONF.
+    Never the hub host's own cluster for a declared site."""
+    if isinstance(cs.scheduler, RESTScheduler):
+        return SlurmREST(
+            cs.scheduler.url, cs.scheduler.token_file, timeout=cs.scheduler.timeout_seconds
+        )
+    env = slurm_env()
+    if isinstance(cs.scheduler, CLIScheduler) and cs.scheduler.slurm_conf:
+        env["SLURM_CONF"] = cs.scheduler.slurm_conf
+    return SlurmCLI(env=env, submit_prefix=submit_prefix, timeout=timeout, squeue=squeue)
+
+
 def site_clients(site: Site, submit_prefix: Sequence[str] = ()) -> dict[str, SchedulerClient]:
     """Every configured site's client, by site name (``local`` without [[sites]])."""
     if not site.sites:
