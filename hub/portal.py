@@ -151,9 +151,10 @@ def configure(
     c.GDPRPolicy.pseudonym_key_file = str(state / "gdpr-pseudonym.key")
     c.GDPRPolicy.log_files = [str(state / "*.log")]
     # Usage pages (/hub/usage...) and the portal's figures on the hub's /hub/metrics.
-    from . import metrics, usage_pages
+    from . import course_pages, metrics, usage_pages
 
     usage_pages.install(c)
+    course_pages.install(c)  # the instructor's pages: /hub/courses... (issue 12)
     metrics.install(c)
 
     if auth == "dev":
