@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from .ledger_store import records
@@ -100,3 +100,25 @@ def measured_energy(
     is_measured = bool(meter.counted and meter.measured) and (held - gap >= coverage * held - 1e-6)
     basis = "measured" if is_measured else "estimated"
     return wh, co2, basis, "measured" if is_measured and series else "estimated"
+
+
+def reclaimed(engine: Engine) -> dict[tuple[str, str], dict[str, float]]:
+    """What the culler's stops saved, per (partition, country), from the closed ledger
+    records that ended ``reclaimed``: ``{"gpu_hours": ..., "stops": ...}``. GPU-hours saved
+    are the rest of each record's granted walltime at its end × its GPU equivalents (a
+    ``1g.10gb`` slice counts 1/7), which the ledger holds: the figures survive restarts
+    of the hub and of the portal service, and need no table of their own."""
+    c = records.c
+    start = func.coalesce(c.started_at, c.opened_at)
+    left = start + c.walltime_minutes * 60.0 - c.ended_at
+    saved = case((left > 0, left), else_=0.0) * c.rate_gpu_equivalents
+    q = (
+        select(c.partition, c.country, func.sum(saved), func.count())
+        .where(c.end_reason == "reclaimed", c.ended_at.is_not(None), c.row_type == "usage")
+        .group_by(c.partition, c.country)
+    )
+    with engine.connect() as conn:
+        return {
+            (p, k): {"gpu_hours": float(s or 0.0) / 3600, "stops": float(n)}
+            for p, k, s, n in conn.execute(q)
+        }

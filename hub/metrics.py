@@ -13,6 +13,9 @@ What it exports, each labelled by ``partition`` and ``country``:
   ledger rows, adjustments included (:meth:`.ledger_store.LedgerStore.usage`, the one
   rule for totals). Gauges, since a correction row may lower them;
 - ``sovereign_portal_open_records``: records open now (servers and sessions running);
+- ``sovereign_portal_reclaimed_gpu_hours`` and ``sovereign_portal_reclaimed_stops``: what
+  the GPU-aware culler gave back, from the records that closed ``reclaimed``
+  (:func:`.activity_store.reclaimed`: so it survives restarts);
 - ``sovereign_portal_admission_refusals_total`` (also by ``reason``): compute-session
   requests that admission refused with 403, and notebook spawns refused with 403 (policy,
   course, budget: ``Spawner.refusal_hook`` = :func:`spawn_refusal`).
@@ -137,6 +140,8 @@ def snapshot(ledger: Any) -> dict[str, dict[tuple[str, ...], float]]:
         "co2_grams": {},
         "open_records": {},
         "admission_refusals": {},
+        "reclaimed_gpu_hours": {},
+        "reclaimed_stops": {},
     }
     for row in ledger.usage(UsageFilter(), by=("partition", "country")):
         key = (row["partition"], row["country"])
@@ -149,6 +154,11 @@ def snapshot(ledger: Any) -> dict[str, dict[tuple[str, ...], float]]:
         out["open_records"][key] = out["open_records"].get(key, 0) + 1
     for key3, n in refusal_counts(ledger.engine).items():
         out["admission_refusals"][key3] = float(n)
+    from .activity_store import reclaimed
+
+    for key, got in reclaimed(ledger.engine).items():
+        out["reclaimed_gpu_hours"][key] = got["gpu_hours"]
+        out["reclaimed_stops"][key] = got["stops"]
     return out
 
 
@@ -159,6 +169,9 @@ HELP = {
     "co2_grams": "CO2 of closed ledger records, in grams",
     "open_records": "Ledger records open now (servers and compute sessions running)",
     "admission_refusals": "Compute-session requests and notebook spawns refused (HTTP 403)",
+    "reclaimed_gpu_hours": "GPU-hours the GPU-aware culler gave back (the rest of the "
+    "granted walltime of the servers and sessions it stopped)",
+    "reclaimed_stops": "Servers and compute sessions the GPU-aware culler stopped (idle GPUs)",
 }
 
 
@@ -199,7 +212,15 @@ class PortalCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         fams: list[Any] = []
-        for name in ("gpu_hours", "cost_eur", "energy_wh", "co2_grams", "open_records"):
+        for name in (
+            "gpu_hours",
+            "cost_eur",
+            "energy_wh",
+            "co2_grams",
+            "open_records",
+            "reclaimed_gpu_hours",
+            "reclaimed_stops",
+        ):
             g = GaugeMetricFamily(f"{PREFIX}_{name}", HELP[name], labels=["partition", "country"])
             for key, v in sorted(data.get(name, {}).items()):
                 g.add_metric(list(key), v if math.isfinite(v) else 0.0)

@@ -38,8 +38,20 @@ def _order(config: pytest.Config) -> tuple[str, int | None]:
     if seed and not (seed.isascii() and seed.isdecimal()):
         raise pytest.UsageError(f"--order={value}: the seed must be a number")
     if not hasattr(config, "_sp_order_seed"):
-        config._sp_order_seed = int(seed) if seed else random.randrange(10**6)  # type: ignore[attr-defined]
+        # an xdist worker takes the controller's seed: every worker must collect one order
+        given = getattr(config, "workerinput", {}).get("sp_order_seed")
+        config._sp_order_seed = (  # type: ignore[attr-defined]
+            int(seed) if seed else given if given is not None else random.randrange(10**6)
+        )
     return mode, config._sp_order_seed  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist: hand the controller's random seed to each worker."""
+    mode, seed = _order(node.config)
+    if mode == "random":
+        node.workerinput["sp_order_seed"] = seed
 
 
 def pytest_report_header(config: pytest.Config) -> str:

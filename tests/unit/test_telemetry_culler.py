@@ -234,3 +234,30 @@ def test_close_fixes_measured_energy_in_the_chain(portal_store: Any) -> None:
     assert plain.amounts is not None and plain.amounts.energy_basis == "estimated"
     assert plain.amounts.energy_wh == pytest.approx(840.0)
     assert store.verify()[1] is None
+
+
+def test_reclaimed_gpu_hours_come_from_the_ledger_and_survive_restarts(portal_store: Any) -> None:
+    from sovereign_portal.hub.activity_store import reclaimed
+    from sovereign_portal.hub.metrics import snapshot
+
+    store = LedgerStore(portal_store)
+    start = NOW - 3600  # 120 min granted, reclaimed after 60: 1 GPU-hour given back
+    rec = store.open(open_rec(start))
+    assert reclaimed(store.engine) == {}
+    mark_reclaim(store.engine, rec.id, rec.source, NOW, 3600.0)
+    assert reclaimed(store.engine) == {}  # open: nothing given back yet
+    store.close(rec.id, reason="stopped", ended_at=NOW)
+    # a stop the user made, and a reclaim past the walltime, count nothing more
+    store.close(store.open(open_rec(start)).id, reason="stopped", ended_at=NOW)
+    late = store.open(open_rec(NOW - 3 * 3600))
+    mark_reclaim(store.engine, late.id, late.source, NOW, 0.0)
+    store.close(late.id, reason="stopped", ended_at=NOW)
+    key = (rec.partition, rec.country)
+    got = reclaimed(store.engine)
+    assert list(got) == [key]
+    assert got[key]["gpu_hours"] == pytest.approx(1.0) and got[key]["stops"] == 2
+    # a new store on the same database (a restarted hub) reads the same figures
+    again = LedgerStore(portal_store)
+    snap = snapshot(again)
+    assert snap["reclaimed_gpu_hours"] == {key: pytest.approx(1.0)}
+    assert snap["reclaimed_stops"] == {key: 2.0}
