@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sovereign_portal.spawners.errors import Unavailable
 from sovereign_portal.spawners.request import Resolved
@@ -35,15 +35,19 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     UniqueConstraint,
     and_,
     case,
     func,
     literal,
-    not_,
+    literal_column,
+    null,
     or_,
     select,
+    union_all,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from traitlets import Bool, Dict, Int, List, default, validate
@@ -148,6 +152,128 @@ class BudgetCharge(Base):
         ),
         Index("ix_budget_charges_ref", "ref"),
     )
+
+
+class BudgetTotal(Base):
+    """Running totals of a budget's settled charges (Alembic revision 0008): ``user`` ''
+    is the whole budget, any other value that user's share (a course allowance). A cache
+    of ``budget_charges``, written in the same transaction as every settle
+    (:func:`add_settled`) and checked by :func:`totals_drift` (``ledger verify``)."""
+
+    __tablename__ = "budget_totals"
+
+    budget_id: Mapped[int] = mapped_column(Integer, ForeignKey("budgets.id"), primary_key=True)
+    user: Mapped[str] = mapped_column(String(255), primary_key=True)
+    settled: Mapped[float] = mapped_column(Float)
+    charges: Mapped[int] = mapped_column(Integer)
+
+
+_TOTALS = cast(Table, BudgetTotal.__table__)
+_CHARGES = cast(Table, BudgetCharge.__table__)
+_BUDGETS = cast(Table, BudgetRow.__table__)
+
+#: The ``user`` of a budget's own totals row.
+WHOLE = ""
+#: How far a running total may be from the sum of its charges (float additions in another
+#: order) before ``ledger verify`` calls it drift.
+TOTALS_TOLERANCE = 1e-6
+
+
+def _is_pg(s: Session | Connection) -> bool:
+    bind = s.get_bind() if isinstance(s, Session) else s
+    return bool(bind.dialect.name == "postgresql")
+
+
+def _upsert(s: Session | Connection) -> Any:
+    """The dialect's INSERT that has ``on_conflict_do_update`` (PostgreSQL and SQLite)."""
+    if _is_pg(s):
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
+def add_settled(s: Session | Connection, budget_id: int, user: str, amount: float) -> None:
+    """Add one settled charge of ``amount`` to the running totals of ``budget_id`` (the
+    budget's row and ``user``'s), in the caller's transaction."""
+    t = _TOTALS
+    insert = _upsert(s)
+    for who in dict.fromkeys((WHOLE, user)):
+        stmt = insert(t).values(budget_id=budget_id, user=who, settled=amount, charges=1)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.budget_id, t.c.user],
+            set_={"settled": t.c.settled + amount, "charges": t.c.charges + 1},
+        )
+        s.execute(stmt)
+
+
+def _sums_query(budget_ids: Iterable[int] | None = None) -> Any:
+    """(budget_id, user, settled, charges) summed from the settled charges: per budget
+    (user '') and per (budget, user)."""
+    c = _CHARGES.c
+    where: list[Any] = [c.state == SETTLED]
+    if budget_ids is not None:
+        where.append(c.budget_id.in_(list(budget_ids)))
+    amount = func.coalesce(func.sum(func.coalesce(c.settled, 0.0)), 0.0)
+    whole = (
+        select(c.budget_id, literal(WHOLE).label("user"), amount.label("settled"),
+               func.count().label("charges"))
+        .where(*where)
+        .group_by(c.budget_id)
+    )  # fmt: skip
+    per_user = (
+        select(c.budget_id, c.user, amount.label("settled"), func.count().label("charges"))
+        .where(*where, c.user != WHOLE)
+        .group_by(c.budget_id, c.user)
+    )
+    return union_all(whole, per_user)
+
+
+def rebuild_totals(s: Session | Connection, budget_ids: Iterable[int] | None = None) -> None:
+    """Recompute the running totals (of ``budget_ids``, or all) from the charges, in the
+    caller's transaction: the migration's backfill, and after a GDPR erase or retention
+    renames charges' users. Takes the budget rows' locks first on PostgreSQL."""
+    t = _TOTALS
+    ids = None if budget_ids is None else sorted(set(budget_ids))
+    if ids == []:
+        return
+    b = _BUDGETS
+    if _is_pg(s):
+        lock = select(b.c.id).order_by(b.c.id).with_for_update()
+        s.execute(lock if ids is None else lock.where(b.c.id.in_(ids)))
+    s.execute(t.delete() if ids is None else t.delete().where(t.c.budget_id.in_(ids)))
+    rows = [dict(r._mapping) for r in s.execute(_sums_query(ids))]
+    if rows:
+        s.execute(t.insert(), rows)
+
+
+def totals_drift(s: Session | Connection) -> list[dict[str, Any]]:
+    """Where the running totals differ from the sums of the settled charges (beyond
+    :data:`TOTALS_TOLERANCE`, or in their count): ``{"budget_id", "user", "total",
+    "sum", "charges_total", "charges_sum", "budget"}`` (``budget`` its key) per differing
+    row; [] when they agree."""
+    t = _TOTALS
+    have = {(r.budget_id, r.user): (float(r.settled), int(r.charges)) for r in s.execute(select(t))}
+    want = {
+        (r.budget_id, r.user): (float(r.settled), int(r.charges)) for r in s.execute(_sums_query())
+    }
+    names = {
+        r.id: f"{r.owner_kind}:{r.owner_id}@{r.period}"
+        for r in s.execute(select(_BUDGETS.c.id, _BUDGETS.c.owner_kind, _BUDGETS.c.owner_id,
+                                  _BUDGETS.c.period))
+    }  # fmt: skip
+    out = []
+    for key in sorted(set(have) | set(want)):
+        h, w = have.get(key, (0.0, 0)), want.get(key, (0.0, 0))
+        if abs(h[0] - w[0]) > TOTALS_TOLERANCE * max(1.0, abs(w[0])) or h[1] != w[1]:
+            out.append(
+                {"budget_id": key[0], "budget": names.get(key[0], f"#{key[0]}"),
+                 "user": key[1], "total": h[0], "sum": w[0],
+                 "charges_total": h[1], "charges_sum": w[1]}
+            )  # fmt: skip
+    return out
 
 
 def _period(row: BudgetPeriod) -> Period:
@@ -365,21 +491,24 @@ class BudgetStore:
     # -- balances and admission -----------------------------------------------------------
     def _settle_from_ledger(self, s: Session, budget_id: int) -> None:
         """Settle the holds of ``budget_id`` whose ledger record has closed: the record with
-        the hold's ``ref`` as its ``source``, opened after the hold was written."""
+        the hold's ``ref`` as its ``source``, opened after the hold was written. The
+        caller holds the budget row's lock."""
         from .budgets import amount_in
         from .ledger_store import records
 
+        c = _CHARGES.c
         held = s.execute(
-            select(BudgetCharge, BudgetRow.unit)
-            .join(BudgetRow)
-            .where(BudgetCharge.budget_id == budget_id, BudgetCharge.state == HELD)
+            select(c.id, c.user, c.ref, c.created_at, BudgetRow.unit)
+            .join(BudgetRow, BudgetRow.id == c.budget_id)
+            .where(c.budget_id == budget_id, c.state == HELD)
         ).all()
-        for charge, unit in held:
-            since = charge.created_at.timestamp() - 1.0
+        locked = False
+        for charge_id, who, ref, created, unit in held:
+            since = created.timestamp() - 1.0
             rec = s.execute(
                 select(records.c.gpu_seconds, records.c.eur, records.c.energy_wh)
                 .where(
-                    records.c.source == charge.ref,
+                    records.c.source == ref,
                     records.c.row_type == "usage",
                     records.c.opened_at >= since,
                     records.c.ended_at.is_not(None),
@@ -388,11 +517,42 @@ class BudgetStore:
                 .limit(1)
             ).first()
             if rec is not None:
+                if not locked:  # every writer of the totals takes the budget lock first
+                    self._lock_budgets(s, [budget_id])
+                    locked = True
                 used = Amounts(
                     gpu_seconds=rec[0] or 0.0, eur=rec[1] or 0.0, energy_wh=rec[2] or 0.0
                 )
-                charge.state, charge.closed_at = SETTLED, utcnow()
-                charge.settled = max(0.0, amount_in(used, unit))
+                self._settle_charge(s, charge_id, budget_id, who, amount_in(used, unit))
+
+    def _settle_charge(
+        self, s: Session, charge_id: str, budget_id: int, user: str, used: float
+    ) -> bool:
+        """Turn one hold into settled usage and add it to the running totals, in one
+        transaction; False (nothing changed) when it is no longer a hold (another
+        transaction settled or released it first)."""
+        t = _CHARGES
+        x = max(0.0, used)
+        done = s.execute(
+            t.update()
+            .where(t.c.id == charge_id, t.c.state == HELD)
+            .values(state=SETTLED, settled=x, closed_at=utcnow())
+        )
+        if not done.rowcount:  # type: ignore[attr-defined]
+            return False
+        add_settled(s, budget_id, user, x)
+        return True
+
+    def _lock_budgets(self, s: Session, budget_ids: Iterable[int]) -> None:
+        """The budget rows' locks (``FOR UPDATE``, in id order) on PostgreSQL, where
+        settles take them as admission does; SQLite's ``BEGIN IMMEDIATE`` already queues
+        every writer."""
+        ids = sorted(set(budget_ids))
+        if self._pg and ids:
+            s.execute(
+                select(BudgetRow.id).where(BudgetRow.id.in_(ids)).order_by(BudgetRow.id)
+                .with_for_update()
+            )  # fmt: skip
 
     def release_unrecorded(self, ref: str, user: str | None = None) -> int:
         """Release the holds of ``ref`` that no ledger record covers (the job never started:
@@ -431,41 +591,47 @@ class BudgetStore:
         now: datetime,
         live: Mapping[str, float] | None = None,
     ) -> Balance:
-        """The balance of ``b`` from its charges, summed in SQL (one index-only aggregate
-        on ``ix_budget_charges_balance``, however many charges a semester has made).
+        """The balance of ``b``: its settled charges from the running totals
+        (``budget_totals``: the budget's row and ``user``'s, O(1) however many charges a
+        semester has made) and its open holds (one per running job), in **one** statement
+        (one snapshot on PostgreSQL, whatever settles commit meanwhile).
 
         A settled charge counts what it settled at; a hold counts in full, as settled usage
         once it is past its walltime and :data:`HOLD_SLACK`.
         ``live`` maps the refs of running jobs to what they used until now: their holds
         count that instead (:meth:`running_balances`)."""
-        c = BudgetCharge
-        done = or_(c.state == SETTLED, c.expires_at <= now)
-        mine = c.user == user if user is not None else literal(False)
-        where: list[Any] = [c.budget_id == budget_id, c.state.in_((HELD, SETTLED))]
+        tt, c = _TOTALS.c, _CHARGES.c
+        users = [WHOLE] if user is None else [WHOLE, user]
+        totals = select(
+            literal_column("1").label("is_total"),
+            tt.user,
+            null().label("ref"),
+            tt.settled.label("amount"),
+            literal_column("1").label("done"),
+        ).where(tt.budget_id == budget_id, tt.user.in_(users))
+        holds = select(
+            literal_column("0").label("is_total"),
+            c.user,
+            c.ref,
+            c.held.label("amount"),
+            case((c.expires_at <= now, 1), else_=0).label("done"),
+        ).where(c.budget_id == budget_id, c.state == HELD)
+        whole = mine = 0.0
         charges: list[Charge] = []
-        if live:
-            running = and_(c.state == HELD, c.ref.in_(list(live)))
-            where.append(not_(running))
-            q = select(c.user, c.ref).where(c.budget_id == budget_id, running)
-            for who, ref in s.execute(q):
+        for is_total, who, ref, amount, done in s.execute(union_all(totals, holds)):
+            if is_total:
+                if who == WHOLE:
+                    whole = float(amount)
+                else:
+                    mine = float(amount)
+            elif live and ref in live:
                 charges.append(Charge(b.key, who, live[ref], settled=True))
-        amount = case((c.state == SETTLED, func.coalesce(c.settled, 0.0)), else_=c.held)
-        sub = (
-            select(
-                case((mine, 1), else_=0).label("mine"),
-                case((done, 1), else_=0).label("done"),
-                amount.label("amount"),
-            )
-            .where(*where)
-            .subquery()
-        )
-        q2 = select(sub.c.mine, sub.c.done, func.coalesce(func.sum(sub.c.amount), 0.0)).group_by(
-            sub.c.mine, sub.c.done
-        )
-        for is_mine, is_done, total in s.execute(q2):
-            # "" is no user name: the sums of everybody else's charges
-            who = user if is_mine and user is not None else ""
-            charges.append(Charge(b.key, who, float(total), settled=bool(is_done)))
+            else:
+                charges.append(Charge(b.key, who, float(amount), settled=bool(done)))
+        if user is not None:
+            charges.append(Charge(b.key, user, mine, settled=True))
+        # WHOLE is no user name: the settled charges of everybody else
+        charges.append(Charge(b.key, WHOLE, whole - mine, settled=True))
         return balance_of(b, charges, user, self._allowances(s, budget_id))
 
     def balances(
@@ -674,20 +840,23 @@ class BudgetStore:
 
     def settle(self, ref: str, amounts: Amounts | None = None, used: float | None = None) -> int:
         """Settle the open holds of ``ref`` at what was used (ledger amounts, in each budget's
-        unit, or ``used`` directly). Returns how many holds were settled."""
+        unit, or ``used`` directly), with the running totals, under the budget rows' locks.
+        Returns how many holds were settled."""
         from .budgets import amount_in
 
+        c = _CHARGES.c
         with self.store.begin() as s:
             q = (
-                select(BudgetCharge, BudgetRow.unit)
-                .join(BudgetRow)
-                .where(BudgetCharge.ref == ref, BudgetCharge.state == HELD)
+                select(c.id, c.budget_id, c.user, BudgetRow.unit)
+                .join(BudgetRow, BudgetRow.id == c.budget_id)
+                .where(c.ref == ref, c.state == HELD)
             )
+            found = s.execute(q).all()
+            self._lock_budgets(s, [bid for _, bid, _, _ in found])
             n = 0
-            for charge, unit in s.execute(q).all():
+            for charge_id, bid, who, unit in found:
                 x = used if used is not None else amount_in(amounts or Amounts(), unit)
-                charge.state, charge.settled, charge.closed_at = SETTLED, max(0.0, x), utcnow()
-                n += 1
+                n += self._settle_charge(s, charge_id, bid, who, x)
             return n
 
     def release(self, ref: str) -> int:

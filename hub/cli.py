@@ -6,7 +6,8 @@ Subcommands:
 - ``site-schema``: the JSON schema of the site file;
 - ``up``: run the portal on its embedded default (hub, proxy, local IdP, local backend);
 - ``job-script`` (with the Slurm backend): print the batch script a spawn would submit;
-- ``ledger verify``: check the ledger's hash chain (exit 1 names the first broken record);
+- ``ledger verify``: check the ledger's hash chain (exit 1 names the first broken record)
+  and the budgets' running totals against their charges (exit 1 names each drift);
 - ``usage``: GPU-hours, €, energy and CO₂ from the ledger, filtered and grouped;
 - ``accounts show USER`` / ``accounts rebind USER --subject NEW --reason TEXT``: which IdP
   subject a hub account is bound to, and the audited re-bind when the IdP re-issued it;
@@ -164,12 +165,39 @@ class CLIError(Exception):
 
 
 def _cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from .budget_store import rebuild_totals, totals_drift
+
     ledger = _ledger(args)
     n, broken = ledger.verify()
     if broken is not None:
         print(f"ledger verify: BROKEN at {broken} (checked {n} rows)", file=sys.stderr)
         return 1
     print(f"ledger verify: OK, {n} closed rows chained")
+    if "budget_totals" not in ledger.store.table_names():
+        return 0
+    # the budgets' running totals are a cache of their settled charges: they must agree
+    with ledger.store.begin() as s:
+        drift = totals_drift(s)
+        for d in drift:
+            print(
+                f"ledger verify: budget totals DRIFT in {d['budget']} "
+                f"({'the whole budget' if not d['user'] else 'user ' + d['user']}): "
+                f"total {d['total']:.6g} over {d['charges_total']} charge(s), the charges "
+                f"sum to {d['sum']:.6g} over {d['charges_sum']}",
+                file=sys.stderr,
+            )
+        if drift and args.rebuild_totals:
+            rebuild_totals(s)
+            print(f"ledger verify: budget totals rebuilt from the charges ({len(drift)} fixed)")
+            return 0
+    if drift:
+        print(
+            f"ledger verify: {len(drift)} budget total(s) differ from their charges "
+            "(--rebuild-totals recomputes them)",
+            file=sys.stderr,
+        )
+        return 1
+    print("ledger verify: OK, budget totals equal the sums of their charges")
     return 0
 
 
@@ -295,8 +323,18 @@ def _add_db_args(p: argparse.ArgumentParser) -> None:
 def _add_ledger_parsers(sub: Any) -> None:
     p = sub.add_parser("ledger", help="the ledger: check its hash chain")
     lsub = p.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
-    v = lsub.add_parser("verify", help="check every closed record's hash chain")
+    v = lsub.add_parser(
+        "verify",
+        help="check every closed record's hash chain, and that the budgets' running totals "
+        "equal the sums of their settled charges",
+    )
     _add_db_args(v)
+    v.add_argument(
+        "--rebuild-totals",
+        action="store_true",
+        help="when the budgets' running totals differ from their charges, report the "
+        "difference and recompute the totals from the charges",
+    )
     v.set_defaults(func=_cmd_ledger_verify)
     r = lsub.add_parser(
         "reconcile",

@@ -10,7 +10,8 @@ What is personal, written once
 :data:`PORTAL_TABLES` names, for every table of the portal database, the columns that can
 hold a person's name (exactly, or inside text) and what the erase does with its rows:
 ``delete`` (identity data: the account binding) or ``pseudonymise`` (billing and audit
-data: the name is replaced by the keyed pseudonym, the row and its amounts stay).
+data: the name is replaced by the keyed pseudonym, the row and its amounts stay);
+``totals`` (the budgets' running totals) are recomputed from the pseudonymised charges.
 :data:`NO_PERSONAL_DATA` lists the tables without any. The test derives the tables from
 the schema: a table in neither list fails it, so a new table cannot skip the export.
 
@@ -67,6 +68,8 @@ PORTAL_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "budgets": (("owner_id", "updated_by"), (), "pseudonymise"),
     "budget_allowances": (("user", "updated_by"), (), "pseudonymise"),
     "budget_charges": (("user",), ("ref",), "pseudonymise"),
+    # running totals of budget_charges: rebuilt from the pseudonymised charges
+    "budget_totals": (("user",), (), "totals"),
     "courses": (("created_by", "updated_by"), ("spec",), "pseudonymise"),
     "course_staff": (("user",), (), "delete"),
     "course_roster": (("user", "updated_by"), (), "pseudonymise"),
@@ -396,6 +399,10 @@ def erase_portal(
 
                 for r in rows:
                     ledger_redactions.redact(conn, from_row(r), names, reason="erase", now=t0)
+            elif action == "totals":  # after budget_charges (sorted): sum them again
+                from .budget_store import rebuild_totals
+
+                rebuild_totals(conn, {r._mapping["budget_id"] for r in rows})
             else:
                 pk = list(t.primary_key.columns)
                 for r in rows:
@@ -471,6 +478,7 @@ def retention(
                 charges.c.closed_at < cut,
                 ~charges.c.user.startswith(PSEUDONYM_PREFIX),
             )
+            renamed = set()
             for r in list(conn.execute(q2)):
                 p = pseudonym(key, r.user)
                 conn.execute(
@@ -479,6 +487,11 @@ def retention(
                     .values(user=p, ref=replace_names(r.ref, {f"server:{r.user}/": f"server:{p}/"}))
                 )
                 counts["budget_charges"] += 1
+                renamed.add(r.budget_id)
+            if renamed and "budget_totals" in _tables(conn):
+                from .budget_store import rebuild_totals
+
+                rebuild_totals(conn, renamed)  # the users' running totals follow their charges
     return counts
 
 

@@ -58,6 +58,7 @@ def set_pool(hub: HubProcess, gpu_hours: float, *extra: str) -> None:
     the seconds their devices were leased) are cleared first, so amounts start exact."""
     with sqlite3.connect(hub.dir / "portal.sqlite") as db:
         db.execute("DELETE FROM budget_charges WHERE state != 'held'")
+        db.execute("DELETE FROM budget_totals")  # the running totals of the settled charges
     today = datetime.now(UTC).date()
     r = cli(
         hub,

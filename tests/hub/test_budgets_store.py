@@ -7,6 +7,8 @@ exactly 5. Bad input names its field and writes nothing.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -356,3 +358,150 @@ def test_balance_sums_many_charges_in_sql_as_the_rule_says(bs: BudgetStore) -> N
     # slack by now, so it counts in full, as settled usage
     pool = bs.balance("course:ml101", "2026-autumn")
     assert (pool.settled, pool.held) == (pytest.approx(1.4), 0.0)
+
+
+# -- running totals (Alembic 0008): a cache of the settled charges, O(1) for admission --------
+def _totals(bs: BudgetStore) -> dict[str, tuple[float, int]]:
+    """budget_totals as {user or '': (settled, charges)} (one budget in these tests)."""
+    with bs.store.engine.connect() as c:
+        rows = c.execute(text('SELECT "user", settled, charges FROM budget_totals')).all()
+    return {r[0]: (round(r[1], 9), r[2]) for r in rows}
+
+
+def _verify(db_url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sovereign_portal.hub.cli", "ledger", "verify", "--db", db_url,
+         *extra],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_running_totals_follow_every_settle_and_verify_reports_drift(
+    bs: BudgetStore, db_url: str
+) -> None:
+    """Every way a hold settles (settle(), a closed ledger record found at the next
+    admission) adds to the totals once; holds and releases add nothing; admission's
+    balance is the totals plus the open holds; ``ledger verify`` checks the totals against
+    the charges, names the budget that drifted, and ``--rebuild-totals`` repairs it."""
+    from sovereign_portal.hub.budget_store import totals_drift
+    from sovereign_portal.hub.ledger_store import LedgerStore
+
+    course(bs, 5.0, per_student=3.0)
+    ann = "ann@uni-a.example"
+    for i in range(6):
+        admit(bs, SAM if i % 2 else ann, f"grant:t{i}", minutes=1)
+        assert bs.settle(f"grant:t{i}", used=0.1) == 1
+        assert bs.settle(f"grant:t{i}", used=0.1) == 0  # once only
+    admit(bs, SAM, "grant:held", minutes=30)  # a hold: not in the totals
+    admit(bs, ann, "grant:gone", minutes=30)
+    assert bs.release("grant:gone") == 1  # released: nothing
+    assert _totals(bs) == {"": (0.6, 6), SAM: (0.3, 3), ann: (0.3, 3)}
+    # a server's hold is settled from its closed ledger record at the next admission
+    admit(bs, SAM, "server:sam/", minutes=60)
+    _running(bs, SAM, "server:sam/", NOW.timestamp())
+    led = LedgerStore(bs.store)
+    rec = led.open_for("server:sam/")
+    assert rec is not None
+    led.close(rec.id, reason="stopped", ended_at=NOW.timestamp() + 720)  # 0.2 GPU-hours
+    admit(bs, ann, "grant:next", minutes=1)
+    assert _totals(bs) == {"": (0.8, 7), SAM: (0.5, 4), ann: (0.3, 3)}
+    [bal] = bs.balances(SAM, ["course-ml101"], NOW)
+    assert (bal.settled, bal.user_settled) == (pytest.approx(0.8), pytest.approx(0.5))
+    assert (bal.held, bal.user_held) == (pytest.approx(0.5 + 1 / 60), pytest.approx(0.5))
+    with bs.store.begin() as s:
+        assert totals_drift(s) == []
+    ok = _verify(db_url)
+    assert ok.returncode == 0 and "budget totals equal" in ok.stdout, ok.stderr
+    # a changed total, and a settled charge the totals never saw, are both drift
+    with bs.store.engine.begin() as c:
+        c.execute(text("UPDATE budget_totals SET settled = settled + 1 WHERE \"user\" = ''"))
+        c.execute(text("UPDATE budget_charges SET state = 'settled', settled = 0.25 "
+                       "WHERE ref = 'grant:held'"))  # fmt: skip
+    with bs.store.begin() as s:
+        drift = {d["user"]: d for d in totals_drift(s)}
+    assert set(drift) == {"", SAM}
+    assert drift[""]["total"] == pytest.approx(1.8) and drift[""]["sum"] == pytest.approx(1.05)
+    assert (drift[SAM]["charges_total"], drift[SAM]["charges_sum"]) == (4, 5)
+    bad = _verify(db_url)
+    assert bad.returncode == 1, bad.stdout
+    assert "DRIFT in course:ml101@2026-autumn" in bad.stderr and f"user {SAM}" in bad.stderr
+    fixed = _verify(db_url, "--rebuild-totals")
+    assert fixed.returncode == 0 and "rebuilt" in fixed.stdout, fixed.stderr
+    assert _totals(bs) == {"": (1.05, 8), SAM: (0.75, 5), ann: (0.3, 3)}
+    assert _verify(db_url).returncode == 0
+
+
+def test_parallel_settles_and_admissions_keep_the_totals_exact(bs: BudgetStore) -> None:
+    """Settles of the same holds from two threads at once, and admissions meanwhile: each
+    hold is counted once, the totals equal the charges, nothing overspends."""
+    from sovereign_portal.hub.budget_store import totals_drift
+
+    course(bs, 20.0)
+    for i in range(10):
+        admit(bs, f"s{i}@uni-a.example", f"grant:p{i}")  # 10 GPU-hours held
+    barrier = threading.Barrier(30)
+
+    def work(i: int) -> Any:
+        barrier.wait()
+        if i < 20:  # two settles of each hold
+            return bs.settle(f"grant:p{i % 10}", used=0.5)
+        try:
+            return admit(bs, f"n{i}@uni-a.example", f"grant:n{i}")
+        except BudgetRefused:
+            return None
+
+    with ThreadPoolExecutor(30) as pool:
+        results = list(pool.map(work, range(30)))
+    assert sum(results[:20]) == 10  # each hold settled exactly once
+    with bs.store.begin() as s:
+        assert totals_drift(s) == []
+    assert _totals(bs)[""] == (5.0, 10)
+    [bal] = bs.balances("n0@uni-a.example", ["course-ml101"], NOW)
+    admitted = sum(r is not None for r in results[20:])
+    assert bal.settled + bal.held == pytest.approx(5.0 + admitted) and bal.left >= 0.0
+
+
+def test_upgrade_from_0007_backfills_the_totals(db_url: str) -> None:
+    """Migration 0008 on a database with a semester's charges: the totals equal their sums
+    and admission sees the same balance as before."""
+    store = PortalStore(db_url)
+    try:
+        store.upgrade("0007")
+        assert "budget_totals" not in store.table_names()
+        tz = None if db_url.startswith("sqlite") else UTC  # SQLite stores naive UTC
+        t, start, end = (datetime(2026, m, 1, tzinfo=tz) for m in (10, 9, 2))
+        end = end.replace(year=2027)
+        with store.engine.begin() as c:
+            c.execute(
+                text("INSERT INTO budget_periods (name, start_at, end_at) "
+                     "VALUES ('2026-autumn', :s, :e)"),
+                {"s": start, "e": end},
+            )  # fmt: skip
+            c.execute(
+                text("INSERT INTO budgets (id, owner_kind, owner_id, period, unit, amount, "
+                     "per_student, updated_at, updated_by) VALUES (7, 'course', 'ml101', "
+                     "'2026-autumn', 'gpu_hours', 50.0, 10.0, :t, 'op')"),
+                {"t": t},
+            )  # fmt: skip
+            rows = [
+                {"id": f"c{i}", "user": (SAM, "ann@uni-a.example")[i % 2], "ref": f"grant:{i}",
+                 "state": ("settled", "settled", "released", "held")[i % 4], "held": 1.0,
+                 "settled": 0.25 if i % 4 < 2 else None, "t": t}
+                for i in range(40)
+            ]  # fmt: skip
+            c.execute(
+                text('INSERT INTO budget_charges (id, budget_id, "user", ref, state, held, '
+                     "settled, created_at, expires_at, closed_at) VALUES (:id, 7, :user, "
+                     ":ref, :state, :held, :settled, :t, :t, :t)"),
+                rows,
+            )  # fmt: skip
+        store.upgrade()
+        assert store.current_revision() == store.head_revision()
+        bs = BudgetStore(store)
+        assert _totals(bs) == {"": (5.0, 20), SAM: (2.5, 10), "ann@uni-a.example": (2.5, 10)}
+        bal = bs.balance("course:ml101", "2026-autumn", SAM)
+        # settled 20 × 0.25, and ann's 10 holds (past their expiry: usage in full)
+        assert (bal.settled, bal.held) == (pytest.approx(15.0), 0.0)
+        assert bal.user_settled == pytest.approx(2.5)
+    finally:
+        store.dispose()
