@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, HostGuard
+from tests.support.browser import HostGuard, guarded_chromium, idp_login, server_xsrf, spawn_lab
 from tests.support.hub import HubProcess
 from tests.support.idp import LocalIdP
 from tests.support.portal import configure_text, leases, wait_portal_service
@@ -80,11 +80,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess
 
 def server_api(page: Page, hub: HubProcess, method: str, path: str, body: Any = None) -> Any:
     """``method /user/<me>/sovereign-portal/api/<path>`` as the browser (cookie + XSRF)."""
-    xsrf = next(
-        c["value"]
-        for c in page.context.cookies()
-        if c["name"] == "_xsrf" and c["path"].startswith("/user/")
-    )
+    xsrf = server_xsrf(page.context)
     r = page.request.fetch(
         f"{hub.url}/user/{USER}/sovereign-portal/api/{path}",
         method=method,
@@ -103,116 +99,92 @@ def test_status_bar_panel_and_idle_notice_in_jupyterlab(
     own, seen, foreign = guard.own, guard.seen, guard.foreign
     shots: list[Path] = []
     t0 = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="chromium-") as profile,
-        sync_playwright() as pw,
-    ):
-        context = pw.chromium.launch_persistent_context(
-            profile,
-            executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 900},
+    with guarded_chromium(guard, 1400, 900) as page:
+
+        def shot(name: str) -> None:
+            path = SHOTS / f"lab-{name}.png"
+            page.screenshot(path=str(path))
+            shots.append(path)
+
+        # Sign in at the university's IdP, spawn a MIG slice of the lab box.
+        idp_login(page, hub.url, idp.issuer, "carol")
+        spawn_lab(page, USER, "lab/h100:1g.10gb")
+
+        # The status bar: device, € and GPU-hours, energy, utilisation, time left.
+        item = page.locator(".sp-status")
+        page.wait_for_function(
+            "() => document.querySelector('.sp-status')?.textContent.includes('MIG')"
         )
-        try:
-            context.route("**/*", guard)
-            context.on("request", lambda req: seen.append(req.url))
-            page = context.pages[0] if context.pages else context.new_page()
-            page.set_default_timeout(60_000)
+        text = item.inner_text()
+        assert text.startswith("H100 · MIG 1g.10gb · FR | "), text
+        assert re.search(r"€\d+\.\d\d · \d+\.\d\d GPU-h", text), text
+        assert re.search(r"\d+ h \d\d min left|\d+ min left", text), text
+        tip = item.get_attribute("title") or ""
+        assert "Cost and GPU-hours so far: estimated (rate × elapsed time)" in tip, tip
+        assert "on partition lab" in tip and "Walltime ends: 20" in tip, tip
+        # utilisation and energy from the sampler's (scripted) device source
+        page.wait_for_function(
+            "() => document.querySelector('.sp-status')?.textContent.includes('GPU 37 %')"
+        )
+        text = item.inner_text()
+        assert re.search(r" \| \d+\.\d\d? Wh \| GPU 37 % \| ", text), text
+        tip = item.get_attribute("title") or ""
+        assert "Energy so far: not measured: a scripted test source" in tip, tip
+        activity = server_api(page, hub, "GET", "activity")
+        assert activity["source"] == "scripted" and activity["devices"], activity
+        assert activity["devices"][0]["utilization_pct"] == 37
+        assert activity["devices"][0]["energy_wh"] is not None, activity
+        status = server_api(page, hub, "GET", "status")
+        assert status["device"]["label"] == "H100 · MIG 1g.10gb · FR"
+        assert status["eur_per_hour"] > 0 and status["estimated"] is True
+        shot("status-bar")
 
-            def shot(name: str) -> None:
-                path = SHOTS / f"lab-{name}.png"
-                page.screenshot(path=str(path))
-                shots.append(path)
+        # A real compute session (Dask on one H100 of the lab box) ...
+        session = server_api(
+            page,
+            hub,
+            "POST",
+            "sessions",
+            {"request": {"kind": "dask", "gpus": 1, "walltime_minutes": 30}},
+        )
+        sid = session["id"]
+        # ... shows in the side panel with its state, its cost so far and Stop.
+        page.click(".jp-SideBar [data-id='sovereign-portal-panel']")
+        row = page.locator(f".sp-session[data-session-id='{sid}']")
+        row.wait_for(timeout=30_000)
+        page.wait_for_selector(
+            f".sp-session[data-session-id='{sid}'][data-state='ready']", timeout=90_000
+        )
+        assert "dask · h100x1 · lab" in row.inner_text()
+        assert re.search(r"€\d+\.\d\d so far \(estimated\)", row.inner_text())
+        panel = page.locator("#sovereign-portal-panel")
+        assert "H100 · MIG 1g.10gb · FR" in panel.inner_text()
+        link = panel.locator("a.sp-usage-link")
+        assert link.evaluate("a => a.href") == f"{hub.url}/hub/usage"
+        assert any(o.startswith(f"session:{USER}:") for o in leases(hub).values())
+        shot("panel-session")
 
-            # Sign in at the university's IdP, spawn a MIG slice of the lab box.
-            page.goto(f"{hub.url}/hub/oauth_login")
-            page.wait_for_selector("#username")
-            page.fill("#username", "carol")
-            page.fill("#password", "pass-carol")
-            page.click("#login")
-            page.wait_for_selector("#sp-size")
-            page.select_option("#sp-size", "lab/h100:1g.10gb")
-            page.click("form#spawn_form input[type=submit], form#spawn_form button[type=submit]")
-            page.wait_for_url(f"**/user/{USER}/lab**", timeout=90_000)
-            page.wait_for_selector("#jp-main-dock-panel", timeout=90_000)
+        row.locator("button.sp-stop").click()
+        page.wait_for_selector(
+            f".sp-session[data-session-id='{sid}'][data-state='stopped']", timeout=60_000
+        )
+        assert server_api(page, hub, "GET", f"sessions/{sid}")["state"] == "stopped"
+        hub.wait_for(
+            lambda: not any(o.startswith("session:") for o in leases(hub).values()),
+            30,
+            "session devices released",
+        )
+        assert row.locator("button.sp-stop").count() == 0
+        shot("panel-stopped")
 
-            # The status bar: device, € and GPU-hours, energy, utilisation, time left.
-            item = page.locator(".sp-status")
-            page.wait_for_function(
-                "() => document.querySelector('.sp-status')?.textContent.includes('MIG')"
-            )
-            text = item.inner_text()
-            assert text.startswith("H100 · MIG 1g.10gb · FR | "), text
-            assert re.search(r"€\d+\.\d\d · \d+\.\d\d GPU-h", text), text
-            assert re.search(r"\d+ h \d\d min left|\d+ min left", text), text
-            tip = item.get_attribute("title") or ""
-            assert "Cost and GPU-hours so far: estimated (rate × elapsed time)" in tip, tip
-            assert "on partition lab" in tip and "Walltime ends: 20" in tip, tip
-            # utilisation and energy from the sampler's (scripted) device source
-            page.wait_for_function(
-                "() => document.querySelector('.sp-status')?.textContent.includes('GPU 37 %')"
-            )
-            text = item.inner_text()
-            assert re.search(r" \| \d+\.\d\d? Wh \| GPU 37 % \| ", text), text
-            tip = item.get_attribute("title") or ""
-            assert "Energy so far: not measured: a scripted test source" in tip, tip
-            activity = server_api(page, hub, "GET", "activity")
-            assert activity["source"] == "scripted" and activity["devices"], activity
-            assert activity["devices"][0]["utilization_pct"] == 37
-            assert activity["devices"][0]["energy_wh"] is not None, activity
-            status = server_api(page, hub, "GET", "status")
-            assert status["device"]["label"] == "H100 · MIG 1g.10gb · FR"
-            assert status["eur_per_hour"] > 0 and status["estimated"] is True
-            shot("status-bar")
-
-            # A real compute session (Dask on one H100 of the lab box) ...
-            session = server_api(
-                page,
-                hub,
-                "POST",
-                "sessions",
-                {"request": {"kind": "dask", "gpus": 1, "walltime_minutes": 30}},
-            )
-            sid = session["id"]
-            # ... shows in the side panel with its state, its cost so far and Stop.
-            page.click(".jp-SideBar [data-id='sovereign-portal-panel']")
-            row = page.locator(f".sp-session[data-session-id='{sid}']")
-            row.wait_for(timeout=30_000)
-            page.wait_for_selector(
-                f".sp-session[data-session-id='{sid}'][data-state='ready']", timeout=90_000
-            )
-            assert "dask · h100x1 · lab" in row.inner_text()
-            assert re.search(r"€\d+\.\d\d so far \(estimated\)", row.inner_text())
-            panel = page.locator("#sovereign-portal-panel")
-            assert "H100 · MIG 1g.10gb · FR" in panel.inner_text()
-            link = panel.locator("a.sp-usage-link")
-            assert link.evaluate("a => a.href") == f"{hub.url}/hub/usage"
-            assert any(o.startswith(f"session:{USER}:") for o in leases(hub).values())
-            shot("panel-session")
-
-            row.locator("button.sp-stop").click()
-            page.wait_for_selector(
-                f".sp-session[data-session-id='{sid}'][data-state='stopped']", timeout=60_000
-            )
-            assert server_api(page, hub, "GET", f"sessions/{sid}")["state"] == "stopped"
-            hub.wait_for(
-                lambda: not any(o.startswith("session:") for o in leases(hub).values()),
-                30,
-                "session devices released",
-            )
-            assert row.locator("button.sp-stop").count() == 0
-            shot("panel-stopped")
-
-            raise_idle_notice(hub, page)
-            toast = page.locator(".Toastify__toast", has_text="Idle GPU")
-            toast.wait_for(timeout=60_000)
-            assert "Idle GPU:" in toast.inner_text()
-            shot("idle-notice")
-            # Shown once per id: later refreshes do not repeat it.
-            page.wait_for_timeout(11_000)
-            assert page.locator(".Toastify__toast", has_text="Idle GPU").count() == 1
-        finally:
-            context.close()
+        raise_idle_notice(hub, page)
+        toast = page.locator(".Toastify__toast", has_text="Idle GPU")
+        toast.wait_for(timeout=60_000)
+        assert "Idle GPU:" in toast.inner_text()
+        shot("idle-notice")
+        # Shown once per id: later refreshes do not repeat it.
+        page.wait_for_timeout(11_000)
+        assert page.locator(".Toastify__toast", has_text="Idle GPU").count() == 1
     elapsed = time.monotonic() - t0
 
     assert foreign == [], f"requests to hosts outside the deployment: {foreign}"

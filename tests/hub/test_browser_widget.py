@@ -18,9 +18,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from playwright.sync_api import sync_playwright
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, HostGuard
+from tests.support.browser import HostGuard, guarded_chromium, idp_login, server_xsrf, spawn_lab
 from tests.support.hub import HubProcess
 from tests.support.idp import LocalIdP
 from tests.support.portal import leases, portal_stack
@@ -74,95 +73,62 @@ def test_widget_starts_a_dask_session_in_jupyterlab(
 
     shot = Path(os.environ.get("TMP", tempfile.gettempdir())) / "gpu-sessions-widget.png"
     t0 = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="chromium-") as profile,
-        sync_playwright() as pw,
-    ):
-        # a fresh profile (Playwright passes it as --user-data-dir)
-        context = pw.chromium.launch_persistent_context(
-            profile,
-            executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900},
+    with guarded_chromium(guard, 1280, 900) as page:
+        # The university's sign-in form, then the spawn form built from the catalog.
+        idp_login(page, hub.url, idp.issuer, "carol")
+        spawn_lab(page, USER, "lab/h100x1")
+
+        # A notebook through the contents API (with the server's XSRF cookie).
+        r = page.request.put(
+            f"{hub.url}/user/{USER}/api/contents/x.ipynb",
+            data=json.dumps(
+                {"type": "notebook", "format": "json", "content": json.loads(notebook(CELL))}
+            ),
+            headers={"X-XSRFToken": server_xsrf(page.context), "Content-Type": "application/json"},
         )
-        try:
-            context.route("**/*", guard)
-            context.on("request", lambda req: seen.append(req.url))
-            page = context.pages[0] if context.pages else context.new_page()
-            page.on("websocket", lambda ws: seen.append(ws.url))
-            page.set_default_timeout(60_000)
+        assert r.status in (200, 201), r.text()
+        page.goto(f"{hub.url}/user/{USER}/lab/tree/x.ipynb")
+        page.wait_for_selector("#jp-main-dock-panel")
+        page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content")
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
 
-            # The university's sign-in form, then the spawn form built from the catalog.
-            page.goto(f"{hub.url}/hub/oauth_login")
-            page.wait_for_selector("#username")
-            assert urlsplit(page.url).netloc == urlsplit(idp.issuer).netloc
-            page.fill("#username", "carol")
-            page.fill("#password", "pass-carol")
-            page.click("#login")
-            page.wait_for_selector("#sp-size")
-            page.select_option("#sp-size", "lab/h100x1")
-            page.click("form#spawn_form input[type=submit], form#spawn_form button[type=submit]")
-            page.wait_for_url(f"**/user/{USER}/lab**", timeout=90_000)
-            page.wait_for_selector("#jp-main-dock-panel", timeout=90_000)
+        # Run the cell: the widget renders with its controls. On a loaded 2-core machine
+        # the first Shift+Enter can land before the editor has focus; run it again only
+        # while the cell has not run at all ("[ ]:"), never while it runs ("[*]:").
+        start = page.locator(".jp-OutputArea button.widget-button", has_text="Start").first
+        prompt = page.locator(".jp-NotebookPanel .jp-Cell .jp-InputArea-prompt").first
+        for attempt in range(3):
+            if prompt.inner_text().strip() in ("", "[ ]:"):
+                page.click(".jp-NotebookPanel .jp-Cell .cm-content")
+                page.keyboard.press("Shift+Enter")
+            try:
+                start.wait_for(timeout=40_000)
+                break
+            except PlaywrightTimeout:
+                if attempt == 2:
+                    page.screenshot(path=str(shot.with_suffix(".failed.png")), full_page=True)
+                    raise
+        out = page.locator(".jp-OutputArea-output").first
+        assert "Dask cluster" in out.inner_text()
+        assert "2 × 2 H100 GPUs" not in out.inner_text()  # count 1: one job of two GPUs
+        assert "→ 2 workers" in out.inner_text(), out.inner_text()
 
-            # A notebook through the contents API (with the server's XSRF cookie).
-            xsrf = next(
-                c["value"]
-                for c in context.cookies()
-                if c["name"] == "_xsrf" and c["path"].startswith("/user/")
-            )
-            r = page.request.put(
-                f"{hub.url}/user/{USER}/api/contents/x.ipynb",
-                data=json.dumps(
-                    {"type": "notebook", "format": "json", "content": json.loads(notebook(CELL))}
-                ),
-                headers={"X-XSRFToken": xsrf, "Content-Type": "application/json"},
-            )
-            assert r.status in (200, 201), r.text()
-            page.goto(f"{hub.url}/user/{USER}/lab/tree/x.ipynb")
-            page.wait_for_selector("#jp-main-dock-panel")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content")
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+        # Start a session through the widget: it reports progress, then ready.
+        start.click()
+        page.wait_for_selector(".jp-OutputArea >> text=2 of 2 workers up", timeout=90_000)
+        assert "ready" in out.inner_text()
+        page.screenshot(path=str(shot), full_page=True)
+        owners = set(leases(hub).values())
+        assert USER in owners and any(o.startswith(f"session:{USER}:") for o in owners)
 
-            # Run the cell: the widget renders with its controls. On a loaded 2-core machine
-            # the first Shift+Enter can land before the editor has focus; run it again only
-            # while the cell has not run at all ("[ ]:"), never while it runs ("[*]:").
-            start = page.locator(".jp-OutputArea button.widget-button", has_text="Start").first
-            prompt = page.locator(".jp-NotebookPanel .jp-Cell .jp-InputArea-prompt").first
-            for attempt in range(3):
-                if prompt.inner_text().strip() in ("", "[ ]:"):
-                    page.click(".jp-NotebookPanel .jp-Cell .cm-content")
-                    page.keyboard.press("Shift+Enter")
-                try:
-                    start.wait_for(timeout=40_000)
-                    break
-                except PlaywrightTimeout:
-                    if attempt == 2:
-                        page.screenshot(path=str(shot.with_suffix(".failed.png")), full_page=True)
-                        raise
-            out = page.locator(".jp-OutputArea-output").first
-            assert "Dask cluster" in out.inner_text()
-            assert "2 × 2 H100 GPUs" not in out.inner_text()  # count 1: one job of two GPUs
-            assert "→ 2 workers" in out.inner_text(), out.inner_text()
-
-            # Start a session through the widget: it reports progress, then ready.
-            start.click()
-            page.wait_for_selector(".jp-OutputArea >> text=2 of 2 workers up", timeout=90_000)
-            assert "ready" in out.inner_text()
-            page.screenshot(path=str(shot), full_page=True)
-            owners = set(leases(hub).values())
-            assert USER in owners and any(o.startswith(f"session:{USER}:") for o in owners)
-
-            # Stop: the widget releases every worker and the devices go back to the pool.
-            page.locator(".jp-OutputArea button.widget-button", has_text="Stop").first.click()
-            page.wait_for_selector(".jp-OutputArea >> text=stopped", timeout=60_000)
-            hub.wait_for(
-                lambda: not any(o.startswith("session:") for o in leases(hub).values()),
-                30,
-                "session devices released",
-            )
-        finally:
-            context.close()
+        # Stop: the widget releases every worker and the devices go back to the pool.
+        page.locator(".jp-OutputArea button.widget-button", has_text="Stop").first.click()
+        page.wait_for_selector(".jp-OutputArea >> text=stopped", timeout=60_000)
+        hub.wait_for(
+            lambda: not any(o.startswith("session:") for o in leases(hub).values()),
+            30,
+            "session devices released",
+        )
     elapsed = time.monotonic() - t0
 
     assert foreign == [], f"requests to hosts outside the deployment: {foreign}"
