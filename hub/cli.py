@@ -211,6 +211,8 @@ def _cmd_ledger_reconcile(args: argparse.Namespace) -> int:
     ledger = _ledger(args)
     since = args.since if args.since is not None else 0.0
     rows = [r for r in ledger.chained() if (r.ended_at or 0.0) >= since]
+    if getattr(args, "site", None):
+        return _reconcile_sites(args, rows)
     try:
         checked, diffs = asyncio.run(reconcile(rows, tolerance_s=args.tolerance_seconds))
     except (SchedulerError, OSError) as e:
@@ -218,6 +220,29 @@ def _cmd_ledger_reconcile(args: argparse.Namespace) -> int:
         return 2
     print_differences(checked, diffs, args.json, sys.stdout)
     return 1 if diffs else 0
+
+
+def _reconcile_sites(args: argparse.Namespace, rows: list[Any]) -> int:
+    """``ledger reconcile --site FILE``: one report per [[sites]] entry, each site asked
+    through its own transport. Exit 2 if a site's accounting did not answer, 1 if there
+    are differences, else 0 (a site without accounting is listed, and is not a failure)."""
+    import asyncio
+
+    from sovereign_portal.spawners.site import load_site
+    from sovereign_portal.spawners.slurm.sites import site_client
+
+    from .reconcile import print_site_reports, reconcile_sites
+
+    site = load_site(args.site)
+    if not site.sites:
+        print(f"ledger reconcile: {args.site} declares no [[sites]]", file=sys.stderr)
+        return 2
+    clients = {cs.name: site_client(cs, timeout=60) for cs in site.sites}
+    reports = asyncio.run(reconcile_sites(rows, site, clients, tolerance_s=args.tolerance_seconds))
+    print_site_reports(reports, args.json, sys.stdout)
+    if any(r.status == "error" for r in reports):
+        return 2
+    return 1 if any(r.differences for r in reports) else 0
 
 
 def _time_arg(name: str) -> Callable[[str], float]:
@@ -351,6 +376,13 @@ def _add_ledger_parsers(sub: Any) -> None:
         type=_tolerance,
         default=30.0,
         help="seconds of difference always tolerated (default 30; 5 %% more on top)",
+    )
+    r.add_argument(
+        "--site",
+        metavar="FILE",
+        help="site file with [[sites]]: reconcile each site's records with that site's own "
+        "accounting (sacct, or slurmrestd's /slurmdb/), one call per site; a site that "
+        "declares no accounting is reported as such",
     )
     r.add_argument("--json", action="store_true", help="JSON output for scripts")
     r.set_defaults(func=_cmd_ledger_reconcile)

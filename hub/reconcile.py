@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sovereign_portal.spawners.slurm.sacct import SacctJob
 
@@ -137,6 +138,122 @@ async def reconcile(
     return len(todo), compare(
         todo, slurm, tolerance_s=tolerance_s, tolerance_fraction=tolerance_fraction
     )
+
+
+# -- several sites: one report per site ---------------------------------------------------
+#: A site's reconciliation: "ok" (its accounting answered), "none" (the site file declares
+#: no accounting there: its records are listed, not checked) or "error" (it did not answer).
+SITE_STATUSES = ("ok", "none", "error")
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """The reconciliation of one site's closed records with that site's own accounting."""
+
+    site: str
+    country: str
+    status: str
+    records: int
+    differences: tuple[Difference, ...] = ()
+    detail: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "site": self.site,
+            "country": self.country,
+            "status": self.status,
+            "records": self.records,
+            "differences": [d.to_json() for d in self.differences],
+            "detail": self.detail,
+        }
+
+
+def by_site(records: Iterable[Record], sites: Iterable[str]) -> dict[str, list[Record]]:
+    """Closed Slurm records grouped by the declared site they ran at; job ids are a site's
+    own, so a record is checked at its own site only. Records of no declared site are
+    under "" (reported, never checked against another site's accounting)."""
+    names = list(sites)
+    out: dict[str, list[Record]] = {n: [] for n in names}
+    for r in reconcilable(records):
+        out.setdefault(r.site if r.site in names else "", []).append(r)
+    return out
+
+
+async def reconcile_sites(
+    records: Iterable[Record],
+    site: Any,
+    clients: Mapping[str, Any],
+    *,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    tolerance_fraction: float = DEFAULT_TOLERANCE_FRACTION,
+) -> list[SiteReport]:
+    """One :class:`SiteReport` per declared site of ``site`` (a Site with [[sites]]), in
+    site-file order, plus one for records of no declared site if there are any. Each site
+    with ``accounting = true`` is asked once (all its jobs in one call) through its own
+    client (``clients[name]``: sacct with its SLURM_CONF, or slurmrestd's /slurmdb/), all
+    sites at once; a site that does not answer is an "error" report and the others go on;
+    a site without accounting is a "none" report that says so."""
+    import asyncio
+
+    from sovereign_portal.spawners.slurm.sacct import site_accounting
+
+    declared = {cs.name: cs for cs in site.sites}
+    groups = by_site(records, declared)
+
+    async def one(name: str, recs: list[Record]) -> SiteReport:
+        cs = declared.get(name)
+        if cs is None:
+            return SiteReport(
+                "",
+                "",
+                "error",
+                len(recs),
+                detail="record(s) of no declared site: not checked against any site's "
+                "accounting (job ids are a site's own)",
+            )
+        if not cs.accounting:
+            return SiteReport(
+                name,
+                cs.country,
+                "none",
+                len(recs),
+                detail=f"no accounting at this site ({name} declares no slurmdbd): "
+                f"{len(recs)} record(s) not reconciled",
+            )
+        if not recs:
+            return SiteReport(name, cs.country, "ok", 0)
+        since = min(r.opened_at for r in recs)
+        try:
+            slurm = await site_accounting(
+                clients[name], [j for r in recs for j in r.job_ids], since=since
+            )
+        except Exception as e:  # one site's trouble never hides the others' reports
+            return SiteReport(name, cs.country, "error", len(recs), detail=str(e)[:500])
+        diffs = compare(recs, slurm, tolerance_s=tolerance_s, tolerance_fraction=tolerance_fraction)
+        return SiteReport(name, cs.country, "ok", len(recs), tuple(diffs))
+
+    names = [*declared, *([""] if groups.get("") else [])]
+    return list(await asyncio.gather(*(one(n, groups.get(n, [])) for n in names)))
+
+
+def print_site_reports(reports: list[SiteReport], as_json: bool, out: object) -> None:
+    import json
+
+    write = out.write  # type: ignore[attr-defined]
+    if as_json:
+        write(json.dumps({"sites": [r.to_json() for r in reports]}))
+        write("\n")
+        return
+    for r in reports:
+        where = f"{r.site} ({r.country})" if r.site else "no declared site"
+        for d in r.differences:
+            jobs = ",".join(d.job_ids)
+            write(f"{d.what:8} {where} record {d.record_id} ({d.user}, job {jobs}): {d.detail}\n")
+        if r.status == "ok":
+            verdict = "agree" if not r.differences else f"{len(r.differences)} difference(s)"
+            write(f"site {where}: {r.records} record(s) checked with its accounting, {verdict}\n")
+        else:
+            write(f"site {where}: {r.detail}\n")
 
 
 def print_differences(checked: int, diffs: list[Difference], as_json: bool, out: object) -> None:

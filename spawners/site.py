@@ -200,6 +200,13 @@ class ClusterSite(_Strict):
     scheduler: Annotated[CLIScheduler | RESTScheduler, Field(discriminator="transport")] = Field(
         description="how the hub reaches the site's scheduler: transport = 'cli' or 'rest'"
     )
+    accounting: bool = Field(
+        False,
+        description="whether the site runs Slurm accounting (slurmdbd) that the portal may "
+        "read: `sovereign-portal ledger reconcile` then asks it (sacct at a 'cli' site, "
+        "slurmrestd's /slurmdb/ at a 'rest' one); false: its records are reported as "
+        "'no accounting at this site', never silently skipped",
+    )
 
     @property
     def jurisdiction(self) -> Jurisdiction:

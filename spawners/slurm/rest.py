@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 from .client import CALLS, JOB_ID, JobInfo, NodeInfo, SchedulerClient, SchedulerError
 from .client import SchedulerUnavailable as SchedulerUnavailable
+from .sacct import SacctJob, parse_slurmdb_jobs, slurmdb_query
 
 API = "v0.0.38"
 #: A JWT as slurmctld issues it: three base64url parts.
@@ -328,7 +329,9 @@ class SlurmREST(SchedulerClient):
         name = user if user is not None else token_user(token)
         if not _USER.fullmatch(name):
             raise SchedulerError(f"not a Unix user name: {name!r}")
-        kind = path.split("/")[3] if path.count("/") >= 3 else path
+        kind = path.split("/")[3].split("?")[0] if path.count("/") >= 3 else path
+        if path.startswith("/slurmdb/"):
+            kind = f"slurmdb {kind}"
         CALLS[f"rest:{method} {kind}"] += 1
         self.calls += 1
         req = HTTPRequest(
@@ -460,6 +463,20 @@ class SlurmREST(SchedulerClient):
         if not jobs or not isinstance(jobs[0], dict):
             raise SchedulerError(f"slurmrestd knows no job {job_id}")
         return job_detail_map(jobs[0])
+
+    async def accounting(
+        self, job_ids: Collection[str], *, since: float | None = None
+    ) -> dict[str, SacctJob]:
+        """The site's slurmdbd records of ``job_ids`` (as :func:`.sacct.sacct_jobs`), in one
+        ``GET /slurmdb/<api>/jobs/`` from ``since`` (epoch seconds)."""
+        ids = {str(j) for j in job_ids}
+        bad = [j for j in ids if not JOB_ID.fullmatch(j)]
+        if bad:
+            raise SchedulerError(f"not Slurm job ids: {sorted(bad)[:5]}")
+        if not ids:
+            return {}
+        data = await self._ok("GET", f"/slurmdb/{self.api}/jobs/?{slurmdb_query(since)}")
+        return parse_slurmdb_jobs(data if isinstance(data, dict) else {}, ids)
 
     async def nodes(self, partition: str | None = None) -> dict[str, NodeInfo]:
         data = await self._ok("GET", self._path("nodes"))
