@@ -38,6 +38,7 @@ import datetime as dt
 import json
 import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Iterable
@@ -523,9 +524,13 @@ def culler_role(name: str = NAME) -> dict[str, Any]:
     }
 
 
-def configure_culler(c: Any, args: Iterable[str] = (), name: str = NAME) -> dict[str, Any]:
+def configure_culler(
+    c: Any, args: Iterable[str] = (), name: str = NAME, notice_interval: float = 5.0
+) -> dict[str, Any]:
     """Add the culler service and its role to a hub config already wired by
-    :func:`.service.configure_hub` (the portal service it reads), in one call."""
+    :func:`.service.configure_hub` (the portal service it reads), in one call; and its
+    idle warnings to the hub's home and spawn pages (:mod:`.activity_pages`, read again
+    every ``notice_interval`` seconds)."""
     portal = next(
         (s for s in c.JupyterHub.get("services", []) if s.get("name") == "sovereign-portal"),
         None,
@@ -533,7 +538,13 @@ def configure_culler(c: Any, args: Iterable[str] = (), name: str = NAME) -> dict
     if portal is None:
         raise ValueError("configure_culler: call configure_hub (or portal.configure) first")
     svc = culler_service(name=name, portal_url=portal["url"], args=args)
+    # the culler's token, made here so that the hub's pages can read the idle warnings
+    # with it too (:mod:`.activity_pages`); JupyterHub hands it to the culler's process
+    svc["api_token"] = secrets.token_hex(32)
     c.JupyterHub.services = [*list(c.JupyterHub.get("services", [])), svc]
+    from .activity_pages import install as show_on_hub_pages
+
+    show_on_hub_pages(c, portal["url"], svc["api_token"], notice_interval)
     c.JupyterHub.load_roles = [*list(c.JupyterHub.get("load_roles", [])), culler_role(name)]
     if name not in ("sovereign-portal-culler",):
         portal["command"].append(f"--PortalService.culler_services={json.dumps([name])}")

@@ -394,6 +394,7 @@ def _handlers() -> list[tuple[str, Any]]:
 
         @web.authenticated
         async def get(self) -> None:
+            from .activity_store import reclaimed as reclaimed_totals
             from .ledger_store import UsageFilter
 
             q = self.query()
@@ -414,6 +415,10 @@ def _handlers() -> list[tuple[str, Any]]:
                 groups=groups,
                 totals=figures(total[0] if total else None),
                 open_now=sorted(open_now.items()),
+                reclaimed=sorted(
+                    (k, round(v["gpu_hours"], 3), int(v["stops"]))
+                    for k, v in reclaimed_totals(ledger.engine).items()
+                ),
                 plot_svg=plot(ledger.usage(flt, by=(q.step,)), q, "all users"),
             )
 

@@ -46,7 +46,7 @@ c.LocalGPUSpawner.sovereign_args.extend(
     ["--PortalExtension.sample_interval=0.2", "--PortalExtension.report_interval=0.5"])
 from sovereign_portal.hub.culler import configure_culler
 configure_culler(c, ["--GPUCuller.interval=1", "--GPUCuller.idle_minutes={idle}",
-    "--GPUCuller.warn_minutes={warn}", "--GPUCuller.stale_seconds=10"])
+    "--GPUCuller.warn_minutes={warn}", "--GPUCuller.stale_seconds=10"], notice_interval=1)
 """
 
 
@@ -121,6 +121,14 @@ def test_warn_then_stop_closes_the_record_as_reclaimed(
     assert notice["level"] == "warning" and notice["deadline"].endswith("Z")
     assert "run a cell" in notice["message"]
     assert time.time() - started >= IDLE_S - WARN_S  # not before N - W
+
+    # the same warning on the hub's home page (JupyterHub's announcement_home hook)
+    def on_home() -> bool:
+        page = alice.s.get(f"{hub.url}/hub/home", timeout=30)
+        assert page.status_code == 200, page.text[:300]
+        return 'class="sp-idle-notice' in page.text and "will be stopped" in page.text
+
+    hub.wait_for(on_home, WARN_S, "the idle warning on the hub's home page")
     hub.wait_for(lambda: not running(hub, alice.name), IDLE_S + 30, "alice's server stopped")
     assert time.time() - started >= IDLE_S  # not before N
 

@@ -221,3 +221,69 @@ def test_the_culler_stops_a_session_through_the_service_never_the_server() -> No
         ("POST", "http://svc/api/activity/reclaim"),
         ("DELETE", "http://hub/api/users/ada/server"),
     ]
+
+
+def test_hub_pages_show_the_users_idle_warnings_over_the_operators_announcement() -> None:
+    from types import SimpleNamespace
+
+    from sovereign_portal.hub.activity_pages import HubNotices, install
+    from traitlets.config import Config
+
+    c = Config()
+    c.JupyterHub.template_vars = {"announcement_home": "Maintenance at 18:00", "x": 1}
+    notices = install(c, "http://127.0.0.1:9", "tok", interval=1)
+    tv = c.JupyterHub.template_vars
+    assert tv["x"] == 1 and callable(tv["announcement_home"]) and callable(tv["announcement_spawn"])
+    ada, bob = SimpleNamespace(name="ada"), SimpleNamespace(name="bob")
+    assert tv["announcement_home"](ada) == "Maintenance at 18:00"  # no warning: the operator's
+    assert tv["announcement_spawn"](ada) is None  # none for that page: the hub's default
+    notices.by_user = {
+        "ada": [{"kind": "idle", "message": "<b>idle</b> GPU", "deadline": "2026-12-01T12:00:00Z"}]
+    }
+    got = tv["announcement_home"](ada)
+    assert 'class="sp-idle-notice' in got and "&lt;b&gt;idle&lt;/b&gt; GPU" in got  # escaped
+    assert tv["announcement_spawn"](ada) == got
+    assert tv["announcement_home"](bob) == "Maintenance at 18:00"
+    assert tv["announcement_home"](None) == "Maintenance at 18:00"
+    assert isinstance(notices, HubNotices)
+
+
+def test_hub_notices_follow_the_services_targets() -> None:
+    from sovereign_portal.hub.activity_pages import HubNotices
+    from tornado.httpserver import HTTPServer
+    from tornado.web import Application, RequestHandler
+
+    from tests.support.paths import free_port
+
+    seen: list[str] = []
+
+    class All(RequestHandler):
+        def get(self) -> None:
+            seen.append(self.request.headers.get("Authorization", ""))
+            n = {"kind": "idle", "message": "m", "deadline": None}
+            self.finish(
+                {
+                    "targets": [
+                        {"user": "ada", "notice": n},
+                        {"user": "bob", "notice": None},
+                        {"user": "cy", "notice": {**n, "kind": "budget"}},
+                    ]
+                }
+            )
+
+    async def main() -> None:
+        port = free_port()
+        srv = HTTPServer(Application([(r"/services/sovereign-portal/api/activity/all", All)]))
+        srv.listen(port, "127.0.0.1")
+        try:
+            url = f"http://127.0.0.1:{port}/services/sovereign-portal/api/activity/all"
+            n = HubNotices(url, "culler-token", interval=0.05)
+            assert await n.refresh()
+            assert list(n.by_user) == ["ada"] and seen == ["token culler-token"]
+            gone = HubNotices(url.replace(str(port), str(free_port())), "t", interval=0.05)
+            with pytest.raises(OSError):
+                await gone.refresh()
+        finally:
+            srv.stop()
+
+    asyncio.run(main())
