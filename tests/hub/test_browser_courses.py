@@ -1,0 +1,316 @@
+"""The instructor's pages on the real portal (issue 12): the real local IdP (full OIDC
+logins), the real hub and proxy as ``hub.portal.configure()`` sets them up, and the real
+portal service behind the pages (its course API and its class API, never a stub).
+
+The people (tests/support/idp_users.py ``COURSE_USERS``): ml101 has the instructor ines,
+the TA tara and the students s1, s2, s5; cv202 has the instructor igor. First with plain
+HTTP sessions (every change the page makes is read back from the course API; a refused
+one shows the API's message naming the field, and nothing changed), then in headless
+Chromium: ines's course page and class view and s1's spawn form, with screenshots under
+the test's tmp dir (never docs/) and no request leaving the deployment.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from playwright.sync_api import Page
+
+from tests.support.browser import HostGuard, guarded_chromium, idp_login
+from tests.support.hub import HubProcess
+from tests.support.idp import LocalIdP, oidc_login
+from tests.support.idp_users import COURSE_USERS, write_users
+from tests.support.portal import configure_text, wait_portal_service
+from tests.support.stack import hub_with_idp
+
+pytestmark = [pytest.mark.hub, pytest.mark.idp, pytest.mark.browser, pytest.mark.timeout(600)]
+
+ORG = "uni-a.example"
+SVC = "/services/sovereign-portal/api/courses"
+TODAY = datetime.now(UTC).date()
+XSRF = re.compile(r'name="_xsrf" value="([^"]+)"')
+
+
+def u(login: str) -> str:
+    return f"{login}@{ORG}"
+
+
+def course(cid: str, **over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": cid,
+        "title": f"Course {cid}",
+        "instructors": [u("ines")],
+        "sizes": ["h100:1g.10gb", "h100:3g.40gb"],
+        "budget": {"unit": "gpu_hours", "pool": 40, "per_student": 4},
+        "start": str(TODAY - timedelta(days=1)),
+        "end": str(TODAY + timedelta(days=30)),
+        "schedule": [{"weekday": "tue", "time": "09:15", "minutes": 90}],
+    }
+    return {**base, **over}
+
+
+class Stack:
+    def __init__(self, hub: HubProcess, idp: LocalIdP) -> None:
+        self.hub, self.idp = hub, idp
+        self.sessions: dict[str, requests.Session] = {}
+        self.tokens: dict[str, str] = {}
+
+    def login(self, login: str) -> None:
+        password = None if login == "olga" else f"pass-{login}"
+        result = oidc_login(self.hub.url, self.idp, login, password)
+        assert result.left_deployment is None and result.response.status_code == 200, (
+            login,
+            result.response.text[:300],
+        )
+        self.sessions[login] = result.session
+        r = self.hub.api("POST", f"/users/{u(login)}/tokens", json={"scopes": ["inherit"]})
+        assert r.status_code == 201, r.text
+        self.tokens[login] = r.json()["token"]
+
+    def api(self, who: str, method: str, path: str, **kw: Any) -> requests.Response:
+        """The course API itself, with ``who``'s token (to read back what a page did)."""
+        return requests.request(
+            method,
+            f"{self.hub.url}{SVC}{path}",
+            headers={"Authorization": f"token {self.tokens[who]}"},
+            timeout=60,
+            **kw,
+        )
+
+    def page(self, who: str, path: str) -> requests.Response:
+        return self.sessions[who].get(f"{self.hub.url}/hub/{path}", timeout=60)
+
+    def post(self, who: str, path: str, data: dict[str, str], **kw: Any) -> requests.Response:
+        """Submit a form of the page at ``path`` as a browser would (its own _xsrf)."""
+        got = self.page(who, path)
+        m = XSRF.search(got.text)
+        assert m, (got.status_code, got.text[:500])
+        return self.sessions[who].post(
+            f"{self.hub.url}/hub/{path}", data={**data, "_xsrf": m.group(1)}, timeout=60, **kw
+        )
+
+
+def config(data_root: Path) -> Any:
+    courses = {"data_root": str(data_root), "lifecycle_interval_seconds": 3600}
+
+    def text(hub: HubProcess, idp: LocalIdP) -> str:
+        base = configure_text(hub, idp)
+        marker = '    inventory_source="declared",\n)'
+        assert marker in base
+        return base.replace(
+            marker, f'    inventory_source="declared",\n    courses={courses!r},\n)'
+        )
+
+    return text
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("course-pages")
+    (work / "course-data").mkdir()
+    users = write_users(work / "users.json", COURSE_USERS)
+    with hub_with_idp(work, config(work / "course-data"), idp_kw={"users_file": users}) as (
+        hub,
+        idp,
+    ):
+        wait_portal_service(hub)
+        st = Stack(hub, idp)
+        st.login("olga")  # the operator creates both courses
+        r = st.api("olga", "POST", "", json=course("ml101", tas=[u("tara")]))
+        assert r.status_code == 201, r.text
+        r = st.api("olga", "POST", "", json=course("cv202", instructors=[u("igor")]))
+        assert r.status_code == 201, r.text
+        for login in ("ines", "tara", "s1", "s2", "igor"):
+            st.login(login)
+        yield st
+        hub.close()
+        hub.assert_no_egress()
+
+
+# -- plain HTTP: every cell is the real page over the real API ---------------------------------
+def test_my_courses_lists_the_callers_courses_with_their_role(stack: Stack) -> None:
+    r = stack.page("ines", "courses")
+    assert r.status_code == 200, r.text[:500]
+    assert re.search(r'data-course="ml101".*?sp-role">instructor<', r.text, re.S)
+    assert 'data-course="cv202"' not in r.text
+    r = stack.page("tara", "courses")
+    assert re.search(r'data-course="ml101".*?sp-role">ta<', r.text, re.S)
+    r = stack.page("s1", "courses")
+    assert re.search(r'data-course="ml101".*?sp-role">student<', r.text, re.S)
+    assert "/hub/courses/ml101/class" not in r.text  # a student gets the spawn link
+
+
+def test_instructor_edits_the_course_through_the_page(stack: Stack) -> None:
+    page = stack.page("ines", "courses/ml101")
+    assert page.status_code == 200 and 'id="sp-save"' in page.text, page.text[:500]
+    assert "tue 09:15 90" in page.text  # the schedule as the form shows it
+    r = stack.post("ines", "courses/ml101", {"action": "edit", "title": "Machine learning",
+                   "schedule": "tue 09:15 90\nthu 14:00 60", "per_student": "3"})  # fmt: skip
+    assert r.status_code == 200, r.text[:800]
+    assert "Saved: budget, schedule, title." in r.text
+    got = stack.api("ines", "GET", "/ml101").json()
+    assert got["title"] == "Machine learning" and got["budget"]["per_student"] == 3
+    assert got["schedule"][1] == {"weekday": "thu", "time": "14:00", "minutes": 60}
+
+
+@pytest.mark.parametrize(
+    ("form", "field", "words"),
+    [
+        ({"end": str(TODAY - timedelta(days=5))}, "end", "must be after the start"),
+        ({"per_student": "500"}, None, "pool"),
+        ({"sizes": "h100:7g.80gb-nope"}, "sizes", "h100:7g.80gb-nope"),
+        ({"schedule": "someday 09:15 90"}, None, "someday"),
+    ],
+)
+def test_a_refused_edit_shows_the_apis_message_and_changes_nothing(
+    stack: Stack, form: dict[str, str], field: str | None, words: str
+) -> None:
+    before = stack.api("ines", "GET", "/ml101").json()
+    r = stack.post("ines", "courses/ml101", {"action": "edit", **form})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+    assert "Nothing was changed." in r.text and words in r.text, r.text[:3000]
+    if field is not None:
+        assert f'data-field="{field}"' in r.text
+    assert stack.api("ines", "GET", "/ml101").json() == before
+
+
+def test_the_roster_through_the_page(stack: Stack) -> None:
+    r = stack.post("ines", "courses/ml101", {"action": "add", "user": u("late1")})
+    assert r.status_code == 200 and f"Added {u('late1')}." in r.text, r.text[:800]
+    assert u("late1") in stack.api("ines", "GET", "/ml101/roster").json()["added"]
+    assert "access at first login" in r.text
+    # a CSV file with a duplicate row: 400 naming the row, nothing added
+    got = stack.page("ines", "courses/ml101")
+    token = XSRF.search(got.text)
+    assert token
+    bad = f"identifier\n{u('late2')}\n{u('late2')}\n".encode()
+    r = stack.sessions["ines"].post(
+        f"{stack.hub.url}/hub/courses/ml101",
+        data={"action": "upload", "_xsrf": token.group(1)},
+        files={"roster": ("roster.csv", bad, "text/csv")},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "Nothing was changed." in r.text, r.text[:800]
+    assert re.search(r"row 3|line 3|duplicate", r.text), r.text[:3000]
+    assert u("late2") not in stack.api("ines", "GET", "/ml101/roster").json()["added"]
+    good = f"\ufeffidentifier\n{u('late2')}\n{u('late3')}\n".encode()
+    r = stack.sessions["ines"].post(
+        f"{stack.hub.url}/hub/courses/ml101",
+        data={"action": "upload", "_xsrf": token.group(1)},
+        files={"roster": ("roster.csv", good, "text/csv")},
+        timeout=60,
+    )
+    assert r.status_code == 200 and "Roster file: 2 added" in r.text, r.text[:800]
+    # a removal through the page: s2 leaves the course group at once
+    r = stack.post("ines", "courses/ml101", {"action": "remove", "user": u("s2")})
+    assert r.status_code == 200 and f"Removed {u('s2')}" in r.text, r.text[:800]
+    assert "course-ml101" not in stack.hub.api("GET", f"/users/{u('s2')}").json()["groups"]
+
+
+def test_a_ta_sees_the_course_and_cannot_change_it(stack: Stack) -> None:
+    r = stack.page("tara", "courses/ml101")
+    assert r.status_code == 200, r.text[:500]
+    assert "<fieldset disabled>" in r.text and 'id="sp-save"' not in r.text
+    assert 'id="sp-add"' not in r.text and u("s1") in r.text  # the roster, read-only
+    before = stack.api("olga", "GET", "/ml101").json()
+    r = stack.post("tara", "courses/ml101", {"action": "edit", "title": "TA was here"})
+    assert r.status_code == 403 and "teaching assistant cannot do this" in r.text, r.text[:800]
+    r = stack.post("tara", "courses/ml101", {"action": "add", "user": u("ta-add")})
+    assert r.status_code == 403
+    assert stack.api("olga", "GET", "/ml101").json() == before
+
+
+@pytest.mark.parametrize(
+    ("who", "path"),
+    [
+        ("s1", "courses/ml101"),
+        ("s1", "courses/ml101/class"),
+        ("igor", "courses/ml101"),
+        ("igor", "courses/ml101/class"),
+        ("ines", "courses/cv202"),
+        ("ines", "courses/no-such"),
+    ],
+)
+def test_students_and_other_courses_staff_get_403(stack: Stack, who: str, path: str) -> None:
+    r = stack.page(who, path)
+    assert r.status_code == 403, (r.status_code, r.text[:500])
+
+
+def test_the_class_view_on_the_real_class_api(stack: Stack) -> None:
+    api = stack.api("ines", "GET", "/ml101/class")
+    assert api.status_code == 200, (api.status_code, api.text[:300])  # H2's real endpoint
+    view = api.json()
+    r = stack.page("ines", "courses/ml101/class")
+    assert r.status_code == 200, r.text[:800]
+    assert 'id="sp-prewarm-now"' in r.text
+    assert f'class="sp-prewarm-state">{view["prewarm"]["state"]}<' in r.text
+    for s in view["students"]:
+        assert f'data-user="{s["user"]}" data-state="{s["state"]}"' in r.text
+    r = stack.post("ines", "courses/ml101/class", {"fraction": "lots"})
+    assert r.status_code == 400 and "fraction" in r.text, r.text[:800]
+    r = stack.post("ines", "courses/ml101/class", {})
+    assert r.status_code == 200 and "Pre-warm started." in r.text, r.text[:800]
+    after = stack.api("ines", "GET", "/ml101/class").json()
+    assert after["prewarm"]["state"] in ("warming", "warm"), after
+
+
+# -- Chromium ----------------------------------------------------------------------------------
+def test_course_pages_in_chromium_with_screenshots_and_no_foreign_request(
+    stack: Stack, tmp_path: Path
+) -> None:
+    hub, idp = stack.hub, stack.idp
+    guard = HostGuard(hub.url, idp.issuer)
+    shots: list[Path] = []
+
+    def shot(page: Page, name: str) -> None:
+        shots.append(tmp_path / name)  # the test's own dir, never docs/
+        page.screenshot(path=str(shots[-1]), full_page=True)
+
+    with guarded_chromium(guard, 1200, 1100) as page:
+        idp_login(page, hub.url, idp.issuer, "ines")
+        page.wait_for_url(f"{hub.url}/hub/**")
+        page.goto(f"{hub.url}/hub/courses/ml101")
+        page.wait_for_selector("#sp-course")
+        assert page.locator("nav a", has_text="My courses").count() >= 1  # the hub's nav bar
+        # a refused edit in the browser: the message names the field, nothing changed
+        page.fill("#sp-end", str(TODAY - timedelta(days=9)))
+        page.click("#sp-save")
+        page.wait_for_selector(".sp-error")
+        assert page.locator(".sp-error-field").inner_text() == "end"
+        shot(page, "course-page-refused.png")
+        page.goto(f"{hub.url}/hub/courses/ml101")
+        page.fill("#sp-add-user", u("chromium1"))
+        page.click("#sp-add button")
+        page.wait_for_selector(".sp-done")
+        assert u("chromium1") in page.locator(".sp-done").inner_text()
+        shot(page, "course-page.png")
+        page.goto(f"{hub.url}/hub/courses/ml101/class")
+        page.wait_for_selector("#sp-class")
+        assert page.locator("#sp-prewarm-now").count() == 1
+        shot(page, "course-class.png")
+
+    # a student's spawn form: the course's sizes and the remaining allowance
+    with guarded_chromium(guard, 1200, 1100) as page:
+        idp_login(page, hub.url, idp.issuer, "s1")
+        page.wait_for_url(f"{hub.url}/hub/**")
+        page.goto(f"{hub.url}/hub/spawn")
+        page.wait_for_selector("#sp-size")
+        values = page.locator("#sp-size option").evaluate_all("els => els.map(e => e.value)")
+        assert sorted(v for v in values if v) == ["lab/h100:1g.10gb", "lab/h100:3g.40gb"], values
+        assert re.search(r"ml101 has [0-9.]+ GPU-hours left for you", page.content())
+        shot(page, "course-spawn-form.png")
+
+    assert guard.foreign == [], f"requests to hosts outside the deployment: {guard.foreign}"
+    offsite = [x for x in guard.seen if urlsplit(x).netloc not in guard.own
+               and not x.startswith(("data:", "blob:"))]  # fmt: skip
+    assert offsite == [], offsite
+    assert any("/hub/courses/ml101/class" in x for x in guard.seen)
+    for out in shots:
+        assert out.stat().st_size > 10_000, out  # a real picture, not a blank page

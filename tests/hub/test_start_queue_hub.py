@@ -1,0 +1,136 @@
+"""A storm is a queue, not a failure (issue 12), on the real hub.
+
+The hub and proxy as ``hub.portal.configure()`` sets them up (the local backend, the real
+portal service, real IdP logins), with the start queue narrowed to one start at a time
+(``LocalGPUSpawner.start_slots = 1``). Six students start at once through JupyterHub's
+own REST spawn path: none gets a 429, a timeout or an error; each one's progress stream
+(what the spawn-pending page shows) gives a place in line and an estimate before its
+turn; the starts run one at a time in arrival order; every server ends up ready; and a
+bystander's ``/hub/api`` answers quickly all along.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.hub import HubProcess
+from tests.support.idp import LocalIdP, oidc_login
+from tests.support.idp_users import idp_user, write_users
+from tests.support.portal import configure_text, wait_portal_service
+from tests.support.stack import hub_with_idp
+
+pytestmark = [pytest.mark.hub, pytest.mark.idp, pytest.mark.timeout(600)]
+
+STUDENTS = [f"q{i}" for i in range(1, 7)]
+ORG = "uni-a.example"
+LINE = re.compile(r"(You are next|You are number (\d+) in line) to start .*about (\d+) s to go")
+
+
+def config(hub: HubProcess, idp: LocalIdP) -> str:
+    return configure_text(hub, idp) + (
+        "\nc.LocalGPUSpawner.start_slots = 1\n"
+        "c.LocalGPUSpawner.start_estimate_seconds = 7\n"
+        # the REST spawn answers 202 at once, so the line is watched live
+        'c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}\n'
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess, LocalIdP]]:
+    work = tmp_path_factory.mktemp("start-queue")
+    users = write_users(
+        work / "users.json", [idp_user(s, f"sub-{s}", s) for s in STUDENTS], sample=True
+    )
+    with hub_with_idp(work, config, idp_kw={"users_file": users}) as (hub, idp):
+        wait_portal_service(hub)
+        for s in [*STUDENTS, "alice"]:
+            pw = None if s == "alice" else f"pass-{s}"
+            assert oidc_login(hub.url, idp, s, pw).left_deployment is None
+        yield hub, idp
+        hub.close()
+        hub.assert_no_egress()
+
+
+def progress(hub: HubProcess, user: str, out: list[dict[str, Any]]) -> None:
+    r = hub.api("GET", f"/users/{user}/server/progress", stream=True)
+    r.raise_for_status()
+    for line in r.iter_lines(decode_unicode=True):
+        if line and line.startswith("data:"):
+            event = json.loads(line[5:])
+            out.append(event)
+            if event.get("failed") or event.get("ready"):
+                return
+
+
+def test_six_students_at_once_wait_in_line_and_all_start(
+    stack: tuple[HubProcess, LocalIdP], tmp_path: Path
+) -> None:
+    hub, _ = stack
+    names = [f"{s}@{ORG}" for s in STUDENTS]
+    me = hub.api("POST", f"/users/alice@{ORG}/tokens", json={"scopes": ["read:users:name!user"]})
+    assert me.status_code == 201, me.text
+    bystander = me.json()["token"]
+    answers: list[int] = []
+    events: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def watch_bystander() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            r = hub.api("GET", "/user", token=bystander)
+            latencies.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.text
+            time.sleep(0.2)
+
+    def spawn(name: str) -> None:
+        r = hub.api("POST", f"/users/{name}/server", json={"gpus": 1})
+        answers.append(r.status_code)
+
+    side = threading.Thread(target=watch_bystander, daemon=True)
+    side.start()
+    spawns = [threading.Thread(target=spawn, args=(n,)) for n in names]
+    for t in spawns:
+        t.start()
+        time.sleep(0.05)  # arrival order: q1 first
+    for t in spawns:
+        t.join(60)
+    watchers = [threading.Thread(target=progress, args=(hub, n, events[n])) for n in names]
+    for t in watchers:
+        t.start()
+    for t in watchers:
+        t.join(300)
+    stop.set()
+    side.join(10)
+
+    assert sorted(answers) == [202] * len(names), answers  # never 429, never an error
+    for n in names:
+        assert events[n] and events[n][-1].get("ready"), (n, events[n][-3:])
+        assert not any(e.get("failed") for e in events[n]), (n, events[n])
+    # the last arrivals saw their place in line and an estimate before their turn
+    lines = {n: [LINE.search(e.get("message", "")) for e in events[n]] for n in names}
+    waited = [n for n in names if any(lines[n])]
+    assert len(waited) >= 3, {n: [e.get("message") for e in events[n]] for n in names}
+    last = names[-1]
+    places = [int(m.group(2) or 1) for m in lines[last] if m]
+    assert places and places == sorted(places, reverse=True), places  # moving up the line
+    assert any(e.get("queue", {}).get("estimate_seconds") for e in events[last])
+    # one start at a time, in arrival order: the hub's log says who waited where
+    log = hub.log_text()
+    assert log.count("waits in line") >= 3, log[-3000:]
+    started = [m.group(1) for m in re.finditer(r"Starting (q\d@uni-a\.example) on", log)]
+    assert started == names, started
+    # the hub kept answering a bystander
+    assert latencies, "no bystander request ran"
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    assert p99 < 2.0, latencies[-5:]
+    (tmp_path / "bystander.json").write_text(json.dumps({"n": len(latencies), "p99": p99}))
