@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import csv
 import datetime as dt
+import functools
 import math
 import re
 from collections import deque
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sovereign_portal.spawners.request import co2_g
+from sovereign_portal.spawners.strict import json_number, only_fields
 
 #: Reports kept per target (at one report per 30 s, about two hours).
 HISTORY = 256
@@ -59,17 +61,8 @@ class ActivityError(ValueError):
     reason = "bad_activity"
 
 
-def _num(
-    d: dict[str, Any], key: str, where: str, lo: float, hi: float, *, null: bool = False
-) -> Any:
-    v = d.get(key)
-    if v is None and null:
-        return None
-    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-        raise ActivityError(f"{where}{key}: must be a finite number, got {str(v)[:40]!r}")
-    if not lo <= v <= hi:
-        raise ActivityError(f"{where}{key}: must be between {lo:g} and {hi:g}, got {v!r}")
-    return float(v)
+#: A report's numbers, by the one strict rule (:func:`.strict.json_number` in spawners).
+_num = functools.partial(json_number, error=ActivityError)
 
 
 @dataclass(frozen=True)
@@ -131,9 +124,7 @@ def parse_report(user: str, data: Any, now: float) -> Report:
     """A sampler's report of ``user``'s server, checked field by field."""
     if not isinstance(data, dict):
         raise ActivityError("send a JSON object")
-    unknown = set(data) - _REPORT_KEYS
-    if unknown:
-        raise ActivityError(f"{sorted(unknown)[0][:40]}: unknown field")
+    only_fields(data, _REPORT_KEYS, error=ActivityError)
     server = data.get("server", "")
     if not isinstance(server, str) or len(server) > _SERVER_NAME_LEN or "/" in server:
         raise ActivityError("server: must be this server's name (JUPYTERHUB_SERVER_NAME)")
@@ -146,7 +137,7 @@ def parse_report(user: str, data: Any, now: float) -> Report:
     measured = data.get("measured")
     if not isinstance(measured, bool):
         raise ActivityError("measured: must be true or false")
-    sampled_at = _num(data, "sampled_at", "", now - 86400, now + 300)
+    sampled_at = _num(data, "sampled_at", "", lo=now - 86400, hi=now + 300)
     raw_devs = data.get("devices")
     if not isinstance(raw_devs, list) or len(raw_devs) > MAX_DEVICES:
         raise ActivityError(f"devices: must be a list of at most {MAX_DEVICES}")
@@ -155,37 +146,35 @@ def parse_report(user: str, data: Any, now: float) -> Report:
         w = f"devices[{i}]."
         if not isinstance(d, dict):
             raise ActivityError(f"devices[{i}]: must be an object")
-        bad = set(d) - _DEVICE_KEYS
-        if bad:
-            raise ActivityError(f"{w}{sorted(bad)[0][:40]}: unknown field")
+        only_fields(d, _DEVICE_KEYS, w, error=ActivityError)
         uuid = d.get("uuid")
         if uuid is not None and (not isinstance(uuid, str) or len(uuid) > 128):
             raise ActivityError(f"{w}uuid: must be a string of at most 128 characters")
         shared = d.get("shared", False)
         if not isinstance(shared, bool):
             raise ActivityError(f"{w}shared: must be true or false")
-        util = _num(d, "utilization_pct", w, 0, 100)
+        util = _num(d, "utilization_pct", w, lo=0, hi=100)
         devices.append(
             DeviceReport(
-                index=int(_num(d, "index", w, 0, MAX_DEVICES)),
+                index=int(_num(d, "index", w, lo=0, hi=MAX_DEVICES)),
                 uuid=uuid,
                 utilization_pct=util,
-                utilization_max_pct=max(util, _num(d, "utilization_max_pct", w, 0, 100)),
-                memory_util_max_pct=_num(d, "memory_util_max_pct", w, 0, 100),
-                memory_used_mib=_num(d, "memory_used_mib", w, 0, 1e8),
-                power_w=_num(d, "power_w", w, 0, MAX_BOARD_W, null=True),
-                energy_mj=_num(d, "energy_mj", w, 0, 1e18, null=True),
+                utilization_max_pct=max(util, _num(d, "utilization_max_pct", w, lo=0, hi=100)),
+                memory_util_max_pct=_num(d, "memory_util_max_pct", w, lo=0, hi=100),
+                memory_used_mib=_num(d, "memory_used_mib", w, lo=0, hi=1e8),
+                power_w=_num(d, "power_w", w, lo=0, hi=MAX_BOARD_W, null=True),
+                energy_mj=_num(d, "energy_mj", w, lo=0, hi=1e18, null=True),
                 shared=shared,
             )
         )
     k = data.get("kernels")
     if not isinstance(k, dict) or set(k) - {"busy", "total", "idle_since"}:
         raise ActivityError('kernels: send {"busy": n, "total": n, "idle_since": t|null}')
-    busy = int(_num(k, "busy", "kernels.", 0, 10_000))
-    total = int(_num(k, "total", "kernels.", 0, 10_000))
+    busy = int(_num(k, "busy", "kernels.", lo=0, hi=10_000))
+    total = int(_num(k, "total", "kernels.", lo=0, hi=10_000))
     if busy > total:
         raise ActivityError("kernels.busy: more busy kernels than kernels")
-    idle_since = _num(k, "idle_since", "kernels.", 0, now + 300, null=True)
+    idle_since = _num(k, "idle_since", "kernels.", lo=0, hi=now + 300, null=True)
     return Report(
         user=user,
         server=server,

@@ -192,6 +192,52 @@ def parse_decimal(text: str | None, field: str, *, lo: float, hi: float) -> floa
     return value
 
 
+_REQUIRED: Any = object()
+
+
+def json_number(
+    data: dict[str, Any],
+    key: str,
+    where: str = "",
+    *,
+    lo: float,
+    hi: float,
+    default: Any = _REQUIRED,
+    null: bool = False,
+    error: type[Exception] = RequestRefused,
+) -> Any:
+    """``data[key]`` as a float from ``lo`` to ``hi``: a JSON number that is neither a
+    bool nor NaN/Infinity. The field is named ``<where><key>`` in the error (``where`` is
+    a path prefix such as ``"devices[2]."``); ``error`` is the caller's error class (one
+    that takes the message). A missing key gives ``default`` (an error when there is
+    none); ``null`` lets ``None`` through as ``None``."""
+    name = f"{where}{key}"
+    if key not in data and default is not _REQUIRED:
+        return default
+    v = data.get(key)
+    if v is None and null:
+        return None
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise error(f"{name}: must be a finite number, got {shorten(str(v))!r}")
+    if not lo <= v <= hi:
+        raise error(f"{name}: must be between {lo:g} and {hi:g}, got {v!r}")
+    return float(v)
+
+
+def only_fields(
+    data: dict[str, Any],
+    allowed: set[str] | frozenset[str],
+    where: str = "",
+    *,
+    error: type[Exception] = RequestRefused,
+) -> None:
+    """Refuse the first (sorted) key of ``data`` that is not in ``allowed``, naming it as
+    ``<where><key>: unknown field``."""
+    unknown = set(data) - set(allowed)
+    if unknown:
+        raise error(f"{where}{shorten(sorted(unknown)[0])}: unknown field")
+
+
 #: Unicode categories free text may not hold: controls, format characters (bidi overrides
 #: such as U+202E), surrogates, private use, unassigned, line and paragraph separators.
 _UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
@@ -236,7 +282,9 @@ __all__ = [
     "control_character",
     "is_canonical_decimal",
     "is_canonical_int",
+    "json_number",
     "loads_json",
+    "only_fields",
     "parse_decimal",
     "parse_int",
     "printable",

@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .strict import json_number, only_fields
+
 #: Environment variable naming a scripted device source file (tests, the replay benchmark).
 SCRIPT_ENV = "SOVEREIGN_PORTAL_DEVICE_SCRIPT"
 #: The same for a compute session's jobs (``{user}``, ``{server}`` and ``{session}``: the
@@ -324,12 +326,15 @@ class Script:
 
 
 def _num(d: dict[str, Any], key: str, default: float, lo: float, hi: float, where: str) -> float:
-    v = d.get(key, default)
-    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-        raise TelemetryError(f"{where}.{key}: must be a number, got {v!r}")
-    if not lo <= v <= hi:
-        raise TelemetryError(f"{where}.{key}: must be between {lo} and {hi}, got {v!r}")
-    return float(v)
+    """A script's number, by the one strict rule (:func:`.strict.json_number`)."""
+    got: float = json_number(
+        d, key, f"{where}.", lo=lo, hi=hi, default=float(default), error=TelemetryError
+    )
+    return got
+
+
+_DEVICE_KEYS = {"index", "uuid", "idle_w", "busy_w", "phases"}
+_PHASE_KEYS = {"seconds", "utilization_pct", "memory_util_pct", "memory_used_mib"}
 
 
 def _phases(raw: Any, where: str) -> tuple[Phase, ...]:
@@ -340,9 +345,7 @@ def _phases(raw: Any, where: str) -> tuple[Phase, ...]:
         w = f"{where}[{i}]"
         if not isinstance(p, dict):
             raise TelemetryError(f"{w}: must be an object")
-        unknown = set(p) - {"seconds", "utilization_pct", "memory_util_pct", "memory_used_mib"}
-        if unknown:
-            raise TelemetryError(f"{w}: unknown field {sorted(unknown)[0]!r}")
+        only_fields(p, _PHASE_KEYS, f"{w}.", error=TelemetryError)
         secs = None if p.get("seconds") is None else _num(p, "seconds", 0, 0, 1e9, w)
         out.append(
             Phase(
@@ -366,9 +369,7 @@ def parse_script(data: Any) -> Script:
     """
     if not isinstance(data, dict):
         raise TelemetryError("script: must be a JSON object")
-    unknown = set(data) - {"start", "time_scale", "devices", "phases"}
-    if unknown:
-        raise TelemetryError(f"script: unknown field {sorted(unknown)[0]!r}")
+    only_fields(data, {"start", "time_scale", "devices", "phases"}, "script.", error=TelemetryError)
     start = _num(data, "start", 0, 0, 1e11, "script")
     scale = _num(data, "time_scale", 1, 1e-3, 1e6, "script")
     default = _phases(data.get("phases", []), "script.phases")
@@ -380,9 +381,9 @@ def parse_script(data: Any) -> Script:
         w = f"script.devices[{i}]"
         if not isinstance(d, dict):
             raise TelemetryError(f"{w}: must be an object")
-        unknown = set(d) - {"index", "uuid", "idle_w", "busy_w", "phases"}
-        if unknown:
-            raise TelemetryError(f"{w}: unknown field {sorted(unknown)[0]!r}")
+        only_fields(
+            d, {"index", "uuid", "idle_w", "busy_w", "phases"}, f"{w}.", error=TelemetryError
+        )
         uuid = d.get("uuid")
         if uuid is not None and (not isinstance(uuid, str) or len(uuid) > 128):
             raise TelemetryError(f"{w}.uuid: must be a string of at most 128 characters")

@@ -558,3 +558,42 @@ def test_the_notebook_client_raises_the_family_with_status_and_field() -> None:
         400,
         "image",
     )
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("data", "kw", "match"),
+    [
+        ({"x": True}, {}, "d.x: must be a finite number"),
+        ({"x": float("nan")}, {}, "d.x: must be a finite number"),
+        ({"x": "3"}, {}, "d.x: must be a finite number"),
+        ({}, {}, "d.x: must be a finite number"),  # required
+        ({"x": None}, {}, "d.x: must be a finite number"),
+        ({"x": 11}, {}, r"d.x: must be between 0 and 10, got 11"),
+    ],
+)
+def test_json_number_refuses_by_name(data: dict, kw: dict, match: str) -> None:
+    from sovereign_portal.spawners.strict import RequestRefused, json_number
+
+    with pytest.raises(RequestRefused, match=match):
+        json_number(data, "x", "d.", lo=0, hi=10, **kw)
+
+
+@pytest.mark.unit
+def test_json_number_defaults_nulls_and_the_callers_error() -> None:
+    from sovereign_portal.spawners.strict import json_number, only_fields
+
+    assert json_number({}, "x", lo=0, hi=1, default=0.5) == 0.5
+    assert json_number({"x": None}, "x", lo=0, hi=1, null=True) is None
+    assert json_number({"x": 1}, "x", lo=0, hi=1) == 1.0 and isinstance(
+        json_number({"x": 1}, "x", lo=0, hi=1), float
+    )
+
+    class Mine(ValueError):
+        pass
+
+    with pytest.raises(Mine, match="^x: must be between"):
+        json_number({"x": 2}, "x", lo=0, hi=1, error=Mine)
+    only_fields({"a": 1}, {"a", "b"})
+    with pytest.raises(Mine, match=r"^w\.c: unknown field$"):
+        only_fields({"a": 1, "d": 2, "c": 3}, {"a"}, "w.", error=Mine)
