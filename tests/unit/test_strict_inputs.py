@@ -592,7 +592,7 @@ def test_json_number_defaults_nulls_and_the_callers_error() -> None:
     class Mine(ValueError):
         pass
 
-    with pytest.raises(Mine, match="^x: must be between"):
+    with pytest.raises(Mine, match=r"^x: must be between"):
         json_number({"x": 2}, "x", lo=0, hi=1, error=Mine)
     only_fields({"a": 1}, {"a", "b"})
     with pytest.raises(Mine, match=r"^w\.c: unknown field$"):
