@@ -379,6 +379,13 @@ async def end_course(
     portal: PortalService, store: CourseStore, course: Course, actor: str
 ) -> dict[str, Any]:
     """The course's data goes read-only and its students' course servers stop; audited."""
+    if course.data_path:  # write permission out of every ACL entry, files to the owner
+        from .course_data import seal
+
+        try:
+            seal(course.data_path)
+        except OSError as e:  # the modes below still go read-only
+            portal.log.warning("Course %s: sealing %s: %s", course.id, course.data_path, e)
     changed = make_read_only(course.data_path) if course.data_path else 0
     stopped = await stop_course_servers(portal, course, await group_members(portal, course.group))
     store.mark(course.id, ENDED, actor, read_only=changed, stopped=stopped)
@@ -430,7 +437,10 @@ def course_handlers(portal: PortalService, prefix: str) -> list[tuple[str, type]
 
     IOLoop.current().add_callback(start)
     base = prefix + "api/courses"
+    from .class_start_api import class_handlers
+
     return [
+        *class_handlers(portal, base, COURSE_ID),
         (base, CoursesHandler),
         (base + "/access", AccessLogHandler),
         (base + "/" + COURSE_ID, CourseHandler),

@@ -108,16 +108,22 @@ _ANY_OFFER = SiteOffer(sizes=_All(), images=_All(), data_root=None)
 
 
 def site_offer(
-    site: Site, images: Iterable[str] | None, data_root: str = "", server_access: bool = True
+    site: Site,
+    images: Iterable[str] | None,
+    data_root: str = "",
+    server_access: bool = True,
+    **bounds: Any,
 ) -> SiteOffer:
     """What a course on ``site`` may name: its one-node size ids, the allow-list's images
-    (None: the site has none), the data root, and whether staff may open servers."""
+    (None: the site has none), the data root, whether staff may open servers, and the
+    operator's class-start ``bounds`` (``max_prewarm_minutes`` ...; :class:`SiteOffer`)."""
     sizes = frozenset(s.id for p in site.partitions for s in partition_sizes(p) if s.nodes == 1)
     return SiteOffer(
         sizes=sizes,
         images=frozenset(images) if images is not None else None,
         data_root=data_root or None,
         server_access=server_access,
+        **bounds,
     )
 
 
@@ -468,6 +474,16 @@ class CourseSpawnGate:
         pick = [(c.id, c.title) for c in courses] if len(courses) > 1 else []
         return sizes, images, pick
 
+    def reservation_for(self, spawner: Any) -> str | None:
+        """``reservation_for`` of the Slurm spawner: the class reservation of a server the
+        portal service is pre-warming for this user (:mod:`.class_start_api`), or None."""
+        if spawner.name:
+            return None  # class starts warm the default server only
+        from .class_start_api import reservation_for
+        from .class_start_store import ClassStartStore
+
+        return reservation_for(ClassStartStore(self.store(spawner).store), spawner.user.name)
+
     async def apply_user_options(self, spawner: Any, options: Any) -> Any:
         """The course step, then the backend's own ``apply_user_options`` (validation, and
         placement where the backend places), then the course rule on the result."""
@@ -568,6 +584,64 @@ class CoursePolicy(Configurable):
         retention period (data deleted). Each action is logged and audited.""",
     )
 
+    max_prewarm_minutes = Int(
+        60,
+        config=True,
+        help="""The most minutes before a class a course may pre-warm its students'
+        servers (the course's prewarm.minutes, 1 to this). Pre-warmed servers run on the
+        course pool, marked "warm", until their student claims them.""",
+    )
+    max_unclaimed_minutes = Int(
+        30,
+        config=True,
+        help="""The most minutes into a class that a pre-warmed server nobody claimed may
+        keep running (the course's prewarm.unclaimed_minutes, 0 to this); then it stops.""",
+    )
+    max_prewarm_fraction = FloatTrait(
+        1.0,
+        config=True,
+        help="""The largest share of a course's roster that may be pre-warmed (the course's
+        prewarm.fraction, above 0 and at most this; 1.0: everyone).""",
+    )
+    prewarm_reservations = Bool(
+        False,
+        config=True,
+        help="""On Slurm, whether a class's pre-warm first creates a Slurm reservation for
+        the class window (scontrol create reservation: the course's Unix users, the
+        window's start and duration, the nodes its servers need; the portal's Slurm user
+        must be a Slurm operator). The reservation is deleted when the class ends. Off:
+        the pre-warm submits its jobs early, in the normal queue.""",
+    )
+    prewarm_partition = Unicode(
+        "",
+        config=True,
+        help="""The Slurm partition whose nodes a class reservation takes
+        (prewarm_reservations). Empty: the site's default partition.""",
+    )
+    reservation_user_template = Unicode(
+        "{login}",
+        config=True,
+        help="""The Unix user a class reservation names for each student
+        (prewarm_reservations), as c.SlurmGPUSpawner.unix_user_template makes it:
+        {username} is the portal user name (alice@uni-a.example), {login} the part before
+        the "@".""",
+    )
+    reservation_nodes = Int(
+        1,
+        config=True,
+        help="""How many nodes of prewarm_partition a class reservation takes
+        (prewarm_reservations). A pre-warmed class needs its students' MIG slices: one
+        8-GPU node of 1g.10gb slices holds 56 students.""",
+    )
+    class_start_interval_seconds = Int(
+        30,
+        config=True,
+        help="""Seconds between the portal service's class-start passes: start the
+        pre-warm of classes about to begin, hand claimed servers to their students (the
+        ledger's warm record closes, the student's own begins), stop servers nobody
+        claimed, and delete reservations of classes that ended.""",
+    )
+
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
         raw = os.environ.get(COURSES_ENV)
@@ -605,7 +679,15 @@ class CoursePolicy(Configurable):
         return [i.name for i in load_image_allow_list(self.image_allow_list).images]
 
     def offer(self, site: Site) -> SiteOffer:
-        return site_offer(site, self.images(), self.data_root, self.server_access)
+        return site_offer(
+            site,
+            self.images(),
+            self.data_root,
+            self.server_access,
+            max_prewarm_minutes=self.max_prewarm_minutes,
+            max_unclaimed_minutes=self.max_unclaimed_minutes,
+            max_prewarm_fraction=self.max_prewarm_fraction,
+        )
 
 
 def install(c: Any, service: dict[str, Any], options: dict[str, Any] | None = None) -> None:
@@ -615,6 +697,7 @@ def install(c: Any, service: dict[str, Any], options: dict[str, Any] | None = No
     gate = CourseSpawnGate()
     c.Spawner.course_display = gate.display
     c.Spawner.apply_user_options = gate.apply_user_options
+    c.SlurmGPUSpawner.reservation_for = gate.reservation_for
     opts = dict(options or {})
     CoursePolicy(**opts)  # a bad option stops the hub's start here, named
     for key, value in opts.items():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -78,6 +79,7 @@ FIELDS = (
     "schedule",
     "ta_server_access",
     "retention_days",
+    "prewarm",
 )
 REQUIRED = ("id", "title", "instructors", "start", "end")
 #: Ids that are words of the REST API (``api/courses/access``).
@@ -86,6 +88,11 @@ RESERVED_IDS = frozenset({"access"})
 OPERATOR_FIELDS = frozenset({"id", "retention_days"})
 BUDGET_FIELDS = ("period", "unit", "pool", "per_student")
 CLASS_FIELDS = ("weekday", "time", "minutes")
+#: Fields of a course's class-start settings (``prewarm``; :mod:`.class_start`).
+PREWARM_FIELDS = ("minutes", "fraction", "unclaimed_minutes", "size")
+#: The largest pre-warm lead and unclaimed-stop delay any site allows (operators narrow
+#: them: ``CoursePolicy.max_prewarm_minutes``, ``max_unclaimed_minutes``).
+MAX_PREWARM_MINUTES = 240
 
 
 class CourseError(RequestRefused):
@@ -140,6 +147,26 @@ class CourseBudget:
 
 
 @dataclass(frozen=True)
+class Prewarm:
+    """A course's class starts: servers start ``minutes`` before each class for
+    ``fraction`` of the roster on ``size`` (the course's first size when None), and those
+    nobody claimed stop ``unclaimed_minutes`` into the class."""
+
+    minutes: int
+    fraction: float = 1.0
+    unclaimed_minutes: int = 15
+    size: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "minutes": self.minutes,
+            "fraction": self.fraction,
+            "unclaimed_minutes": self.unclaimed_minutes,
+            "size": self.size,
+        }
+
+
+@dataclass(frozen=True)
 class Course:
     id: str
     title: str
@@ -154,6 +181,7 @@ class Course:
     schedule: tuple[ClassSlot, ...] = ()
     ta_server_access: bool = False
     retention_days: int = DEFAULT_RETENTION_DAYS
+    prewarm: Prewarm | None = None
 
     @property
     def group(self) -> str:
@@ -182,7 +210,14 @@ class Course:
             "schedule": [c.to_json() for c in self.schedule],
             "ta_server_access": self.ta_server_access,
             "retention_days": self.retention_days,
+            "prewarm": self.prewarm.to_json() if self.prewarm else None,
         }
+
+    def prewarm_size(self) -> str | None:
+        """The size pre-warmed servers get: the one named, else the course's first size."""
+        if self.prewarm is None:
+            return None
+        return self.prewarm.size or (self.sizes[0] if self.sizes else None)
 
     def student_view(self) -> dict[str, Any]:
         """What a student of the course sees (no staff lists, no budget internals)."""
@@ -208,6 +243,9 @@ class SiteOffer:
     images: frozenset[str] | None = None
     data_root: str | None = None
     server_access: bool = True
+    max_prewarm_minutes: int = MAX_PREWARM_MINUTES
+    max_unclaimed_minutes: int = MAX_CLASS_MINUTES
+    max_prewarm_fraction: float = 1.0
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -325,6 +363,47 @@ def _schedule(raw: Any) -> tuple[ClassSlot, ...]:
     return tuple(out)
 
 
+def _prewarm(raw: Any, sizes: Sequence[str], offer: SiteOffer) -> Prewarm | None:
+    """A course's class-start settings, within the site's bounds (``prewarm.<field>``
+    named on error); None: no pre-warm."""
+    if raw is None:
+        return None
+    p = _only(raw, PREWARM_FIELDS, "prewarm")
+    if "minutes" not in p:
+        raise CourseError("prewarm.minutes", "is required (minutes before a class)")
+    minutes = _int(p["minutes"], "prewarm.minutes", 1, offer.max_prewarm_minutes)
+    fraction = p.get("fraction", 1.0)
+    top = offer.max_prewarm_fraction
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, int | float)
+        or not math.isfinite(fraction)
+        or not 0 < fraction <= top
+    ):
+        raise CourseError(
+            "prewarm.fraction",
+            f"must be a number above 0 and at most {top:g} (the share of the roster), "
+            f"got {_short(fraction)!r}",
+        )
+    unclaimed = _int(
+        p.get("unclaimed_minutes", 15), "prewarm.unclaimed_minutes", 0, offer.max_unclaimed_minutes
+    )
+    size = p.get("size")
+    if size is not None:
+        if not isinstance(size, str) or not _SIZE_RE.match(size):
+            raise CourseError("prewarm.size", f"{_short(size)!r} is not a size id")
+        allowed = sizes or sorted(offer.sizes)
+        if size not in allowed:
+            raise CourseError(
+                "prewarm.size", f"{size} is not one of the course's sizes ({', '.join(allowed)})"
+            )
+    elif not sizes:
+        raise CourseError(
+            "prewarm.size", "name the size to pre-warm: the course does not list its sizes"
+        )
+    return Prewarm(minutes, round(float(fraction), 6), unclaimed, size)
+
+
 def _data_path(raw: Any, course_id: str, offer: SiteOffer) -> str | None:
     if raw is None:
         return None
@@ -409,6 +488,7 @@ def parse_course(raw: Any, offer: SiteOffer) -> Course:
             0,
             MAX_RETENTION_DAYS,
         ),
+        prewarm=_prewarm(c.get("prewarm"), tuple(sizes), offer),
     )
 
 
@@ -576,6 +656,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "servers": frozenset({"operator", "instructor", "ta"}),
     "open_server": frozenset({"operator", "instructor", "ta"}),
     "end": frozenset({"operator", "instructor"}),
+    "class": frozenset({"operator", "instructor", "ta"}),
 }
 
 
@@ -693,6 +774,7 @@ __all__ = [
     "FIELDS",
     "MAX_ROSTER_ROWS",
     "PERMISSIONS",
+    "PREWARM_FIELDS",
     "TA_GROUP",
     "ClassSlot",
     "Course",
@@ -701,6 +783,7 @@ __all__ = [
     "CourseForbidden",
     "Limits",
     "Memberships",
+    "Prewarm",
     "RosterError",
     "SiteOffer",
     "apply_changes",

@@ -57,7 +57,18 @@ from typing import Any
 from sovereign_portal.spawners.request import Resolved, co2_g
 
 #: Why a record closed.
-END_REASONS = ("stopped", "died", "walltime", "scancel", "node_failure", "budget", "reclaimed")
+#: ``claimed``: a pre-warmed server's warm record, closed when its student claimed it (the
+#: student's own record begins then; hub/class_start_api.py).
+END_REASONS = (
+    "stopped",
+    "died",
+    "walltime",
+    "scancel",
+    "node_failure",
+    "budget",
+    "reclaimed",
+    "claimed",
+)
 KINDS = ("notebook", "dask", "torch")
 OWNER_TYPES = ("user", "course", "project")
 ROW_TYPES = ("usage", "adjustment")

@@ -131,6 +131,8 @@ class HubLedger:
         rec = ledger.open_for(source)
         if rec is None:
             return
+        for key in [k for k, lv in self.live.items() if lv.spawner is spawner and k != rec.id]:
+            self.live.pop(key)  # a warm record its student claimed (hub/class_start_api.py)
         live = self.live.setdefault(rec.id, Live(rec))
         live.spawner = None
         now = time.time()
@@ -175,6 +177,17 @@ class HubLedger:
                         poller.untrack(j)
         log.info("Ledger: record %s of %s closed: %s", rec.id, rec.source, done.end_reason)
 
+    def _handed_over(self, live: Live) -> None:
+        """The record was closed by the portal service: a pre-warmed server claimed by its
+        student (its warm record closes, the student's own opens; hub/class_start_api.py).
+        Follow the server's open record from now on."""
+        assert self.store is not None
+        self.live.pop(live.record.id, None)
+        new = self.store.open_for(live.record.source)
+        if new is not None:
+            live.record = new
+            self.live[new.id] = live
+
     def _close_lost(self, ledger: LedgerStore, rec: L.Record) -> None:
         live = self.live.pop(rec.id, None) or Live(rec)
         if rec.job_ids and self.pollers:
@@ -215,9 +228,12 @@ class HubLedger:
             job_id = str(getattr(sp, "job_id", "") or "")
             info = poller.jobs.get(job_id) if job_id else None
             if info is not None and rec.started_at is None and info.state == "RUNNING":
-                live.record = self.store.attach(
-                    rec.id, job_ids=[job_id], nodes=info.nodes, started_at=now
-                )
+                try:
+                    live.record = self.store.attach(
+                        rec.id, job_ids=[job_id], nodes=info.nodes, started_at=now
+                    )
+                except L.LedgerError:
+                    self._handed_over(live)
             return  # a running server: its stop (post_stop_hook) closes it
         if not rec.job_ids:
             return

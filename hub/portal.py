@@ -143,6 +143,10 @@ def configure(
     from .ledger_hub import install as install_ledger
 
     install_ledger(c)
+    # The course data folder (issue 12): its ACL set and linked in every course server.
+    from .course_data import install as install_course_data
+
+    install_course_data(c)
     # GDPR (issue 11): "Download my data" at /hub/usage/export; the pseudonym key and the
     # logs `sovereign-portal gdpr erase` scrubs live in the state directory.
     from .gdpr_pages import HANDLERS as GDPR_HANDLERS

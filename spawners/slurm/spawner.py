@@ -230,6 +230,15 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         account of the budget's Slurm account. configure() sets it from the hub's budgets;
         None previews with the partition's or the default account.""",
     )
+    reservation_for = AnyTrait(
+        None,
+        allow_none=True,
+        config=True,
+        help="""A callable ``(spawner) -> str | None``: the Slurm reservation this server's
+        job runs in (sbatch --reservation), or None. configure() sets it from the portal's
+        class starts: a server pre-warmed for a class runs in the class's reservation
+        (CoursePolicy.prewarm_reservations). Never taken from user input.""",
+    )
     extra_sbatch_args = List(
         Unicode(),
         config=True,
@@ -458,10 +467,17 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             env={**self.job_env(hub_env), **self.portal_env(resolved)},
             ip=self.server_ip,
             account=self.slurm_account(resolved, preview=hub_env is None),
-            extra_sbatch=list(self.extra_sbatch_args),
+            extra_sbatch=[*self.extra_sbatch_args, *self._reservation_args(hub_env)],
             image_argv=self.image_argv(resolved),
             image_command=list(self.image_command),
         )
+
+    def _reservation_args(self, hub_env: Mapping[str, str] | None) -> list[str]:
+        """``--reservation=<name>`` of a pre-warmed server's job (not in a preview)."""
+        if hub_env is None or self.reservation_for is None:
+            return []
+        name = self.reservation_for(self)
+        return [f"--reservation={name}"] if name else []
 
     def _output(self, home: str) -> str:
         """The job's log file; a site's job ids are its own, so its name carries the site."""

@@ -102,7 +102,8 @@ def test_dask_http_serves_health_only() -> None:
 
 def test_server_tokens_and_the_service_hold_no_admin_scope() -> None:
     """A server's token acts for its own server only; the service's token reads users, and
-    for courses changes group membership and starts/stops servers; it never accesses one."""
+    for courses changes group membership and starts/stops servers, and for class starts reads
+    token metadata (a claim is the student's OAuth token); it never accesses a server."""
     assert sorted(SERVER_TOKEN_SCOPES) == ["access:servers!server", "users:activity!user"]
     role = service_role()
     assert set(role["scopes"]) == {
@@ -112,5 +113,6 @@ def test_server_tokens_and_the_service_hold_no_admin_scope() -> None:
         "read:roles:users",
         "groups",
         "servers",
+        "read:tokens",
     }
     assert role["services"] == ["sovereign-portal"]
