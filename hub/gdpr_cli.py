@@ -203,26 +203,83 @@ def _stop_servers(hub: Hub, username: str, timeout: float = 120) -> list[str]:
     raise CLIError(f"USER: the servers of {username!r} did not stop in {timeout:.0f}s")
 
 
-def _stop_sessions(store: Any, username: str) -> list[dict[str, Any]]:
-    """Cancel the Slurm jobs of the user's open records and close the records, per site."""
+def _stop_sessions(store: Any, username: str, sites: Any = None) -> list[dict[str, Any]]:
+    """Cancel the Slurm jobs of the user's open records and close the records, per site:
+    a record of a declared site (``sites``: the site file's Site) is cancelled through that
+    site's own client (its CLI, or its slurmrestd), never the hub host's CLI."""
     from sovereign_portal.spawners.slurm.client import SchedulerError, SlurmCLI
+    from sovereign_portal.spawners.slurm.sites import site_client
 
     from . import gdpr
     from .ledger_store import LedgerStore
 
+    declared = {cs.name: cs for cs in (sites.sites if sites is not None else [])}
     ledger = LedgerStore(store)
     by_site: dict[str, dict[str, Any]] = {}
     for rec in gdpr.open_records(store, username):
         site = by_site.setdefault(rec.site or "local", {"site": rec.site or "local", "jobs": []})
         if rec.job_ids:
+            cs = declared.get(rec.site)
             try:
-                asyncio.run(SlurmCLI().cancel(list(rec.job_ids)))
+                client = site_client(cs) if cs is not None else SlurmCLI()
+                asyncio.run(client.cancel(list(rec.job_ids)))
             except (SchedulerError, OSError) as e:
-                site.setdefault("errors", []).append(f"scancel {','.join(rec.job_ids)}: {e}")
+                site.setdefault("errors", []).append(f"cancel {','.join(rec.job_ids)}: {e}")
             site["jobs"] += list(rec.job_ids)
         ledger.close(rec.id, reason="stopped")
         site["records_closed"] = site.get("records_closed", 0) + 1
     return list(by_site.values())
+
+
+def _site_file(args: argparse.Namespace, cfg: HubConfig) -> Any:
+    """The site file's Site when it declares [[sites]] (``--site``, else the hub config's
+    SlurmGPUSpawner.site_file), else None."""
+    from sovereign_portal.spawners.site import SiteError, load_site
+
+    path = getattr(args, "site", None) or cfg._get("SlurmGPUSpawner", "site_file", "")
+    if not path:
+        return None
+    try:
+        site = load_site(cfg._path(str(path)))
+    except (SiteError, OSError) as e:
+        raise CLIError(f"--site: {e}") from None
+    return site if site.sites else None
+
+
+def site_receipt(
+    sites: Any, stopped: list[dict[str, Any]], records: list[Any], home: Path | None
+) -> list[dict[str, Any]]:
+    """Per declared site, what the erase touched there: its jobs cancelled and records
+    closed (``stopped``), the user's ledger records that ran there (pseudonymised with the
+    rest), and the job logs of that site in ~/.sovereign-portal (their names carry the
+    site: ``slurm-<site>-<job>.log``), which the erase then deletes."""
+    logs = home / ".sovereign-portal" if home is not None else None
+    out = []
+    for cs in sites.sites:
+        done = next((s for s in stopped if s["site"] == cs.name), {})
+        files = (
+            sorted(
+                str(p.relative_to(home))
+                for p in logs.rglob(f"*-{cs.name}-*")
+                if p.is_file() and home is not None
+            )
+            if logs is not None and logs.is_dir()
+            else []
+        )
+        out.append(
+            {
+                "site": cs.name,
+                "country": cs.country,
+                "operator": cs.operator,
+                "transport": cs.scheduler.transport,
+                "jobs_cancelled": list(done.get("jobs", [])),
+                "records_closed": int(done.get("records_closed", 0)),
+                "errors": list(done.get("errors", [])),
+                "ledger_records_pseudonymised": sum(1 for r in records if r.site == cs.name),
+                "job_logs_deleted": [f"~/{f}" for f in files],
+            }
+        )
+    return out
 
 
 def _cmd_erase(args: argparse.Namespace) -> int:
@@ -263,8 +320,17 @@ def _cmd_erase(args: argparse.Namespace) -> int:
         key = gdpr.load_key(cfg.key_file)
         receipt = gdpr.Receipt(gdpr.pseudonym(key, username))
         idents = [username, *args.email]
+        sites = _site_file(args, cfg)
         receipt.add("servers stopped", servers=_stop_servers(hub, username))
-        receipt.add("compute sessions stopped", sites=_stop_sessions(store, username))
+        stopped = _stop_sessions(store, username, sites)
+        receipt.add("compute sessions stopped", sites=stopped)
+        if sites is not None:  # before the erase: the records still name the user
+            from .ledger_store import LedgerStore
+
+            ledger = LedgerStore(store)
+            mine = [r for r in [*ledger.chained(), *ledger.list_open()] if r.user == username]
+            home_at = cfg.home(username, args.home)
+            receipt.add("per site", sites=site_receipt(sites, stopped, mine, home_at))
         if status == 200:
             st, _ = hub.call("DELETE", hub.user_path(username))
             if st not in (204, 404):
@@ -380,6 +446,13 @@ def add_parsers(sub: Any) -> None:
         "--email", action="append", default=[], metavar="ADDRESS",
         help="another identifier of the person to erase from logs and notes (repeatable)",
     )  # fmt: skip
+    r.add_argument(
+        "--site",
+        metavar="FILE",
+        help="the site file, for several Slurm sites (default: the config's "
+        "SlurmGPUSpawner.site_file): jobs are cancelled through each site's own client and "
+        "the receipt lists, per site, what the erase touched there",
+    )
     r.add_argument("--json", action="store_true", help="the receipt as JSON")
     r.set_defaults(func=_cmd_erase)
 
