@@ -164,9 +164,9 @@ def test_instructor_edits_the_course_through_the_page(stack: Stack) -> None:
     ("form", "field", "words"),
     [
         ({"end": str(TODAY - timedelta(days=5))}, "end", "must be after the start"),
-        ({"per_student": "500"}, None, "pool"),
-        ({"sizes": "h100:7g.80gb-nope"}, "sizes", "h100:7g.80gb-nope"),
-        ({"schedule": "someday 09:15 90"}, None, "someday"),
+        ({"per_student": "500"}, "budget.per_student", "500"),
+        ({"sizes": "h100:7g.80gb-nope"}, "sizes[0]", "h100:7g.80gb-nope"),
+        ({"schedule": "someday 09:15 90"}, "schedule[0].weekday", "someday"),
     ],
 )
 def test_a_refused_edit_shows_the_apis_message_and_changes_nothing(

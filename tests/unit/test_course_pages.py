@@ -191,13 +191,14 @@ def test_templates_render_the_class_view_and_the_course() -> None:
         can_edit=False,
         roster={"members": ["s1@uni-a.example"], "added": ["s4@uni-a.example"]},
         schedule="tue 09:15 90",
-        error="end: before the start",
+        error="end: must be after the start",
         error_field="end",
         done=None,
         form={},
     )
     assert "<fieldset disabled>" in html and 'id="sp-save"' not in html  # a TA sees only
     assert 'data-field="end"' in html and "Nothing was changed." in html
+    assert '<strong class="sp-error-field">end</strong>: must be after the start' in html
     assert "access at first login" in html
     html = env.get_template("courses.html").render(
         base_url="/hub/", page_title="My courses", courses=[COURSE]
