@@ -974,16 +974,52 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
 
         schedule_sweep(self)
 
+    def _sweep_targets(self) -> list[tuple[str, SchedulerClient, JobPoller]]:
+        """(site, client, poller) of every cluster the sweep looks at: each [[sites]] entry
+        through its own client (CLI or slurmrestd), else the hub host's cluster ("")."""
+        if not self.site.sites:
+            return [("", self.scheduler, self.poller)]
+        from .sites import client_for
+
+        pollers = self._site_pollers()
+        return [
+            (cs.name, client_for(cs, self.submit_prefix), pollers[cs.name])
+            for cs in self.site.sites
+        ]
+
     async def sweep_orphans(self) -> list[str]:
-        """Report and cancel active jobs tagged by this hub that no server tracks.
+        """Report and cancel active jobs tagged by this hub that no server tracks, at every
+        site (one batched query per site, all sites at once; a site that does not answer
+        is skipped and said so: nothing there is cancelled on a guess).
 
         A job is cancelled only if its comment carries a tag signed with this hub's key,
-        no spawner in this process tracks that tag or job id (re-adopted, running, or being
-        started right now), and its owner is a plain Unix user name that is not a system
-        account (:class:`~..accounts.UnixAccountPolicy`): ``scancel`` never runs as one.
-        Returns the ids.
+        no spawner in this process tracks that tag or job id at that site (re-adopted,
+        running, or being started right now), and its owner is a plain Unix user name that
+        is not a system account (:class:`~..accounts.UnixAccountPolicy`): ``scancel``
+        never runs as one. Returns the ids; :attr:`swept` has them by site.
         """
-        found = await self.scheduler.query(name=JOB_NAME)
+        targets = self._sweep_targets()
+        results = await asyncio.gather(
+            *(self._sweep_site(site, client, poller) for site, client, poller in targets),
+            return_exceptions=True,
+        )
+        self.swept: dict[str, list[str]] = {}
+        for (site, _, _), res in zip(targets, results, strict=True):
+            if isinstance(res, BaseException):
+                if isinstance(res, asyncio.CancelledError):
+                    raise res
+                self.log.warning(
+                    "Orphan sweep%s: the scheduler did not answer (%s); nothing cancelled there",
+                    f" at site {site}" if site else "",
+                    res,
+                )
+                continue
+            self.swept[site] = res
+        return [j for ids in self.swept.values() for j in ids]
+
+    async def _sweep_site(self, site: str, client: SchedulerClient, poller: JobPoller) -> list[str]:
+        where = f" at site {site}" if site else ""
+        found = await client.query(name=JOB_NAME)
         key = self._key()
         policy = UnixAccountPolicy(parent=self)
         seen, cancelled = 0, []
@@ -995,7 +1031,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             if tag is None or not tag_is_ours(key, tag):
                 continue
             seen += 1
-            if tag in TRACKED_TAGS or job_id in self.poller.tracked:
+            if tag in TRACKED_TAGS or job_id in poller.tracked:
                 continue
             if not job_id.isdigit() or not valid_unix_user(user):
                 self.log.warning("Not touching portal job %r of %r: odd id or user", job_id, user)
@@ -1003,27 +1039,30 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             why = policy.refusal(user)
             if why is not None:
                 self.log.error(
-                    "Untracked portal job %s runs as system account %s (%s): not cancelling it "
-                    "as that account; an operator must look at it",
+                    "Untracked portal job %s%s runs as system account %s (%s): not cancelling "
+                    "it as that account; an operator must look at it",
                     job_id,
+                    where,
                     user,
                     why,
                 )
                 continue
             self.log.warning(
-                "Untracked portal job %s of %s (tag %s): no server of this hub tracks it; "
+                "Untracked portal job %s%s of %s (tag %s): no server of this hub tracks it; "
                 "cancelling it",
                 job_id,
+                where,
                 user,
                 tag,
             )
             try:
-                await self.scheduler.cancel([job_id], user=user)
+                await client.cancel([job_id], user=user)
                 cancelled.append(job_id)
             except (SchedulerError, TimeoutError, OSError) as e:
-                self.log.warning("scancel of untracked job %s failed: %s", job_id, e)
+                self.log.warning("scancel of untracked job %s%s failed: %s", job_id, where, e)
         self.log.info(
-            "Orphan sweep: %d active portal job(s) of this hub, %d untracked, cancelled %s",
+            "Orphan sweep%s: %d active portal job(s) of this hub, %d untracked, cancelled %s",
+            where,
             seen,
             len(cancelled),
             cancelled or "none",

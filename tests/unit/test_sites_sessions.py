@@ -146,3 +146,65 @@ def test_each_site_is_polled_through_its_own_client_once_per_refresh() -> None:
 )
 def test_the_server_of_a_token_comes_from_its_scopes(scopes: list[str], server: str | None) -> None:
     assert server_of_token("ada", scopes) == server
+
+
+class _Cluster(ScriptedQueue):
+    """A site's queue that records cancels (the sweep cancels as the job's owner)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled: list[tuple[list[str], str | None]] = []
+
+    async def cancel(self, job_ids: Any, *, user: str | None = None) -> None:
+        self.cancelled.append((list(job_ids), user))
+
+
+def test_the_orphan_sweep_looks_at_every_site_through_its_own_client(tmp_path: Any) -> None:
+    from sovereign_portal.spawners.slurm.client import JobInfo as Info
+    from sovereign_portal.spawners.slurm.jobscript import JOB_NAME, make_tag
+    from sovereign_portal.spawners.slurm.scheduler import JobPoller
+    from sovereign_portal.spawners.slurm.spawner import SlurmGPUSpawner
+    from traitlets.config import Config
+
+    key_file = tmp_path / "tag.key"
+    key_file.write_text("k" * 64)
+    cfg = Config()
+    cfg.SlurmGPUSpawner.site_file = str(TWO_SITE_FILE)
+    cfg.SlurmGPUSpawner.tag_key_file = str(key_file)
+    paris, julich, down = _Cluster(), _Cluster(), _Cluster()
+    down.down = True
+    tag = make_tag(b"k" * 64, "feedc0ffee00")
+
+    def portal_job(jid: str) -> Info:
+        return Info(
+            jid, "RUNNING", "None", "n", "N/A", "spdave", f"sovereign-portal:{tag}", "gpu", 1
+        )
+
+    class Sweeper(SlurmGPUSpawner):
+        targets: list[Any] = []
+
+        def _sweep_targets(self) -> list[Any]:
+            return self.targets
+
+    async def run() -> None:
+        # job 5 at both sites: tracked at paris only (a re-adopted server), an orphan at julich
+        paris.jobs, julich.jobs = [portal_job("5")], [portal_job("5")]
+        pollers = {
+            s: JobPoller(60, 0, 60, client=c) for s, c in (("paris", paris), ("julich", julich))
+        }
+        pollers["paris"].track("5")
+        sw = Sweeper(config=cfg)
+        sw.targets = [("paris", paris, pollers["paris"]), ("julich", julich, pollers["julich"])]
+        assert await sw.sweep_orphans() == ["5"]
+        assert julich.cancelled == [(["5"], "spdave")] and paris.cancelled == []
+        assert sw.swept == {"paris": [], "julich": ["5"]}
+        assert paris.queries == [None] and julich.queries == [None]  # one query per site
+        # a site that does not answer: nothing cancelled there, the others still swept
+        julich.cancelled.clear()
+        sw.targets = [("paris", down, pollers["paris"]), ("julich", julich, pollers["julich"])]
+        assert await sw.sweep_orphans() == ["5"] and set(sw.swept) == {"julich"}
+        for p in pollers.values():
+            p.untrack("5")
+
+    asyncio.run(run())
+    assert JOB_NAME == "sovereign-portal"
