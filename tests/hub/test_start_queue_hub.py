@@ -6,7 +6,9 @@ portal service, real IdP logins), with the start queue narrowed to one start at 
 own REST spawn path: none gets a 429, a timeout or an error; each one's progress stream
 (what the spawn-pending page shows) gives a place in line and an estimate before its
 turn; the starts run one at a time in arrival order; every server ends up ready; and a
-bystander's ``/hub/api`` answers quickly all along.
+bystander's ``/hub/api`` answers quickly all along. Then a student on the spawn form in
+Chromium, behind four others, reads the place in line on JupyterHub's spawn-pending page
+before JupyterLab opens (screenshot under the test's tmp dir).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from typing import Any
 
 import pytest
 
+from tests.support.browser import HostGuard, guarded_chromium, idp_login
 from tests.support.hub import HubProcess
 from tests.support.idp import LocalIdP, oidc_login
 from tests.support.idp_users import idp_user, write_users
 from tests.support.portal import configure_text, wait_portal_service
 from tests.support.stack import hub_with_idp
 
-pytestmark = [pytest.mark.hub, pytest.mark.idp, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.hub, pytest.mark.idp, pytest.mark.browser, pytest.mark.timeout(600)]
 
 STUDENTS = [f"q{i}" for i in range(1, 7)]
 ORG = "uni-a.example"
@@ -57,6 +60,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess
         yield hub, idp
         hub.close()
         hub.assert_no_egress()
+
+
+def stop_all(hub: HubProcess, names: list[str]) -> None:
+    """Stop these users' servers (a start still pending answers 400: ask again)."""
+
+    def none_left() -> bool:
+        left = [n for n in names if hub.api("GET", f"/users/{n}").json().get("servers")]
+        for n in left:
+            hub.api("DELETE", f"/users/{n}/server")
+        return not left
+
+    hub.wait_for(none_left, 180, "the servers stopped", interval=1.0)
 
 
 def progress(hub: HubProcess, user: str, out: list[dict[str, Any]]) -> None:
@@ -97,19 +112,23 @@ def test_six_students_at_once_wait_in_line_and_all_start(
 
     side = threading.Thread(target=watch_bystander, daemon=True)
     side.start()
-    spawns = [threading.Thread(target=spawn, args=(n,)) for n in names]
-    for t in spawns:
-        t.start()
-        time.sleep(0.05)  # arrival order: q1 first
-    for t in spawns:
-        t.join(60)
-    watchers = [threading.Thread(target=progress, args=(hub, n, events[n])) for n in names]
-    for t in watchers:
-        t.start()
-    for t in watchers:
-        t.join(300)
-    stop.set()
-    side.join(10)
+    try:
+        spawns = [threading.Thread(target=spawn, args=(n,)) for n in names]
+        for t in spawns:
+            t.start()
+            time.sleep(0.05)  # arrival order: q1 first
+        for t in spawns:
+            t.join(60)
+        watchers = [threading.Thread(target=progress, args=(hub, n, events[n])) for n in names]
+        for t in watchers:
+            t.start()
+        for t in watchers:
+            t.join(300)
+    finally:
+        stop.set()
+        side.join(10)
+        log = hub.log_text()
+        stop_all(hub, names)
 
     assert sorted(answers) == [202] * len(names), answers  # never 429, never an error
     for n in names:
@@ -124,7 +143,6 @@ def test_six_students_at_once_wait_in_line_and_all_start(
     assert places and places == sorted(places, reverse=True), places  # moving up the line
     assert any(e.get("queue", {}).get("estimate_seconds") for e in events[last])
     # one start at a time, in arrival order: the hub's log says who waited where
-    log = hub.log_text()
     assert log.count("waits in line") >= 3, log[-3000:]
     started = [m.group(1) for m in re.finditer(r"Starting (q\d@uni-a\.example) on", log)]
     assert started == names, started
@@ -134,3 +152,53 @@ def test_six_students_at_once_wait_in_line_and_all_start(
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
     assert p99 < 2.0, latencies[-5:]
     (tmp_path / "bystander.json").write_text(json.dumps({"n": len(latencies), "p99": p99}))
+
+
+def test_the_spawn_page_shows_the_place_in_line(
+    stack: tuple[HubProcess, LocalIdP], tmp_path: Path
+) -> None:
+    """A student on the spawn form, in Chromium, behind four others: the spawn-pending page
+    (JupyterHub's own, fed by the progress API) says where they are and about how long is
+    left, then JupyterLab opens. No request leaves the deployment."""
+    hub, idp = stack
+    ahead = [f"{s}@{ORG}" for s in ("q1", "q2", "q4", "q5")]
+    me = f"q3@{ORG}"
+    guard = HostGuard(hub.url, idp.issuer)
+    answers: list[int] = []
+    try:
+        with guarded_chromium(guard, 1100, 800) as page:
+            idp_login(page, hub.url, idp.issuer, "q3")
+            page.wait_for_url(f"{hub.url}/hub/**")
+            page.goto(f"{hub.url}/hub/spawn")
+            page.wait_for_selector("#sp-size")
+            page.select_option("#sp-size", "lab/h100x1")
+            threads = [
+                threading.Thread(
+                    target=lambda n: answers.append(
+                        hub.api("POST", f"/users/{n}/server", json={"gpus": 1}).status_code
+                    ),
+                    args=(n,),
+                )
+                for n in ahead
+            ]
+            for t in threads:
+                t.start()
+                time.sleep(0.05)
+            for t in threads:
+                t.join(60)
+            page.click("form#spawn_form input[type=submit], form#spawn_form button[type=submit]")
+            page.wait_for_url("**/spawn-pending/**", timeout=60_000)
+            page.wait_for_function(
+                "() => /in line to start|You are next to start/.test(document.body.innerText)",
+                timeout=60_000,
+            )
+            text = page.inner_text("body")
+            assert LINE.search(text), text[:2000]
+            page.screenshot(path=str(tmp_path / "spawn-pending-in-line.png"), full_page=True)
+            page.wait_for_url(f"**/user/{me}/lab**", timeout=180_000)
+            page.wait_for_selector("#jp-main-dock-panel", timeout=180_000)
+        assert sorted(answers) == [202] * len(ahead), answers
+        assert guard.foreign == [], guard.foreign
+        assert (tmp_path / "spawn-pending-in-line.png").stat().st_size > 10_000
+    finally:
+        stop_all(hub, [*ahead, me])
