@@ -295,6 +295,7 @@ def main() -> int:
         nodes=mig,
         partitions={PARTITION: (tuple(x.name for x in mig), 240)},
         users=(*TEST_USERS, *students),
+        cluster_name="storm-bench",
     )
     shared = Path(tempfile.mkdtemp(prefix="sp-storm-jobs-", dir="/tmp"))
     shared.chmod(0o777)
