@@ -262,13 +262,14 @@ class ClassEngine:
             if row["state"] == STARTING and server.get("ready"):
                 self.store.update(w.course, w.start, user, state=WARM, ready_at=now)
                 row["state"] = WARM
-            if row["state"] != WARM:
-                continue
-            tokens = await self.hub("GET", f"/users/{q}/tokens")
-            claimed = CS.claim_time((tokens or {}).get("api_tokens") or [], row["requested_at"])
-            if claimed is not None:
-                await self.hand_over(course, w, user, model or {}, claimed)
-            elif now >= stop:
+            if row["state"] == WARM:
+                tokens = await self.hub("GET", f"/users/{q}/tokens")
+                got = (tokens or {}).get("api_tokens") or []
+                claimed = CS.claim_time(got, row["requested_at"])
+                if claimed is not None:
+                    await self.hand_over(course, w, user, model or {}, claimed)
+                    continue
+            if now >= stop:  # nobody claimed it (still starting, or warm and waiting)
                 await self.hub("DELETE", f"/users/{q}/server")
                 self.store.update(
                     w.course,
