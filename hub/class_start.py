@@ -185,10 +185,12 @@ def reservation_create_argv(
     *,
     partition: str = "",
     node_count: int = 1,
+    nodes: Sequence[str] = (),
     scontrol: str = "scontrol",
 ) -> list[str]:
     """``scontrol create reservation`` for a class window: the course's Unix ``users``, from
-    ``start`` for ``minutes``, ``node_count`` nodes of ``partition``. An argv list."""
+    ``start`` for ``minutes``, the named ``nodes`` (e.g. the MIG nodes) or else
+    ``node_count`` nodes of ``partition``. An argv list."""
     if not _RESV_RE.match(name):
         raise CourseError("reservation", f"{name!r} is not a class reservation name")
     if not users:
@@ -206,9 +208,12 @@ def reservation_create_argv(
         f"StartTime={start.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S')}",
         f"Duration={minutes}",
         f"Users={','.join(sorted(set(users)))}",
-        f"NodeCnt={node_count}",
-        "Flags=IGNORE_JOBS",
     ]
+    for n in nodes:
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", n):
+            raise CourseError("reservation", f"{n[:40]!r} is not a node name")
+    argv.append(f"Nodes={','.join(nodes)}" if nodes else f"NodeCnt={node_count}")
+    argv.append("Flags=IGNORE_JOBS")
     if partition:
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", partition):
             raise CourseError("reservation", f"{partition[:40]!r} is not a partition name")

@@ -361,6 +361,7 @@ class ClassEngine:
             minutes,
             partition=self.policy.prewarm_partition,
             node_count=self.policy.reservation_nodes,
+            nodes=list(self.policy.reservation_node_names),
         )
         try:
             await call(argv, timeout=30)

@@ -633,6 +633,13 @@ class CoursePolicy(Configurable):
         (prewarm_reservations). A pre-warmed class needs its students' MIG slices: one
         8-GPU node of 1g.10gb slices holds 56 students.""",
     )
+    reservation_node_names = List(
+        Unicode(),
+        config=True,
+        help="""The nodes a class reservation takes, by name (e.g. the MIG nodes whose
+        slices the course's size needs: ["mig-a", "mig-b"]). Empty: reservation_nodes
+        nodes of prewarm_partition, as Slurm picks them.""",
+    )
     class_start_interval_seconds = Int(
         30,
         config=True,

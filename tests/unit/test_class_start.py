@@ -298,6 +298,18 @@ def test_reservation_argv() -> None:
         "Flags=IGNORE_JOBS",
         "PartitionName=lab",
     ]
+    named = CS.reservation_create_argv(
+        "class-ml101-202702020915",
+        ["s1"],
+        datetime(2027, 2, 2, 9, 5, tzinfo=UTC),
+        100,
+        nodes=["mig-a", "mig-b"],
+    )
+    assert named[-2:] == ["Nodes=mig-a,mig-b", "Flags=IGNORE_JOBS"]
+    with pytest.raises(CourseError):
+        CS.reservation_create_argv(
+            "class-ml101-202702020915", ["s1"], datetime.now(UTC), 60, nodes=["a b"]
+        )
     assert CS.reservation_delete_argv("class-ml101-202702020915") == [
         "scontrol",
         "delete",
