@@ -249,6 +249,21 @@ def rebuild_totals(s: Session | Connection, budget_ids: Iterable[int] | None = N
         s.execute(t.insert(), rows)
 
 
+def lock_budgets_of(s: Session | Connection, users: Iterable[str]) -> set[int]:
+    """The ids of the budgets ``users`` have charges in, their rows locked (``FOR UPDATE``,
+    in id order) on PostgreSQL: taken *before* a GDPR tool renames those charges, so it
+    and a settle (which takes the budget lock first, then the charge's) never wait on
+    each other in a circle."""
+    c = _CHARGES.c
+    ids = set(s.scalars(select(c.budget_id).where(c.user.in_(list(users))).distinct()))
+    if ids and _is_pg(s):
+        s.execute(
+            select(_BUDGETS.c.id).where(_BUDGETS.c.id.in_(sorted(ids))).order_by(_BUDGETS.c.id)
+            .with_for_update()
+        )  # fmt: skip
+    return ids
+
+
 def totals_drift(s: Session | Connection) -> list[dict[str, Any]]:
     """Where the running totals differ from the sums of the settled charges (beyond
     :data:`TOTALS_TOLERANCE`, or in their count): ``{"budget_id", "user", "total",

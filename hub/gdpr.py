@@ -382,6 +382,10 @@ def erase_portal(
                 "(hub/gdpr.py PORTAL_TABLES): nothing was erased",
             )
         ledger_redactions.lock(conn)
+        if "budget_totals" in tables:  # the budget locks first, as every settle takes them
+            from .budget_store import lock_budgets_of
+
+            lock_budgets_of(conn, [n for n in idents if n])
         for tname, (exact, inside, action) in sorted(PORTAL_TABLES.items()):
             t = tables.get(tname)
             if t is None:
