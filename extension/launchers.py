@@ -216,6 +216,7 @@ class LocalDask(_DaskLauncher):
                     },
                     "local_directory": str(self.dir / "work"),
                     "dashboard_address": "127.0.0.1:0",
+                    "preload": ["sovereign_portal.extension.gpu_pin"],  # its sampler
                 },
             }
             for i, dev in enumerate(self.grant["devices"])

@@ -25,6 +25,7 @@ says it belongs to a service named in ``PortalService.culler_services``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
@@ -35,6 +36,9 @@ from .activity import ActivityBook, ActivityError, Intensity, Thresholds, parse_
 from .service import _Base, _BodyBase
 
 NOTICE_KEYS = {"id", "kind", "level", "message", "deadline"}
+#: Seconds a reclaimed compute session's server has to stop it before the service does.
+RECLAIM_GRACE_S = 60.0
+_FALLBACKS: set[Any] = set()  # the fallback stops under way (kept from the collector)
 
 
 def _bad(e: ActivityError) -> PortalError:
@@ -85,6 +89,11 @@ class ActivityReportHandler(_BodyBase):
         p = self.portal
         book = book_of(p)
         rec = _open_record(p, report.target)
+        known = book.targets.get(report.target)
+        if known is not None and known.reclaimed and known.user == self.caller.name:
+            # reclaimed (its record may be closed already): tell the server to stop it
+            self.finish({"notices": [], "reclaimed": True})
+            return
         if report.grant is not None and (rec is None or rec.user != self.caller.name):
             # a session's report needs its open record: the grant is the caller's own
             raise PortalError(
@@ -199,7 +208,11 @@ class AllActivityHandler(_CullerBase):
         self.finish(
             {
                 "now": now,
-                "targets": [t.to_json(th, now) for t in book.targets.values() if t.history],
+                "targets": [
+                    t.to_json(th, now)
+                    for t in book.targets.values()
+                    if t.history and not t.reclaimed  # a reclaimed session is done with
+                ],
                 "reclaimed": dict(reclaimed_of(self.portal)),
             }
         )
@@ -287,15 +300,22 @@ class ReclaimHandler(_CullerBody):
         target = book.targets[src]
         target.notice = None
         if target.kind == "session":
-            # the culler stops a compute session here (the hub cannot): its Slurm jobs
-            # are cancelled as its user, or a local one's devices released, and its
-            # record closes "reclaimed"; the server that started it hears it in the
-            # answer to its next report and stops the session's processes
+            # The culler cannot stop a compute session through the hub. The server that
+            # started it hears "reclaimed" in the answer to its next report and stops
+            # it (its jobs, its processes; its record then closes "reclaimed"). If it
+            # has not within RECLAIM_GRACE_S, the service stops it itself: its Slurm
+            # jobs cancelled as its user, or a local one's devices released.
             target.reclaimed = True
-            try:
-                await self.portal.stop_session(src.split(":", 1)[1], "reclaimed", "idle GPUs")
-            except Exception:
-                self.portal.log.exception("Culler: stopping compute session %s failed", src)
+            portal, gid = self.portal, src.split(":", 1)[1]
+
+            async def fallback() -> None:
+                try:
+                    if await portal.stop_session(gid, "reclaimed", "idle GPUs, not stopped"):
+                        portal.log.warning("Culler: compute session %s stopped by the service", gid)
+                except Exception:
+                    portal.log.exception("Culler: stopping compute session %s failed", src)
+
+            asyncio.get_running_loop().call_later(RECLAIM_GRACE_S, _keep, fallback)
         self.portal.log.info("Culler reclaims %s (%.3f GPU-hours saved)", src, saved / 3600)
         self.finish(
             {
@@ -305,6 +325,13 @@ class ReclaimHandler(_CullerBody):
                 "energy": target.meter.to_json(),
             }
         )
+
+
+def _keep(coro_fn: Any) -> None:
+    """Run a fallback stop, holding its task until it is done."""
+    task = asyncio.ensure_future(coro_fn())
+    _FALLBACKS.add(task)
+    task.add_done_callback(_FALLBACKS.discard)
 
 
 def routes(prefix: str) -> list[tuple[str, Any]]:

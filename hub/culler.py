@@ -17,9 +17,10 @@ The policy (:func:`decide`, pure, tested as a table):
   (``api/activity/reclaim``), so the ledger record closes as ``reclaimed`` and the GPU-
   hours saved (the rest of the granted walltime) are counted;
 - a compute session (Dask workers, torch ranks: target ``grant:<id>``, reported by the
-  server that started it) follows the same rule on its own GPUs; its stop is the portal
-  service's (``api/activity/reclaim`` cancels its jobs as its user), and the user's
-  notebook server stays;
+  server that started it) follows the same rule on its own GPUs; ``api/activity/reclaim``
+  marks it, the server stops it at its next report (the portal service does, cancelling
+  its jobs as its user, if the server has not within a minute), and the user's notebook
+  server stays;
 - any activity (a cell, a busy GPU) clears the warning and starts the count over;
 - a server with no recent report is *unknown* and never stopped: no evidence, no stop;
 - never a stop without a warning first, never during quiet hours (the warning stays and
@@ -437,8 +438,8 @@ class GPUCuller(Application):
             )
             return
         if _session_of(t["source"]) is not None:
-            # the portal service stopped the compute session itself (its jobs cancelled,
-            # its record closing "reclaimed"); the user's server stays
+            # a compute session: the portal service has it stopped (by its server, else
+            # by itself), its record closing "reclaimed"; the user's server stays
             tally.stopped.append(t["source"])
             self.log.warning(
                 "Culler: reclaimed %s, idle since %s: %.3f GPU-hours saved",
