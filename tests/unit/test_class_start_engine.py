@@ -158,3 +158,34 @@ def test_a_claim_the_allowance_cannot_hold_stops_the_server(portal_store: Portal
     assert row["state"] == "failed" and "left for you" in (row["reason"] or ""), row
     still = LedgerStore(portal_store).get(rec.id)
     assert still is not None and not still.closed  # the hub's stop closes it, on the pool
+
+
+def test_the_warm_servers_job_names_the_reservation_and_a_preview_does_not() -> None:
+    """SlurmGPUSpawner.reservation_for (set by configure() from the class starts): the
+    job script of a start carries ``#SBATCH --reservation=<name>``; the preview never."""
+    from types import SimpleNamespace
+
+    from sovereign_portal.spawners.slurm.spawner import PREVIEW_TAG, SlurmGPUSpawner
+
+    from tests.support.slurm_cluster import SITE_FILE, TEST_USERS, ensure_users
+
+    ensure_users(TEST_USERS[:1])
+    asked: list[Any] = []
+
+    def reservation_for(sp: Any) -> str | None:
+        asked.append(sp)
+        return "class-ml101-202702020915"
+
+    sp = SlurmGPUSpawner(
+        site_file=str(SITE_FILE),
+        user=SimpleNamespace(name=TEST_USERS[0], groups=[]),
+        api_token="x" * 32,
+        reservation_for=reservation_for,
+    )
+    r = sp.validate_request({"partition": "gpu-fr", "accelerator": "h100", "slice": "1g.10gb"})
+    script = sp.render_job(r, PREVIEW_TAG, hub_env={})[2]
+    assert "#SBATCH --reservation=class-ml101-202702020915" in script.splitlines()
+    assert asked == [sp]
+    assert "--reservation" not in sp.render_job(r, PREVIEW_TAG)[2]
+    sp.reservation_for = lambda _sp: None
+    assert "--reservation" not in sp.render_job(r, PREVIEW_TAG, hub_env={})[2]
