@@ -505,3 +505,28 @@ def test_upgrade_from_0007_backfills_the_totals(db_url: str) -> None:
         assert bal.user_settled == pytest.approx(2.5)
     finally:
         store.dispose()
+
+
+def test_gdpr_erase_and_retention_keep_the_totals_equal_to_the_charges(bs: BudgetStore) -> None:
+    """The totals name users: an erase and a retention pass rename their charges, and the
+    totals follow (the pseudonym's row holds what the person's did), with no drift."""
+    from sovereign_portal.hub import gdpr
+    from sovereign_portal.hub.budget_store import totals_drift
+
+    key = b"k" * 64
+    ann = "ann@uni-a.example"
+    course(bs, 5.0, per_student=3.0)
+    for i in range(4):
+        admit(bs, SAM if i < 3 else ann, f"grant:e{i}", minutes=1)
+        bs.settle(f"grant:e{i}", used=0.1)
+    gdpr.erase_portal(bs.store, SAM, key, actor="op")
+    p = gdpr.pseudonym(key, SAM)
+    assert _totals(bs) == {"": (0.4, 4), p: (0.3, 3), ann: (0.1, 1)}
+    with bs.store.begin() as s:
+        assert totals_drift(s) == []
+    # a retention pass long after: every closed charge is pseudonymised, totals follow
+    counts = gdpr.retention(bs.store, key, 1, now=time.time() + 30 * 86400)
+    assert counts["budget_charges"] == 1  # ann's; sam's were already erased
+    assert _totals(bs) == {"": (0.4, 4), p: (0.3, 3), gdpr.pseudonym(key, ann): (0.1, 1)}
+    with bs.store.begin() as s:
+        assert totals_drift(s) == []
