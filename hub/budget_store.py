@@ -197,16 +197,21 @@ def _upsert(s: Session | Connection) -> Any:
 
 def add_settled(s: Session | Connection, budget_id: int, user: str, amount: float) -> None:
     """Add one settled charge of ``amount`` to the running totals of ``budget_id`` (the
-    budget's row and ``user``'s), in the caller's transaction."""
+    budget's row and ``user``'s): one upsert statement, in the caller's transaction."""
     t = _TOTALS
-    insert = _upsert(s)
-    for who in dict.fromkeys((WHOLE, user)):
-        stmt = insert(t).values(budget_id=budget_id, user=who, settled=amount, charges=1)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[t.c.budget_id, t.c.user],
-            set_={"settled": t.c.settled + amount, "charges": t.c.charges + 1},
-        )
-        s.execute(stmt)
+    rows = [
+        {"budget_id": budget_id, "user": who, "settled": amount, "charges": 1}
+        for who in dict.fromkeys((WHOLE, user))
+    ]
+    stmt = _upsert(s)(t).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[t.c.budget_id, t.c.user],
+        set_={
+            "settled": t.c.settled + stmt.excluded.settled,
+            "charges": t.c.charges + stmt.excluded.charges,
+        },
+    )
+    s.execute(stmt)
 
 
 def _sums_query(budget_ids: Iterable[int] | None = None) -> Any:
@@ -504,10 +509,10 @@ class BudgetStore:
         return {a.user: a.amount for a in s.scalars(q)}
 
     # -- balances and admission -----------------------------------------------------------
-    def _settle_from_ledger(self, s: Session, budget_id: int) -> None:
+    def _settle_from_ledger(self, s: Session, budget_id: int, locked: bool = False) -> None:
         """Settle the holds of ``budget_id`` whose ledger record has closed: the record with
-        the hold's ``ref`` as its ``source``, opened after the hold was written. The
-        caller holds the budget row's lock."""
+        the hold's ``ref`` as its ``source``, opened after the hold was written. The budget
+        row's lock is taken before the first settle (``locked``: admission holds it)."""
         from .budgets import amount_in
         from .ledger_store import records
 
@@ -517,7 +522,6 @@ class BudgetStore:
             .join(BudgetRow, BudgetRow.id == c.budget_id)
             .where(c.budget_id == budget_id, c.state == HELD)
         ).all()
-        locked = False
         for charge_id, who, ref, created, unit in held:
             since = created.timestamp() - 1.0
             rec = s.execute(
@@ -592,9 +596,15 @@ class BudgetStore:
             return n
 
     def _balance(
-        self, s: Session, row: BudgetRow, b: Budget, user: str | None, now: datetime
+        self,
+        s: Session,
+        row: BudgetRow,
+        b: Budget,
+        user: str | None,
+        now: datetime,
+        locked: bool = False,
     ) -> Balance:
-        self._settle_from_ledger(s, row.id)
+        self._settle_from_ledger(s, row.id, locked)
         return self._fold(s, row.id, b, user, now)
 
     def _fold(
@@ -647,7 +657,9 @@ class BudgetStore:
             charges.append(Charge(b.key, user, mine, settled=True))
         # WHOLE is no user name: the settled charges of everybody else
         charges.append(Charge(b.key, WHOLE, whole - mine, settled=True))
-        return balance_of(b, charges, user, self._allowances(s, budget_id))
+        # an allowance is a student's share of a course pool: no other budget has one
+        course_user = user is not None and b.owner.kind == "course"
+        return balance_of(b, charges, user, self._allowances(s, budget_id) if course_user else {})
 
     def balances(
         self, user: str, groups: Iterable[str], now: datetime | None = None
@@ -722,7 +734,7 @@ class BudgetStore:
             row = self._row(s, b.owner, b.period.name, lock=True)  # FOR UPDATE on PostgreSQL
             assert row is not None
             d = decide(
-                self._balance(s, row, b, user, t),
+                self._balance(s, row, b, user, t, locked=True),
                 rates,
                 walltime_minutes,
                 what,
