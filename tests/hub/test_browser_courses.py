@@ -201,7 +201,16 @@ def test_the_roster_through_the_page(stack: Stack) -> None:
     assert r.status_code == 400 and "Nothing was changed." in r.text, r.text[:800]
     assert re.search(r"row 3|line 3|duplicate", r.text), r.text[:3000]
     assert u("late2") not in stack.api("ines", "GET", "/ml101/roster").json()["added"]
-    good = f"\ufeffidentifier\n{u('late2')}\n{u('late3')}\n".encode()
+    bom = f"\ufeffidentifier\n{u('late2')}\n".encode()  # refused, not skipped (run-a-course)
+    r = stack.sessions["ines"].post(
+        f"{stack.hub.url}/hub/courses/ml101",
+        data={"action": "upload", "_xsrf": token.group(1)},
+        files={"roster": ("roster.csv", bom, "text/csv")},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "Nothing was changed." in r.text, r.text[:800]
+    assert "byte-order mark" in r.text or "BOM" in r.text, r.text[:3000]
+    good = f"identifier\n{u('late2')}\n{u('late3')}\n".encode()
     r = stack.sessions["ines"].post(
         f"{stack.hub.url}/hub/courses/ml101",
         data={"action": "upload", "_xsrf": token.group(1)},
