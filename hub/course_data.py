@@ -213,8 +213,9 @@ def server_account(spawner: Any) -> str | None:
 
 
 def _account_of(spawner: Any, name: str) -> str:
-    template = getattr(spawner, "unix_user_template", None)
-    return template.format(username=name) if template else name
+    """The Unix account of hub user ``name``, as the spawner maps its own user's."""
+    mapping = getattr(spawner, "unix_user_for", None)
+    return str(mapping(name)) if callable(mapping) else name
 
 
 def _uids(spawner: Any, names: Iterable[str]) -> set[int]:

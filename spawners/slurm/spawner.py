@@ -115,7 +115,8 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     unix_user_template = Unicode(
         "{username}",
         config=True,
-        help="The Unix account of a hub user; {username} is the hub user name. The account "
+        help="The Unix account of a hub user; {username} is the hub user name "
+        "(alice@uni-a.example), {login} the part of it before the \"@\" (alice). The account "
         "must exist on the hub host and on the compute nodes.",
     )
     python = Unicode(
@@ -336,7 +337,11 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
 
     @property
     def unix_user(self) -> str:
-        return self.unix_user_template.format(username=self.user.name)
+        return self.unix_user_for(self.user.name)
+
+    def unix_user_for(self, name: str) -> str:
+        """The Unix account of hub user ``name``, as :attr:`unix_user_template` maps it."""
+        return self.unix_user_template.format(username=name, login=name.split("@", 1)[0])
 
     def account(self) -> pwd.struct_passwd:
         """The Unix account jobs run as, after :class:`~..accounts.UnixAccountPolicy`.

@@ -1,8 +1,9 @@
 """A course's data folder in its servers, on the real hub and the real Slurm cluster.
 
 Course ml101 (in the portal database the hub reads) has a data folder; its instructor is
-spbob, its student spalice (hub group ``course-ml101``); spdave is in no course. Each
-spawns a MIG notebook on Slurm as their own Unix account. The hub (hub/course_data.py)
+spbob@uni-a.example, its student spalice@uni-a.example (hub group ``course-ml101``);
+spdave@uni-a.example is in no course. Each spawns a MIG notebook on Slurm as their own Unix
+account (``unix_user_template = "{login}"``: spalice, spbob, spdave). The hub (hub/course_data.py)
 sets the folder's ACL and links it at ``~/course-data/ml101`` in the server's home:
 
 - the student's server reads the folder through the link (JupyterLab's contents API of
@@ -38,13 +39,22 @@ from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
-STUDENT, STAFF, OUTSIDER = "spalice", "spbob", "spdave"
+ORG = "uni-a.example"
+#: hub users (institutional identifiers); their Unix accounts are the login before the "@"
+STUDENT, STAFF, OUTSIDER = f"spalice@{ORG}", f"spbob@{ORG}", f"spdave@{ORG}"
+
+
+def unix(user: str) -> str:
+    return user.split("@", 1)[0]
+
+
 CONFIG = """
 c.JupyterHub.authenticator_class = "dummy"
 c.Authenticator.allow_all = True
 c.JupyterHub.spawner_class = "slurm-gpu"
 c.SlurmGPUSpawner.site_file = {site!r}
 c.SlurmGPUSpawner.server_ip = "127.0.0.1"
+c.SlurmGPUSpawner.unix_user_template = "{{login}}"
 c.SlurmGPUSpawner.scheduler_poll_interval = 1.0
 c.SlurmGPUSpawner.tag_key_file = {key!r}
 c.SlurmGPUSpawner.job_environment = {{"PATH": {job_path!r}}}
@@ -82,8 +92,9 @@ class Stack:
 
 
 def as_user(user: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``argv`` as the hub user's Unix account, outside any server."""
     return subprocess.run(
-        ["runuser", "-u", user, "--", *argv], capture_output=True, text=True, timeout=30
+        ["runuser", "-u", unix(user), "--", *argv], capture_output=True, text=True, timeout=30
     )
 
 
@@ -142,20 +153,23 @@ def stack(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory)
         egress = job_egress.read_text()
         subprocess.run(["rm", "-rf", str(shared)], check=False)
         for user in (STUDENT, STAFF, OUTSIDER):
-            subprocess.run(["rm", "-rf", f"{pwd.getpwnam(user).pw_dir}/{LINK_DIR}"], check=False)
+            subprocess.run(["rm", "-rf", f"{home(user)}/{LINK_DIR}"], check=False)
         assert egress == "", egress
 
 
 def uid(user: str) -> int:
-    return pwd.getpwnam(user).pw_uid
+    return pwd.getpwnam(unix(user)).pw_uid
+
+
+def home(user: str) -> str:
+    return pwd.getpwnam(unix(user)).pw_dir
 
 
 def test_the_students_server_reads_the_folder_through_its_link_and_cannot_write(
     stack: Stack,
 ) -> None:
     stack.spawn(STUDENT)
-    home = pwd.getpwnam(STUDENT).pw_dir
-    link = Path(home) / LINK_DIR / "ml101"
+    link = Path(home(STUDENT)) / LINK_DIR / "ml101"
     assert os.readlink(link) == str(stack.data)
     assert os.lstat(link.parent).st_uid == uid(STUDENT)
     # staff rwx, the student r-x, by uid; nobody else
@@ -182,7 +196,7 @@ def test_the_students_server_reads_the_folder_through_its_link_and_cannot_write(
 
 def test_the_instructors_server_writes_and_the_student_reads_it(stack: Stack) -> None:
     stack.spawn(STAFF)
-    assert os.readlink(Path(pwd.getpwnam(STAFF).pw_dir) / LINK_DIR / "ml101") == str(stack.data)
+    assert os.readlink(Path(home(STAFF)) / LINK_DIR / "ml101") == str(stack.data)
     w = stack.put(STAFF, "course-data/ml101/week1.txt", "exercise 1\n")
     assert w.status_code in (200, 201), (w.status_code, w.text[:300])
     made = stack.data / "week1.txt"
