@@ -8,7 +8,8 @@ Its hooks are imported by tests/hub/conftest.py; scripts/test.sh runs that layer
   (spalice, spbob, ...) through real Slurm clusters: their homes, token files and job logs
   are shared by every cluster on the machine, and two clusters both start at job id 1. So
   they run one after the other, on one worker, which starts the session's Slurm cluster once.
-  They go out first, because they are the longest unit.
+  They go out first, because they are the longest unit; the other files follow in
+  collection order.
 - A test that asks for a Slurm cluster from a file not marked ``slurm`` is a collection
   error: it would otherwise run beside the group on the users' shared homes.
 
@@ -71,6 +72,9 @@ class FileAndSlurmScheduling(LoadScopeScheduling):  # type: ignore[misc]
     def __init__(self, config: pytest.Config, log: Any = None) -> None:
         super().__init__(config, log)
         self._root = Path(str(config.rootpath))
+        # Collection order, not "most tests first": the one-test browser files are among
+        # the longest, and they come first in the alphabet, so they do not make the tail.
+        config.option.loadscopereorder = False
 
     def _split_scope(self, nodeid: str) -> str:
         return unit_of(nodeid, self._root)
