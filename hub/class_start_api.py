@@ -366,7 +366,9 @@ class ClassEngine:
         try:
             await call(argv, timeout=30)
         except SlurmError as e:
-            if "Duplicate reservation name" not in e.stderr:
+            try:  # made by an earlier pass (Slurm calls a second one an overlap)
+                await call(["scontrol", "show", "reservation", w.reservation], timeout=30)
+            except SlurmError:
                 log.warning("Class %s: no reservation (%s); submitting early", w.key, e)
                 return None
         log.info("Class %s: reservation %s", w.key, w.reservation)
