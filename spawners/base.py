@@ -26,7 +26,7 @@ from .policy import allowed_partitions, open_partition_names
 from .request import RequestError, Resolved, parse_request, resolve
 from .site import Partition, Site, load_site
 from .sizes import Size
-from .start_queue import Ticket, queue_events, start_queue
+from .start_queue import Ticket, queue_events, start_queue, until_listening
 
 _SITES: dict[tuple[str, float], Site] = {}
 
@@ -50,7 +50,10 @@ def _gives_turn_back(start: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(start)
     async def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await start(self, *args, **kwargs)
+            out = await start(self, *args, **kwargs)
+            if self._start_ticket is not None:  # hold the turn until the server listens
+                await until_listening(out, float(getattr(self, "http_timeout", 30)))
+            return out
         finally:
             self.give_turn_back()
 

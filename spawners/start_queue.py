@@ -14,8 +14,10 @@ How it fits JupyterHub's own spawn throttling:
   ``run_pre_spawn_hook`` (after the budget and course checks, so a refused spawn never
   waits), which JupyterHub runs *before* ``Spawner.start`` and so outside
   ``start_timeout``: waiting in line never times a start out. The turn is held while
-  ``start()`` runs and given back when it returns or fails (``PortalSpawnerMixin`` wraps
-  every backend's ``start``), or at the latest after ``hold_seconds``.
+  ``start()`` runs and until the server it started accepts connections (a local server
+  is still importing JupyterLab when ``start()`` returns: that start-up CPU is what a
+  storm is short of), or until the start fails (``PortalSpawnerMixin`` wraps every
+  backend's ``start``), or at the latest after ``hold_seconds``.
 - While a start waits, the spawner's ``progress()`` (JupyterHub's progress API, which the
   spawn-pending page streams) yields the place in line and the estimate first, every
   second, then the backend's own events.
@@ -216,6 +218,37 @@ async def queue_events(ticket: Ticket | None, every: float = 1.0) -> AsyncIterat
         yield {"progress": 10, "message": ticket.message(), "queue": _state(ticket)}
 
 
+async def until_listening(address: Any, seconds: float) -> bool:
+    """Wait until ``address`` (what ``Spawner.start`` returned: a URL or ``(ip, port)``)
+    accepts a TCP connection, at most ``seconds``. A start holds its turn until
+    then: a local server is still importing JupyterLab (the CPU a storm is short of) when
+    ``start()`` returns. False on timeout or an address it cannot read (the hub's own
+    HTTP check then decides, as always)."""
+    from urllib.parse import urlsplit
+
+    if isinstance(address, str):
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port
+    elif isinstance(address, tuple | list) and len(address) == 2:
+        host, port = str(address[0]), int(address[1])
+    else:
+        return False
+    if not host or not port:
+        return False
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False
+
+
 def _state(ticket: Ticket) -> dict[str, Any]:
     p = ticket.position()
     e = ticket.estimate_seconds()
@@ -230,4 +263,5 @@ __all__ = [
     "queue_events",
     "queue_message",
     "start_queue",
+    "until_listening",
 ]

@@ -17,6 +17,7 @@ from sovereign_portal.spawners.start_queue import (
     format_seconds,
     queue_events,
     queue_message,
+    until_listening,
 )
 
 pytestmark = [pytest.mark.unit]
@@ -154,7 +155,7 @@ async def test_mixin_takes_the_turn_after_the_hook_and_gives_it_back() -> None:
 
     spawners = []
     for name in ("a", "bad", "c"):
-        s = _Spawner(user=_User(name), start_slots=1, pre_spawn_hook=hook)  # type: ignore[arg-type]
+        s = _Spawner(user=_User(name), start_slots=1, pre_spawn_hook=hook, http_timeout=1)  # type: ignore[arg-type]
         s.backend = f"test-{id(order)}"  # a queue of this test's own
         s.order = order
         spawners.append(s)
@@ -204,3 +205,64 @@ async def test_slots_zero_means_no_queue() -> None:
     s = _Spawner(user=_User("z"), start_slots=0)  # type: ignore[arg-type]
     await s.wait_turn()
     assert s._start_ticket is None
+
+
+@pytest.mark.asyncio
+async def test_until_listening_waits_for_the_port() -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await until_listening(("127.0.0.1", port), 2)
+        assert await until_listening(f"http://127.0.0.1:{port}/user/a/", 2)
+    finally:
+        server.close()
+        await server.wait_closed()
+    t0 = asyncio.get_running_loop().time()
+    assert not await until_listening(("127.0.0.1", port), 0.3)  # closed now: gives up
+    assert asyncio.get_running_loop().time() - t0 < 2
+    assert not await until_listening(None, 1)
+
+
+@pytest.mark.asyncio
+async def test_the_turn_is_held_until_the_server_listens() -> None:
+    """A local start returns while the server still imports: the next start waits until
+    the first one's port accepts connections."""
+    order: list[str] = []
+    ports: dict[str, int] = {}
+
+    class Late(_Spawner):
+        async def start(self) -> tuple[str, int]:
+            order.append(f"start {self.user.name}")
+            server_ready = asyncio.get_running_loop().call_later(
+                0.3, lambda: asyncio.ensure_future(listen(self.user.name))
+            )
+            del server_ready
+            return ("127.0.0.1", ports[self.user.name])
+
+    servers: list[asyncio.Server] = []
+
+    async def listen(name: str) -> None:
+        order.append(f"listening {name}")
+        servers.append(await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", ports[name]))
+
+    import socket
+
+    for name in ("a", "b"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports[name] = sock.getsockname()[1]
+    spawners = [Late(user=_User(n), start_slots=1, http_timeout=5) for n in ("a", "b")]  # type: ignore[arg-type]
+    for sp in spawners:
+        sp.backend = f"test-late-{id(order)}"
+        sp.order = order
+
+    async def spawn(sp: Late) -> Any:
+        await sp.run_pre_spawn_hook()
+        return await sp.start()
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(spawn(sp) for sp in spawners)), 10)
+    finally:
+        for srv in servers:
+            srv.close()
+    assert order == ["start a", "listening a", "start b", "listening b"], order
