@@ -34,7 +34,9 @@ pytestmark = [pytest.mark.hub, pytest.mark.idp, pytest.mark.browser, pytest.mark
 
 STUDENTS = [f"q{i}" for i in range(1, 7)]
 ORG = "uni-a.example"
-LINE = re.compile(r"(You are next|You are number (\d+) in line) to start .*about (\d+) s to go")
+LINE = re.compile(
+    r"(You are next|You are number (\d+) in line) to start .*about (\d+ min )?(\d+ s)? ?to go"
+)
 
 
 def config(hub: HubProcess, idp: LocalIdP) -> str:
