@@ -85,7 +85,8 @@ def queue_message(position: int | None, estimate: float | None, slots: int) -> s
     who = "You are next" if ahead == 0 else f"You are number {position} in line"
     about = "" if estimate is None else f"; about {format_seconds(estimate)} to go"
     return (
-        f"{who} to start (this class starts {slots} servers at a time){about}. "
+        f"{who} to start (the portal starts {slots} server{'' if slots == 1 else 's'} "
+        f"at a time){about}. "
         "Keep this page open: your server starts when it is your turn."
     )
 
