@@ -213,9 +213,17 @@ def test_no_stop_while_a_cell_runs_or_the_gpu_is_busy(
     # carol: an idle kernel, but a GPU busy with a training loop (scripted 90 %)
     write_script(scripts, "carol", [{"seconds": None, "utilization_pct": 90}])
     bob, carol = UserBrowser(hub, idp, "bob"), UserBrowser(hub, idp, "carol")
+    # bob's cell starts as soon as his server is up (not after carol's spawn, which may
+    # take longer than the warning time on a loaded machine), and outlasts the watch
     bob.spawn("lab/h100:1g.10gb")
+    ws = execute(hub, bob.name, f"import time; time.sleep({IDLE_S * 8})")
     carol.spawn("lab/h100x1")
-    ws = execute(hub, bob.name, f"import time; time.sleep({IDLE_S * 3})")
+
+    def idle_of(u: UserBrowser) -> list[Any]:
+        return [x for x in u.api("GET", "notices").json()["notices"] if x["kind"] == "idle"]
+
+    # a warning from the seconds before the cell began goes at the culler's next check
+    hub.wait_for(lambda: not idle_of(bob), 10, "no idle warning once bob's cell runs")
     try:
         deadline = time.time() + IDLE_S * 2.5
         while time.time() < deadline:
