@@ -74,7 +74,7 @@ def test_a_session_report_is_about_its_grant_and_a_server_report_about_the_serve
 
 @pytest.mark.parametrize("grant", ["", "0AF3", "../x", "g" * 3, "a" * 65, 12, ["a"]])
 def test_a_bad_grant_is_refused_by_name(grant: Any) -> None:
-    with pytest.raises(A.ActivityError, match="^grant:"):
+    with pytest.raises(A.ActivityError, match=r"^grant:"):
         A.parse_report("ada", report(grant), NOW)
 
 
