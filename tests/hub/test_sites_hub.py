@@ -10,7 +10,12 @@ names no partition, so placement chooses. The tests run in file order and share 
    in DE, and starts on FR when room appears;
 3. stopping julich's slurmrestd removes julich from the form; the server there is kept,
    and reconciled when slurmrestd returns;
-4. after a hub kill -9, the servers on both sites are re-adopted.
+4. after a hub kill -9, the servers on both sites are re-adopted, and the orphan sweep
+   after the restart cancels, at each site through that site's client, a job this hub
+   signed and no longer knows (one query per site);
+5. the ledger: every record carries its site, country and operator; the hub polls each
+   site once per interval for all its servers (each slurmctld's own sdiag); a server
+   stopped on DE and a job cancelled by FR's operator close "stopped" and "scancel".
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ from typing import Any
 
 import pytest
 import requests
+from sovereign_portal.hub import ledger as L
+from sovereign_portal.hub.ledger_store import LedgerStore
+from sovereign_portal.hub.store import PortalStore
+from sovereign_portal.spawners.slurm.jobscript import make_tag
 
 from tests.support.hub import HubProcess
 from tests.support.paths import VENV_BIN
+from tests.support.sdiag import job_info_rpcs
 from tests.support.slurm_cluster import (  # noqa: F401 - the fixture
     SlurmCluster,
     slurm_sites,
@@ -42,14 +52,20 @@ c.JupyterHub.log_level = "DEBUG"
 c.SlurmGPUSpawner.site_file = {site!r}
 c.SlurmGPUSpawner.server_ip = "127.0.0.1"
 c.SlurmGPUSpawner.scheduler_poll_interval = 1.0
-c.SlurmGPUSpawner.orphan_grace_seconds = 0
+c.SlurmGPUSpawner.orphan_grace_seconds = {grace}
 c.SlurmGPUSpawner.residency = {{"proj-fr": ["FR"], "proj-eu": ["FR", "DE", "IT", "NL"]}}
 c.SlurmGPUSpawner.tag_key_file = {key!r}
 c.Spawner.environment = {{"EGRESS_LOG": {job_egress!r}}}
 c.SlurmGPUSpawner.job_environment = {{"PATH": {job_path!r}}}
 c.Spawner.start_timeout = 120
 c.Spawner.poll_interval = 1
+c.PortalDatabase.url = "sqlite:///{db}"
+from sovereign_portal.hub.ledger_hub import install
+install(c)
+from sovereign_portal.spawners.slurm import sweep_on_hub_start
+sweep_on_hub_start()
 """
+GRACE = 2  # orphan_grace_seconds
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +87,8 @@ def fed(
         key=str(d / "tag.key"),
         job_egress=str(job_egress),
         job_path=f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
+        grace=GRACE,
+        db=d / "portal.sqlite",
     )
     hub = HubProcess(d, config, env={"SLURM_CONF": str(paris.conf)}, poll_interval=1)
     hub.start()
@@ -81,7 +99,12 @@ def fed(
         r = hub.api("POST", f"/groups/{group}/users", json={"users": users})
         assert r.status_code == 200, r.text
     try:
-        yield {"hub": hub, "paris": paris, "julich": julich}
+        yield {
+            "hub": hub,
+            "paris": paris,
+            "julich": julich,
+            "db": f"sqlite:///{d / 'portal.sqlite'}",
+        }
     finally:
         hub.close()
         for c in (paris, julich):
@@ -98,6 +121,26 @@ def portal_jobs(c: SlurmCluster, user: str, states: tuple[str, ...] = ("RUNNING"
         for j in c.jobs()
         if j["name"] == "sovereign-portal" and j["user"] == user and j["state"] in states
     ]
+
+
+def records_of(fed: dict[str, Any], user: str) -> list[L.Record]:
+    """Every ledger record of ``user`` (closed, then open), from the hub's portal database."""
+    store = PortalStore(fed["db"])
+    try:
+        ledger = LedgerStore(store)
+        return [r for r in [*ledger.chained(), *ledger.list_open()] if r.user == user]
+    finally:
+        store.dispose()
+
+
+def open_record(fed: dict[str, Any], user: str, job: str) -> L.Record:
+    """``user``'s open server record, once it carries ``job`` (the poll attaches it)."""
+
+    def found() -> L.Record | None:
+        recs = [r for r in records_of(fed, user) if not r.closed and r.job_ids == (job,)]
+        return recs[0] if recs else None
+
+    return fed["hub"].wait_for(found, 20, f"{user}'s open record with job {job}")
 
 
 def job_of(hub: HubProcess, user: str) -> str:
@@ -144,6 +187,9 @@ def test_an_eu_user_goes_to_de_when_fr_is_full(fed: dict[str, Any]) -> None:
     assert "Placed spalice: gpu-de at site julich (DE): allowed by project proj-eu's" in (
         hub.log_text()
     )
+    rec = open_record(fed, "spalice", on_de[0])
+    assert (rec.site, rec.country, rec.operator) == ("julich", "DE", "Test Centre DE")
+    assert rec.partition == "gpu-de" and rec.started_at is not None
 
 
 def test_an_fr_only_project_queues_on_fr_never_in_de(fed: dict[str, Any]) -> None:
@@ -161,6 +207,10 @@ def test_an_fr_only_project_queues_on_fr_never_in_de(fed: dict[str, Any]) -> Non
     paris.run(["scancel", fed["filler"]])  # room appears on FR: the queued server starts there
     hub.wait_ready("spcarol", timeout=120)
     assert job_of(hub, "spcarol") in portal_jobs(paris, "spcarol")
+    rec = open_record(fed, "spcarol", job_of(hub, "spcarol"))
+    assert (rec.site, rec.country, rec.operator) == ("paris", "FR", "Test Centre FR")
+    assert rec.partition == "gpu-fr"
+    assert not any(r.site == "julich" for r in records_of(fed, "spcarol"))
 
 
 def _form(hub: HubProcess, user: str) -> str:
@@ -195,6 +245,7 @@ def test_stopping_de_slurmrestd_removes_de_and_keeps_its_server(fed: dict[str, A
             time.sleep(1.0)
             model = hub.api("GET", "/users/spalice").json()
             assert model["servers"][""]["ready"], model
+            assert [r.closed for r in records_of(fed, "spalice")] == [False]  # not ended
         assert julich.run(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip() == "RUNNING"
     finally:
         julich.start_rest()
@@ -204,13 +255,93 @@ def test_stopping_de_slurmrestd_removes_de_and_keeps_its_server(fed: dict[str, A
     assert job_of(hub, "spalice") == job
 
 
-def test_kill9_readopts_servers_on_both_sites(fed: dict[str, Any]) -> None:
+def orphan(c: SlurmCluster, tag: str) -> str:
+    """A server job of spdave as this hub submits one (its name, its signed tag), which no
+    server of the hub tracks: as after a hub whose database lost the server."""
+    argv = ["sbatch", "--parsable", "-p", "gpu", "--gres=gpu:h100:1", "-t", "30", "-D", "/tmp"]
+    argv += ["-o", "/dev/null", "-J", "sovereign-portal", f"--comment=sovereign-portal:{tag}"]
+    job = c.run([*argv, "--wrap", "sleep 600"], user="spdave").stdout.strip()
+    c.wait_job_state(job, ["RUNNING"])
+    return job
+
+
+def sweep_lines(hub: HubProcess) -> dict[str, str]:
+    """The orphan sweep's summary line of each site, from the hub's latest log."""
+    log = hub.dir / f"hub-{hub.starts}.log"
+
+    def lines() -> dict[str, str] | None:
+        got = {}
+        for line in log.read_text(errors="replace").splitlines():
+            for site in ("paris", "julich"):
+                if f"Orphan sweep at site {site}:" in line:
+                    got[site] = line
+        return got if len(got) == 2 else None
+
+    return dict(hub.wait_for(lines, GRACE + 30, "the orphan sweep of both sites"))
+
+
+def test_kill9_readopts_servers_on_both_sites_and_sweeps_each_site(fed: dict[str, Any]) -> None:
     hub, paris, julich = fed["hub"], fed["paris"], fed["julich"]
     before = {"spalice": job_of(hub, "spalice"), "spcarol": job_of(hub, "spcarol")}
-    hub.kill()
-    hub.start()
-    for user, job in before.items():
-        hub.wait_ready(user, timeout=60)
-        assert job_of(hub, user) == job
-    assert portal_jobs(julich, "spalice") == [before["spalice"]]
-    assert portal_jobs(paris, "spcarol") == [before["spcarol"]]
+    key = (hub.dir / "tag.key").read_text().strip().encode()
+    lost = {"paris": orphan(paris, make_tag(key, "feedc0ffee01"))}
+    lost["julich"] = orphan(julich, make_tag(key, "feedc0ffee02"))
+    try:
+        hub.kill()
+        hub.start()
+        for user, job in before.items():
+            hub.wait_ready(user, timeout=60)
+            assert job_of(hub, user) == job
+        lines = sweep_lines(hub)
+        for site, job in lost.items():
+            assert f"cancelled ['{job}']" in lines[site], lines
+        paris.wait_job_state(lost["paris"], ["CANCELLED", "COMPLETING"], timeout=15)
+        julich.wait_job_state(lost["julich"], ["CANCELLED", "COMPLETING"], timeout=15)
+        log = (hub.dir / f"hub-{hub.starts}.log").read_text(errors="replace")
+        assert f"Untracked portal job {lost['julich']} at site julich of spdave" in log
+        # the re-adopted servers' jobs are left alone at both sites
+        assert portal_jobs(julich, "spalice") == [before["spalice"]]
+        assert portal_jobs(paris, "spcarol") == [before["spcarol"]]
+    finally:
+        paris.run(["scancel", lost["paris"]], check=False)
+        julich.run(["scancel", lost["julich"]], check=False)
+
+
+def test_one_poll_per_site_per_interval_and_records_close_per_site(fed: dict[str, Any]) -> None:
+    hub, paris, julich = fed["hub"], fed["paris"], fed["julich"]
+    # two servers at each site: spalice and spbob in DE, spcarol and spdave in FR
+    hub.ensure_user("spdave")
+    for user, body in (("spbob", {"gpus": 1, "partition": "gpu-de"}), ("spdave", {"gpus": 1})):
+        r = hub.api("POST", f"/users/{user}/server", json=body)
+        assert r.status_code in (201, 202), r.text
+    for user in ("spbob", "spdave"):
+        hub.wait_ready(user, timeout=120)
+    assert len(portal_jobs(julich, "spalice") + portal_jobs(julich, "spbob")) == 2
+    assert len(portal_jobs(paris, "spcarol") + portal_jobs(paris, "spdave")) == 2
+    for user, site in (("spbob", "julich"), ("spdave", "paris")):
+        rec = open_record(fed, user, job_of(hub, user))
+        assert rec.site == site and rec.country == ("DE" if site == "julich" else "FR")
+    # each slurmctld's own count of job-info RPCs over a window of 10 poll intervals
+    window = 10.0
+    clusters = {"paris": paris, "julich": julich}
+    counts = {name: job_info_rpcs(c) for name, c in clusters.items()}
+    time.sleep(window)
+    polls = {name: job_info_rpcs(c) - counts[name] for name, c in clusters.items()}
+    for n in polls.values():  # one per interval (with jitter), not one per server
+        assert 1 <= n <= window * 1.25 + 2, polls
+    # DE: the user stops the server; FR: the site's operator cancels the job
+    alice = open_record(fed, "spalice", job_of(hub, "spalice"))
+    carol_job = job_of(hub, "spcarol")
+    carol = open_record(fed, "spcarol", carol_job)
+    r = hub.api("DELETE", "/users/spalice/server")
+    assert r.status_code in (202, 204), r.text
+    paris.run(["scancel", carol_job])
+
+    def closed(rec_id: str, user: str) -> L.Record | None:
+        got = [r for r in records_of(fed, user) if r.id == rec_id and r.closed]
+        return got[0] if got else None
+
+    a = hub.wait_for(lambda: closed(alice.id, "spalice"), 60, "spalice's record closed")
+    c = hub.wait_for(lambda: closed(carol.id, "spcarol"), 60, "spcarol's record closed")
+    assert (a.end_reason, a.site, a.country) == ("stopped", "julich", "DE")
+    assert (c.end_reason, c.site, c.country) == ("scancel", "paris", "FR")
