@@ -98,7 +98,6 @@ def test_status_bar_panel_and_idle_notice_in_jupyterlab(
     guard = HostGuard(hub.url, idp.issuer)
     own, seen, foreign = guard.own, guard.seen, guard.foreign
     shots: list[Path] = []
-    t0 = time.monotonic()
     with guarded_chromium(guard, 1400, 900) as page:
 
         def shot(name: str) -> None:
@@ -185,7 +184,6 @@ def test_status_bar_panel_and_idle_notice_in_jupyterlab(
         # Shown once per id: later refreshes do not repeat it.
         page.wait_for_timeout(11_000)
         assert page.locator(".Toastify__toast", has_text="Idle GPU").count() == 1
-    elapsed = time.monotonic() - t0
 
     assert foreign == [], f"requests to hosts outside the deployment: {foreign}"
     offsite = [u for u in seen if urlsplit(u).netloc not in own and not u.startswith("data:")]
@@ -194,7 +192,6 @@ def test_status_bar_panel_and_idle_notice_in_jupyterlab(
     assert any("/sovereign-portal/api/notices" in u for u in seen)
     assert any("/sovereign-portal/api/activity" in u for u in seen)
     assert all(p.stat().st_size > 10_000 for p in shots) and len(shots) == 4
-    assert elapsed < 150, f"the browser flow took {elapsed:.0f} s"
 
 
 def raise_idle_notice(hub: HubProcess, page: Page) -> None:

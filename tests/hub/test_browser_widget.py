@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -72,7 +71,6 @@ def test_widget_starts_a_dask_session_in_jupyterlab(
     own, seen, foreign = guard.own, guard.seen, guard.foreign
 
     shot = Path(os.environ.get("TMP", tempfile.gettempdir())) / "gpu-sessions-widget.png"
-    t0 = time.monotonic()
     with guarded_chromium(guard, 1280, 900) as page:
         # The university's sign-in form, then the spawn form built from the catalog.
         idp_login(page, hub.url, idp.issuer, "carol")
@@ -129,11 +127,9 @@ def test_widget_starts_a_dask_session_in_jupyterlab(
             30,
             "session devices released",
         )
-    elapsed = time.monotonic() - t0
 
     assert foreign == [], f"requests to hosts outside the deployment: {foreign}"
     offsite = [u for u in seen if urlsplit(u).netloc not in own and not u.startswith("data:")]
     assert offsite == [], offsite
     assert any(u.startswith("ws://") and "/api/kernels/" in u for u in seen)
     assert shot.stat().st_size > 10_000
-    assert elapsed < 90, f"the browser flow took {elapsed:.0f} s"
