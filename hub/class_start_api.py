@@ -381,8 +381,9 @@ class ClassEngine:
             await call(CS.reservation_delete_argv(name), timeout=30)
             log.info("Reservation %s deleted (the class ended)", name)
         except SlurmError as e:
-            if "Invalid reservation name" not in (e.stderr + e.stdout):
-                raise
+            said = (e.stderr + e.stdout).lower()
+            if "invalid reservation name" not in said and "reservation is invalid" not in said:
+                raise  # anything but "no such reservation" (gone already)
 
     # -- the class view ---------------------------------------------------------------------
     async def view(self, course: Course) -> dict[str, Any]:
