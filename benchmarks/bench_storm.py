@@ -388,6 +388,13 @@ def main() -> int:
             cold = storm(hub, idp, students, cold_student)
             cold_t = report("cold (spawn form, start queue)", cold)
             code |= 1 if any(r.error for r in cold) else 0
+            if any(r.error for r in cold):
+                bad = [
+                    x
+                    for x in hub.log_text().splitlines()
+                    if x.startswith(("[E", "[W")) or "rror" in x
+                ]
+                print("hub log, errors (last 15):\n  " + "\n  ".join(x[:300] for x in bad[-15:]))
             stop_all(hub, names)
 
             warm_t: list[float] = []
@@ -399,7 +406,7 @@ def main() -> int:
                     f"{hub.url}{SVC}/{COURSE}",
                     headers=ines,
                     timeout=60,
-                    json={"prewarm": {"minutes": 30, "fraction": 1.0, "unclaimed_minutes": 60}},
+                    json={"prewarm": {"minutes": 30, "fraction": 1.0, "unclaimed_minutes": 20}},
                 )
                 r2 = requests.post(
                     f"{hub.url}{SVC}/{COURSE}/prewarm", headers=ines, json={}, timeout=120
