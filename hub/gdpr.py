@@ -73,6 +73,9 @@ PORTAL_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "courses": (("created_by", "updated_by"), ("spec",), "pseudonymise"),
     "course_staff": (("user",), (), "delete"),
     "course_roster": (("user", "updated_by"), (), "pseudonymise"),
+    # class starts (hub/class_start_store.py): who pressed pre-warm, whose server was warm
+    "class_windows": (("started_by",), (), "pseudonymise"),
+    "class_warm": (("user",), ("reason",), "pseudonymise"),
 }
 #: Tables of the portal database that hold nothing about a person.
 NO_PERSONAL_DATA = (
