@@ -23,6 +23,7 @@ import asyncio
 import glob
 import json
 import os
+import pwd
 import shutil
 import sys
 import time
@@ -67,6 +68,13 @@ class HubConfig:
         port = self._get("JupyterHub", "hub_port", 8081)
         self.hub_api = getattr(args, "hub_api", None) or f"http://{ip}:{port}/hub/api"
         self.home_template = str(self._get("LocalGPUSpawner", "home_dir_template", ""))
+        spawner = str(self._get("JupyterHub", "spawner_class", ""))
+        #: on Slurm a user's home is their Unix account's (SlurmGPUSpawner.unix_user_template)
+        self.unix_user_template = (
+            str(self._get("SlurmGPUSpawner", "unix_user_template", "{username}"))
+            if spawner == "slurm-gpu" or spawner.endswith("SlurmGPUSpawner")
+            else ""
+        )
 
     def _get(self, section: str, name: str, default: Any) -> Any:
         sec = self.config.get(section, {})
@@ -87,9 +95,16 @@ class HubConfig:
     def home(self, username: str, override: str | None) -> Path | None:
         if override:
             return Path(override)
-        if not self.home_template:
-            return None
-        return Path(self.home_template.format(username=username))
+        if self.home_template:
+            return Path(self.home_template.format(username=username))
+        if self.unix_user_template:
+            from sovereign_portal.spawners.slurm.spawner import unix_user_name
+
+            try:
+                return Path(pwd.getpwnam(unix_user_name(self.unix_user_template, username)).pw_dir)
+            except KeyError:
+                return None
+        return None
 
     def log_files(self) -> list[Path]:
         out: list[Path] = []
@@ -345,8 +360,11 @@ def _cmd_erase(args: argparse.Namespace) -> int:
             # A home the portal made in its own state directory (the local box): all of it.
             shutil.rmtree(home)
             removed.append("the home in the portal's state directory")
+        elif home is not None and (home / ".sovereign-portal").is_symlink():
+            (home / ".sovereign-portal").unlink()  # a link the user made: never followed
+            removed.append("~/.sovereign-portal (a link)")
         elif home is not None and (home / ".sovereign-portal").exists():
-            shutil.rmtree(home / ".sovereign-portal")
+            shutil.rmtree(home / ".sovereign-portal")  # fd-based: follows no link inside
             removed.append("~/.sovereign-portal")
         receipt.add("portal files in the home deleted", removed=removed)
         time.sleep(1.0)  # the hub writes its access-log line after answering

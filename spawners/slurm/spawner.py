@@ -99,6 +99,12 @@ def _user_error(
     )
 
 
+def unix_user_name(template: str, name: str) -> str:
+    """The Unix account of hub user ``name`` under ``template`` (``unix_user_template``):
+    ``{username}`` is the hub name, ``{login}`` the part of it before the "@"."""
+    return template.format(username=name, login=name.split("@", 1)[0])
+
+
 class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
     """Run each user's server as a Slurm job on a GPU partition, as the user's Unix account."""
 
@@ -116,7 +122,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
         "{username}",
         config=True,
         help="The Unix account of a hub user; {username} is the hub user name "
-        "(alice@uni-a.example), {login} the part of it before the \"@\" (alice). The account "
+        '(alice@uni-a.example), {login} the part of it before the "@" (alice). The account '
         "must exist on the hub host and on the compute nodes.",
     )
     python = Unicode(
@@ -341,7 +347,7 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
 
     def unix_user_for(self, name: str) -> str:
         """The Unix account of hub user ``name``, as :attr:`unix_user_template` maps it."""
-        return self.unix_user_template.format(username=name, login=name.split("@", 1)[0])
+        return unix_user_name(self.unix_user_template, name)
 
     def account(self) -> pwd.struct_passwd:
         """The Unix account jobs run as, after :class:`~..accounts.UnixAccountPolicy`.

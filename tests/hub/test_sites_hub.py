@@ -15,12 +15,16 @@ names no partition, so placement chooses. The tests run in file order and share 
    signed and no longer knows (one query per site);
 5. the ledger: every record carries its site, country and operator; the hub polls each
    site once per interval for all its servers (each slurmctld's own sdiag); a server
-   stopped on DE and a job cancelled by FR's operator close "stopped" and "scancel".
+   stopped on DE and a job cancelled by FR's operator close "stopped" and "scancel";
+6. a GDPR erase reaches every site (DE's job cancelled through its slurmrestd), and its
+   receipt lists what each site held and removed.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -345,3 +349,47 @@ def test_one_poll_per_site_per_interval_and_records_close_per_site(fed: dict[str
     c = hub.wait_for(lambda: closed(carol.id, "spcarol"), 60, "spcarol's record closed")
     assert (a.end_reason, a.site, a.country) == ("stopped", "julich", "DE")
     assert (c.end_reason, c.site, c.country) == ("scancel", "paris", "FR")
+
+
+def test_gdpr_erase_reaches_every_site_and_its_receipt_lists_each(fed: dict[str, Any]) -> None:
+    """6. ``gdpr erase`` of a user with a server in DE: the job is cancelled at julich
+    through its slurmrestd, and the receipt has one entry per site: julich with the job,
+    the records and the job log, paris with nothing of theirs."""
+    hub, paris, julich = fed["hub"], fed["paris"], fed["julich"]
+    user = "spbob"
+    hub.ensure_user(user)
+    if not portal_jobs(julich, user):
+        r = hub.api("POST", f"/users/{user}/server", json={"gpus": 1, "partition": "gpu-de"})
+        assert r.status_code in (201, 202), r.text
+        hub.wait_ready(user, timeout=120)
+    job = job_of(hub, user)
+    assert portal_jobs(julich, user) == [job] and portal_jobs(paris, user) == []
+    open_record(fed, user, job)
+    mine = records_of(fed, user)
+    at = {s: sum(1 for r in mine if r.site == s) for s in ("paris", "julich")}
+    assert at["julich"] >= 1, mine
+    env = {k: v for k, v in hub.env().items() if k != "JUPYTERHUB_API_TOKEN"}
+    env["JUPYTERHUB_API_TOKEN"] = hub.token  # an operator's token, never on the command line
+    out = subprocess.run(
+        [str(VENV_BIN / "sovereign-portal"), "gdpr", "erase", user, "--json",
+         "--config", str(hub.config_path)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=hub.dir,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    receipt = json.loads(out.stdout)
+    per_site = {s["site"]: s for s in {s["step"]: s for s in receipt["steps"]}["per site"]["sites"]}
+    assert set(per_site) == {"paris", "julich"}, per_site
+    de, fr = per_site["julich"], per_site["paris"]
+    assert (de["country"], de["transport"], fr["country"], fr["transport"]) == (
+        "DE", "rest", "FR", "cli",
+    )  # fmt: skip
+    assert de["ledger_records_pseudonymised"] == at["julich"]
+    assert fr["ledger_records_pseudonymised"] == at["paris"]
+    assert f"~/.sovereign-portal/logs/slurm-julich-{job}.log" in de["job_logs_deleted"], de
+    assert not any("-julich-" in f for f in fr["job_logs_deleted"]), fr
+    assert de["errors"] == [] and fr["errors"] == []
+    # the job is gone at julich, and no record of theirs is open or named after them
+    hub.wait_for(lambda: portal_jobs(julich, user, ("PENDING", "RUNNING")) == [], 60, "DE job")
+    assert records_of(fed, user) == []
+    assert user not in [u["name"] for u in hub.api("GET", "/users").json()]
+    assert not (Path(f"/home/{user}") / ".sovereign-portal").exists()
