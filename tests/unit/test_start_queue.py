@@ -55,7 +55,11 @@ def test_estimate_learns_from_real_starts(monkeypatch: pytest.MonkeyPatch) -> No
 def test_messages_name_the_place_and_the_estimate() -> None:
     assert queue_message(1, 12, 4).startswith("You are next to start")
     m = queue_message(7, 95, 4)
-    assert "number 7 in line" in m and "(the portal starts 4 servers at a time)" in m and "1 min 35 s" in m
+    assert (
+        "number 7 in line" in m
+        and "(the portal starts 4 servers at a time)" in m
+        and "1 min 35 s" in m
+    )
     assert "Keep this page open" in m
     assert queue_message(None, None, 4).startswith("Your turn")
     assert "starts 1 server at a time" in queue_message(2, 8, 1)
