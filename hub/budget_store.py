@@ -170,6 +170,7 @@ class BudgetTotal(Base):
 
 _TOTALS = cast(Table, BudgetTotal.__table__)
 _CHARGES = cast(Table, BudgetCharge.__table__)
+_ALLOWANCES = cast(Table, BudgetAllowance.__table__)
 _BUDGETS = cast(Table, BudgetRow.__table__)
 
 #: The ``user`` of a budget's own totals row.
@@ -438,8 +439,10 @@ class BudgetStore:
         the course and project groups it is in), read on the owner index: admission never
         loads a site's thousands of other budgets. :func:`.budgets.applicable` still
         decides which of them apply."""
-        periods = {r.name: _period(r) for r in s.scalars(select(BudgetPeriod))}
-        q = select(BudgetRow)
+        # one statement: each budget with its period (a budget's period always exists)
+        q = select(BudgetRow, BudgetPeriod).join(
+            BudgetPeriod, BudgetPeriod.name == BudgetRow.period
+        )
         if user is not None:
             from .claims import COURSE_GROUP, PROJECT_GROUP
 
@@ -452,8 +455,8 @@ class BudgetStore:
             ]
             own = and_(BudgetRow.owner_kind == "user", BudgetRow.owner_id == user)
             q = q.where(or_(own, *wanted))
-        rows = s.scalars(q.order_by(BudgetRow.owner_kind, BudgetRow.owner_id))
-        return [(r, _budget(r, periods[r.period])) for r in rows]
+        rows = s.execute(q.order_by(BudgetRow.owner_kind, BudgetRow.owner_id)).all()
+        return [(r, _budget(r, _period(p))) for r, p in rows]
 
     def budgets(self, owner: Any = None, period: str | None = None) -> list[Budget]:
         own = Owner.parse(owner) if isinstance(owner, str) else owner
@@ -641,10 +644,28 @@ class BudgetStore:
             c.held.label("amount"),
             case((c.expires_at <= now, 1), else_=0).label("done"),
         ).where(c.budget_id == budget_id, c.state == HELD)
+        # an allowance is a student's share of a course pool: no other budget has one; it
+        # comes in the same statement (is_total 2), so a course admission makes no extra trip
+        course_user = user is not None and b.owner.kind == "course"
+        parts = [totals, holds]
+        if course_user:
+            a = _ALLOWANCES.c
+            parts.append(
+                select(
+                    literal_column("2").label("is_total"),
+                    a.user,
+                    null().label("ref"),
+                    a.amount.label("amount"),
+                    literal_column("0").label("done"),
+                ).where(a.budget_id == budget_id, a.user == user)
+            )
         whole = mine = 0.0
+        allowances: dict[str, float] = {}
         charges: list[Charge] = []
-        for is_total, who, ref, amount, done in s.execute(union_all(totals, holds)):
-            if is_total:
+        for is_total, who, ref, amount, done in s.execute(union_all(*parts)):
+            if is_total == 2:
+                allowances[who] = float(amount)
+            elif is_total:
                 if who == WHOLE:
                     whole = float(amount)
                 else:
@@ -657,9 +678,7 @@ class BudgetStore:
             charges.append(Charge(b.key, user, mine, settled=True))
         # WHOLE is no user name: the settled charges of everybody else
         charges.append(Charge(b.key, WHOLE, whole - mine, settled=True))
-        # an allowance is a student's share of a course pool: no other budget has one
-        course_user = user is not None and b.owner.kind == "course"
-        return balance_of(b, charges, user, self._allowances(s, budget_id) if course_user else {})
+        return balance_of(b, charges, user, allowances)
 
     def balances(
         self, user: str, groups: Iterable[str], now: datetime | None = None
