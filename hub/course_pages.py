@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from sovereign_portal.spawners import start_queue
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 _COURSE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}\Z")
@@ -155,10 +157,20 @@ def api_error(status: int, body: bytes) -> tuple[str, str | None]:
     return f"the portal service answered HTTP {status}; try again or ask the operators", None
 
 
-def class_groups(view: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def class_groups(
+    view: Mapping[str, Any], places: Mapping[str, int] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """The class API's students, grouped as the class view shows them: ``in`` (claimed
-    or warm), ``waiting`` (starting or queued, by place in line) and ``out``."""
+    or warm), ``waiting`` (starting or queued, by place in line) and ``out``.
+
+    ``places``: who waits in the hub's start queue, and where (:func:`.start_queue.places`;
+    the queue lives in the hub process, so the portal service's API cannot say): a student
+    in line is "queued" at that place."""
     students = [dict(s) for s in view.get("students") or []]
+    for s in students:
+        place = (places or {}).get(s.get("user", ""))
+        if place is not None and s.get("state") not in IN_STATES:
+            s["state"], s["position"] = "queued", place
     waiting = [s for s in students if s.get("state") in WAITING_STATES]
     waiting.sort(key=lambda s: (s.get("position") is None, s.get("position") or 0, s["user"]))
     return {
@@ -408,7 +420,7 @@ def _handlers() -> list[tuple[str, Any]]:
                 page_title=f"Class view: {info['title']}",
                 course=info,
                 view=view,
-                groups=class_groups(view),
+                groups=class_groups(view, start_queue.places()),
                 can_prewarm=info.get("role") in ("instructor", "ta", "operator"),
                 error=error,
                 done=done,

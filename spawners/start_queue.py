@@ -202,6 +202,18 @@ def start_queue(name: str, slots: int, estimate_seconds: float, hold_seconds: fl
     return q
 
 
+def places() -> dict[str, int]:
+    """Every waiting start's owner and its place in line (1 is next), over this process's
+    queues; an owner waiting twice (two named servers) shows its better place. The class
+    view, which runs in the hub process as the queues do, reads it."""
+    out: dict[str, int] = {}
+    for q in _QUEUES.values():
+        for i, t in enumerate(q._waiting, 1):
+            if t.waiting:
+                out[t.owner] = min(i, out.get(t.owner, i))
+    return out
+
+
 async def queue_events(ticket: Ticket | None, every: float = 1.0) -> AsyncIterator[dict[str, Any]]:
     """Progress events while ``ticket`` waits: the place in line and the estimate, each
     time they change (at least every ``every`` seconds), then one "your turn" event."""

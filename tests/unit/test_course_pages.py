@@ -155,6 +155,10 @@ def test_class_groups() -> None:
     assert [s["user"] for s in g["in"]] == ["s1", "s2"]  # claimed first, then warm
     assert [s["user"] for s in g["waiting"]] == ["s4", "s3"]  # by place in line
     assert [s["user"] for s in g["out"]] == ["s5"]
+    # the hub's start queue knows the places the service cannot: s5 waits there, 1st
+    g = class_groups(CLASS_VIEW, {"s5": 1, "s1": 3})
+    assert [(s["user"], s["position"]) for s in g["waiting"]] == [("s4", 1), ("s5", 1), ("s3", 2)]
+    assert [s["user"] for s in g["in"]] == ["s1", "s2"] and g["out"] == []  # s1 is in already
 
 
 def _env() -> jinja2.Environment:

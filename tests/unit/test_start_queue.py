@@ -271,3 +271,20 @@ async def test_the_turn_is_held_until_the_server_listens() -> None:
         for srv in servers:
             srv.close()
     assert order == ["start a", "listening a", "start b", "listening b"], order
+
+
+def test_places_name_each_waiting_owner_across_the_processs_queues() -> None:
+    from sovereign_portal.spawners import start_queue as sq
+
+    q = sq.start_queue("places-test", slots=1, estimate_seconds=5, hold_seconds=0)
+    try:
+        held, a, b, a2 = q.join("s0"), q.join("sa"), q.join("sb"), q.join("sa")
+        got = sq.places()
+        assert (got.get("s0"), got["sa"], got["sb"]) == (None, 1, 2)  # sa's better place
+        held.release()  # sa's first start gets the slot; its second waits behind sb
+        assert (sq.places()["sb"], sq.places()["sa"]) == (1, 2)
+        for t in (a, b, a2):
+            t.release()
+        assert not {"s0", "sa", "sb"} & set(sq.places())
+    finally:
+        sq._QUEUES.pop("places-test", None)
