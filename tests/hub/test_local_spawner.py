@@ -7,7 +7,6 @@ devices it sees. The hub and servers run under the egress guard.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,14 +146,14 @@ BAD_OPTIONS = [
 def test_bad_options_get_400_and_start_nothing(
     hub: HubProcess, options: dict, message: str
 ) -> None:
-    before = _singleuser_pids()
+    before = hub.singleuser_pids()
     hub.ensure_user("mallory")
     r = hub.api("POST", "/users/mallory/server", json=options)
     assert r.status_code == 400, r.text
     assert message in r.json()["message"]
     model = hub.api("GET", "/users/mallory").json()
     assert not model["servers"] and not model["pending"]
-    assert _singleuser_pids() == before
+    assert hub.singleuser_pids() == before
 
 
 def test_options_form_offers_only_this_box(hub: HubProcess) -> None:
@@ -181,11 +180,6 @@ def test_options_form_offers_only_this_box(hub: HubProcess) -> None:
     assert p["env"]["SOVEREIGN_PORTAL_WALLTIME_MINUTES"] == "30"
     assert len(p["devices"]) == 1 and p["devices"][0].startswith("MIG-")
     hub.stop_server("formuser")
-
-
-def _singleuser_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "jupyterhub-singleuser"], capture_output=True, text=True)
-    return {int(x) for x in out.stdout.split()}
 
 
 def test_progress_names_the_devices(tmp_path: Path) -> None:

@@ -28,17 +28,13 @@ from sovereign_portal.spawners.slurm.spawner import PREVIEW_TAG
 
 from tests.support.hub import HubProcess
 from tests.support.paths import VENV_BIN
+from tests.support.sdiag import job_info_rpcs
 from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
 pytestmark = pytest.mark.slurm
 
 SCHED_POLL = 1.0  # the shared squeue interval, seconds
 POLL = 1  # JupyterHub's Spawner.poll_interval: the same interval (the spawner's default)
-JITTER = 0.1  # scheduler_poll_jitter's default: each interval is 0.9-1.1 x SCHED_POLL
-# What "stopped" takes beyond the poll that sees it: squeue's own run time, the hub's stop
-# (no scancel: Slurm already said the job is ending; COMPLETING counts), and this test's
-# API polling.
-HTTP_SLACK = 1.0
 GRACE = 3  # orphan_grace_seconds
 OUTAGE_S = float(os.environ.get("SOVEREIGN_SLURM_OUTAGE_S", "60"))
 
@@ -455,13 +451,15 @@ def test_scancel_behind_the_hubs_back_stops_within_one_poll(
     hub: HubProcess, slurm_cluster: SlurmCluster
 ) -> None:
     job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spcarol")
+    polls0 = job_info_rpcs(slurm_cluster)
     slurm_cluster.run(["scancel", job["id"]])
-    t0 = time.monotonic()
     hub.wait_for(lambda: server(hub, "spcarol") is None, 30, "spcarol stopped", interval=0.05)
-    took = time.monotonic() - t0
-    # The next shared squeue (at most one jittered interval away) sees the job end and
-    # tells the hub at once; JupyterHub's own poll interval is the same interval.
-    assert took <= SCHED_POLL * (1 + JITTER) + HTTP_SLACK, took
+    polls = job_info_rpcs(slurm_cluster) - polls0
+    # The next shared squeue sees the job end and tells the hub at once: counted in
+    # slurmctld's own polls (sdiag), not in seconds, which a loaded machine stretches. One
+    # poll may have been on its way when the job was cancelled; one more may run while the
+    # hub's answer catches up.
+    assert 1 <= polls <= 3, polls
     wait_logged(hub, f"Slurm job {job['id']}: cancelled (the job was cancelled)")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from html import unescape
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,27 +39,10 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     h.assert_no_egress()
 
 
-def _singleuser_pids(hub: HubProcess) -> set[int]:
-    """Single-user servers of this hub (other hubs may run on this machine)."""
-    mine = f"127.0.0.1:{hub.hub_port}".encode()
-    out = set()
-    for p in Path("/proc").iterdir():
-        if p.name.isdecimal():
-            try:
-                if (
-                    b"jupyterhub-singleuser" in (p / "cmdline").read_bytes()
-                    and mine in (p / "environ").read_bytes()
-                ):
-                    out.add(int(p.name))
-            except OSError:
-                continue
-    return out
-
-
 def _nothing_started(hub: HubProcess, user: str, before: set[int]) -> None:
     model = hub.api("GET", f"/users/{user}").json()
     assert not model["servers"] and not model["pending"], model
-    assert _singleuser_pids(hub) == before
+    assert hub.singleuser_pids() == before
 
 
 @pytest.mark.parametrize(
@@ -79,7 +61,7 @@ def _nothing_started(hub: HubProcess, user: str, before: set[int]) -> None:
 def test_rest_spawn_refusals_are_400_naming_the_field(
     hub: HubProcess, body: bytes, field: str, words: str
 ) -> None:
-    before = _singleuser_pids(hub)
+    before = hub.singleuser_pids()
     hub.ensure_user("rest-mallory")
     r = hub.api(
         "POST",
@@ -128,7 +110,7 @@ def _login(hub: HubProcess, name: str) -> requests.Session:
 def test_form_refusals_are_400_pages_naming_the_field(
     hub: HubProcess, form: dict[str, str], field: str
 ) -> None:
-    before = _singleuser_pids(hub)
+    before = hub.singleuser_pids()
     s = _login(hub, "form-mallory")
     page = s.get(f"{hub.url}/hub/spawn", timeout=10)
     assert page.status_code == 200 and 'name="size"' in page.text

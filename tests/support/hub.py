@@ -82,6 +82,23 @@ class HubProcess:
         self.starts = 0
 
     # -- processes ------------------------------------------------------------------------
+    def singleuser_pids(self) -> set[int]:
+        """The single-user servers of this hub: their environment names its API port (other
+        hubs run on this machine at the same time, in other test workers)."""
+        mine = f"127.0.0.1:{self.hub_port}".encode()
+        out = set()
+        for p in Path("/proc").iterdir():
+            if p.name.isdecimal():
+                try:
+                    if (
+                        b"jupyterhub-singleuser" in (p / "cmdline").read_bytes()
+                        and mine in (p / "environ").read_bytes()
+                    ):
+                        out.add(int(p.name))
+                except OSError:
+                    continue
+        return out
+
     def env(self) -> dict[str, str]:
         env = guarded_env(self.egress_log)
         env.update(self.extra_env)
