@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -24,119 +23,29 @@ import requests
 from playwright.sync_api import Page
 
 from tests.support.browser import HostGuard, guarded_chromium, idp_login
-from tests.support.hub import HubProcess
-from tests.support.idp import LocalIdP, oidc_login
-from tests.support.idp_users import COURSE_USERS, write_users
-from tests.support.portal import configure_text, wait_portal_service
-from tests.support.stack import hub_with_idp
+from tests.support.courses import TODAY, CourseStack, course, course_hub, u
 
 pytestmark = [pytest.mark.hub, pytest.mark.idp, pytest.mark.browser, pytest.mark.timeout(600)]
 
-ORG = "uni-a.example"
-SVC = "/services/sovereign-portal/api/courses"
-TODAY = datetime.now(UTC).date()
-XSRF = re.compile(r'name="_xsrf" value="([^"]+)"')
-
-
-def u(login: str) -> str:
-    return f"{login}@{ORG}"
-
-
-def course(cid: str, **over: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": cid,
-        "title": f"Course {cid}",
-        "instructors": [u("ines")],
-        "sizes": ["h100:1g.10gb", "h100:3g.40gb"],
-        "budget": {"unit": "gpu_hours", "pool": 40, "per_student": 4},
-        "start": str(TODAY - timedelta(days=1)),
-        "end": str(TODAY + timedelta(days=30)),
-        "schedule": [{"weekday": "tue", "time": "09:15", "minutes": 90}],
-    }
-    return {**base, **over}
-
-
-class Stack:
-    def __init__(self, hub: HubProcess, idp: LocalIdP) -> None:
-        self.hub, self.idp = hub, idp
-        self.sessions: dict[str, requests.Session] = {}
-        self.tokens: dict[str, str] = {}
-
-    def login(self, login: str) -> None:
-        password = None if login == "olga" else f"pass-{login}"
-        result = oidc_login(self.hub.url, self.idp, login, password)
-        assert result.left_deployment is None and result.response.status_code == 200, (
-            login,
-            result.response.text[:300],
-        )
-        self.sessions[login] = result.session
-        r = self.hub.api("POST", f"/users/{u(login)}/tokens", json={"scopes": ["inherit"]})
-        assert r.status_code == 201, r.text
-        self.tokens[login] = r.json()["token"]
-
-    def api(self, who: str, method: str, path: str, **kw: Any) -> requests.Response:
-        """The course API itself, with ``who``'s token (to read back what a page did)."""
-        return requests.request(
-            method,
-            f"{self.hub.url}{SVC}{path}",
-            headers={"Authorization": f"token {self.tokens[who]}"},
-            timeout=60,
-            **kw,
-        )
-
-    def page(self, who: str, path: str) -> requests.Response:
-        return self.sessions[who].get(f"{self.hub.url}/hub/{path}", timeout=60)
-
-    def post(self, who: str, path: str, data: dict[str, str], **kw: Any) -> requests.Response:
-        """Submit a form of the page at ``path`` as a browser would (its own _xsrf)."""
-        got = self.page(who, path)
-        m = XSRF.search(got.text)
-        assert m, (got.status_code, got.text[:500])
-        return self.sessions[who].post(
-            f"{self.hub.url}/hub/{path}", data={**data, "_xsrf": m.group(1)}, timeout=60, **kw
-        )
-
-
-def config(data_root: Path) -> Any:
-    courses = {"data_root": str(data_root), "lifecycle_interval_seconds": 3600}
-
-    def text(hub: HubProcess, idp: LocalIdP) -> str:
-        base = configure_text(hub, idp)
-        marker = '    inventory_source="declared",\n)'
-        assert marker in base
-        return base.replace(
-            marker, f'    inventory_source="declared",\n    courses={courses!r},\n)'
-        )
-
-    return text
-
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CourseStack]:
     work = tmp_path_factory.mktemp("course-pages")
     (work / "course-data").mkdir()
-    users = write_users(work / "users.json", COURSE_USERS)
-    with hub_with_idp(work, config(work / "course-data"), idp_kw={"users_file": users}) as (
-        hub,
-        idp,
-    ):
-        wait_portal_service(hub)
-        st = Stack(hub, idp)
-        st.login("olga")  # the operator creates both courses
+    courses = {"data_root": str(work / "course-data"), "lifecycle_interval_seconds": 3600}
+    with course_hub(work, courses) as (hub, idp):
+        st = CourseStack(hub, idp)
         warm = {"minutes": 10, "fraction": 1.0, "unclaimed_minutes": 15}
-        r = st.api("olga", "POST", "", json=course("ml101", tas=[u("tara")], prewarm=warm))
-        assert r.status_code == 201, r.text
-        r = st.api("olga", "POST", "", json=course("cv202", instructors=[u("igor")]))
-        assert r.status_code == 201, r.text
-        for login in ("ines", "tara", "s1", "s2", "igor"):
-            st.login(login)
+        st.create_courses(  # the operator creates both courses
+            course("ml101", tas=[u("tara")], prewarm=warm),
+            course("cv202", instructors=[u("igor")]),
+        )
+        st.login_all("ines", "tara", "s1", "s2", "igor")
         yield st
-        hub.close()
-        hub.assert_no_egress()
 
 
 # -- plain HTTP: every cell is the real page over the real API ---------------------------------
-def test_my_courses_lists_the_callers_courses_with_their_role(stack: Stack) -> None:
+def test_my_courses_lists_the_callers_courses_with_their_role(stack: CourseStack) -> None:
     r = stack.page("ines", "courses")
     assert r.status_code == 200, r.text[:500]
     assert re.search(r'data-course="ml101".*?sp-role">instructor<', r.text, re.S)
@@ -148,7 +57,7 @@ def test_my_courses_lists_the_callers_courses_with_their_role(stack: Stack) -> N
     assert "/hub/courses/ml101/class" not in r.text  # a student gets the spawn link
 
 
-def test_instructor_edits_the_course_through_the_page(stack: Stack) -> None:
+def test_instructor_edits_the_course_through_the_page(stack: CourseStack) -> None:
     page = stack.page("ines", "courses/ml101")
     assert page.status_code == 200 and 'id="sp-save"' in page.text, page.text[:500]
     assert "tue 09:15 90" in page.text  # the schedule as the form shows it
@@ -156,7 +65,7 @@ def test_instructor_edits_the_course_through_the_page(stack: Stack) -> None:
                    "schedule": "tue 09:15 90\nthu 14:00 60", "per_student": "3"})  # fmt: skip
     assert r.status_code == 200, r.text[:800]
     assert "Saved: budget, schedule, title." in r.text
-    got = stack.api("ines", "GET", "/ml101").json()
+    got = stack.portal("ines", "GET", "/ml101").json()
     assert got["title"] == "Machine learning" and got["budget"]["per_student"] == 3
     assert got["schedule"][1] == {"weekday": "thu", "time": "14:00", "minutes": 60}
 
@@ -171,52 +80,39 @@ def test_instructor_edits_the_course_through_the_page(stack: Stack) -> None:
     ],
 )
 def test_a_refused_edit_shows_the_apis_message_and_changes_nothing(
-    stack: Stack, form: dict[str, str], field: str | None, words: str
+    stack: CourseStack, form: dict[str, str], field: str | None, words: str
 ) -> None:
-    before = stack.api("ines", "GET", "/ml101").json()
+    before = stack.portal("ines", "GET", "/ml101").json()
     r = stack.post("ines", "courses/ml101", {"action": "edit", **form})
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
     assert "Nothing was changed." in r.text and words in r.text, r.text[:3000]
     if field is not None:
         assert f'data-field="{field}"' in r.text
-    assert stack.api("ines", "GET", "/ml101").json() == before
+    assert stack.portal("ines", "GET", "/ml101").json() == before
 
 
-def test_the_roster_through_the_page(stack: Stack) -> None:
+def test_the_roster_through_the_page(stack: CourseStack) -> None:
     r = stack.post("ines", "courses/ml101", {"action": "add", "user": u("late1")})
     assert r.status_code == 200 and f"Added {u('late1')}." in r.text, r.text[:800]
-    assert u("late1") in stack.api("ines", "GET", "/ml101/roster").json()["added"]
+    assert u("late1") in stack.portal("ines", "GET", "/ml101/roster").json()["added"]
     assert "access at first login" in r.text
+
+    def upload(csv: bytes) -> requests.Response:
+        files = {"roster": ("roster.csv", csv, "text/csv")}
+        return stack.post("ines", "courses/ml101", {"action": "upload"}, files=files)
+
     # a CSV file with a duplicate row: 400 naming the row, nothing added
-    got = stack.page("ines", "courses/ml101")
-    token = XSRF.search(got.text)
-    assert token
     bad = f"identifier\n{u('late2')}\n{u('late2')}\n".encode()
-    r = stack.sessions["ines"].post(
-        f"{stack.hub.url}/hub/courses/ml101",
-        data={"action": "upload", "_xsrf": token.group(1)},
-        files={"roster": ("roster.csv", bad, "text/csv")},
-        timeout=60,
-    )
+    r = upload(bad)
     assert r.status_code == 400 and "Nothing was changed." in r.text, r.text[:800]
     assert re.search(r"row 3|line 3|duplicate", r.text), r.text[:3000]
-    assert u("late2") not in stack.api("ines", "GET", "/ml101/roster").json()["added"]
+    assert u("late2") not in stack.portal("ines", "GET", "/ml101/roster").json()["added"]
     bom = f"\ufeffidentifier\n{u('late2')}\n".encode()  # refused, not skipped (run-a-course)
-    r = stack.sessions["ines"].post(
-        f"{stack.hub.url}/hub/courses/ml101",
-        data={"action": "upload", "_xsrf": token.group(1)},
-        files={"roster": ("roster.csv", bom, "text/csv")},
-        timeout=60,
-    )
+    r = upload(bom)
     assert r.status_code == 400 and "Nothing was changed." in r.text, r.text[:800]
     assert "byte-order mark" in r.text or "BOM" in r.text, r.text[:3000]
     good = f"identifier\n{u('late2')}\n{u('late3')}\n".encode()
-    r = stack.sessions["ines"].post(
-        f"{stack.hub.url}/hub/courses/ml101",
-        data={"action": "upload", "_xsrf": token.group(1)},
-        files={"roster": ("roster.csv", good, "text/csv")},
-        timeout=60,
-    )
+    r = upload(good)
     assert r.status_code == 200 and "Roster file: 2 added" in r.text, r.text[:800]
     # a removal through the page: s2 leaves the course group at once
     r = stack.post("ines", "courses/ml101", {"action": "remove", "user": u("s2")})
@@ -224,17 +120,17 @@ def test_the_roster_through_the_page(stack: Stack) -> None:
     assert "course-ml101" not in stack.hub.api("GET", f"/users/{u('s2')}").json()["groups"]
 
 
-def test_a_ta_sees_the_course_and_cannot_change_it(stack: Stack) -> None:
+def test_a_ta_sees_the_course_and_cannot_change_it(stack: CourseStack) -> None:
     r = stack.page("tara", "courses/ml101")
     assert r.status_code == 200, r.text[:500]
     assert "<fieldset disabled>" in r.text and 'id="sp-save"' not in r.text
     assert 'id="sp-add"' not in r.text and u("s1") in r.text  # the roster, read-only
-    before = stack.api("olga", "GET", "/ml101").json()
+    before = stack.portal("olga", "GET", "/ml101").json()
     r = stack.post("tara", "courses/ml101", {"action": "edit", "title": "TA was here"})
     assert r.status_code == 403 and "teaching assistant cannot do this" in r.text, r.text[:800]
     r = stack.post("tara", "courses/ml101", {"action": "add", "user": u("ta-add")})
     assert r.status_code == 403
-    assert stack.api("olga", "GET", "/ml101").json() == before
+    assert stack.portal("olga", "GET", "/ml101").json() == before
 
 
 @pytest.mark.parametrize(
@@ -248,13 +144,13 @@ def test_a_ta_sees_the_course_and_cannot_change_it(stack: Stack) -> None:
         ("ines", "courses/no-such"),
     ],
 )
-def test_students_and_other_courses_staff_get_403(stack: Stack, who: str, path: str) -> None:
+def test_students_and_other_courses_staff_get_403(stack: CourseStack, who: str, path: str) -> None:
     r = stack.page(who, path)
     assert r.status_code == 403, (r.status_code, r.text[:500])
 
 
-def test_the_class_view_on_the_real_class_api(stack: Stack) -> None:
-    api = stack.api("ines", "GET", "/ml101/class")
+def test_the_class_view_on_the_real_class_api(stack: CourseStack) -> None:
+    api = stack.portal("ines", "GET", "/ml101/class")
     assert api.status_code == 200, (api.status_code, api.text[:300])  # H2's real endpoint
     view = api.json()
     r = stack.page("ines", "courses/ml101/class")
@@ -268,13 +164,13 @@ def test_the_class_view_on_the_real_class_api(stack: Stack) -> None:
     try:
         r = stack.post("ines", "courses/ml101/class", {})
         assert r.status_code == 200 and "Pre-warm started." in r.text, r.text[:800]
-        after = stack.api("ines", "GET", "/ml101/class").json()
+        after = stack.portal("ines", "GET", "/ml101/class").json()
         assert after["prewarm"]["state"] in ("warming", "warm"), after
         assert after["prewarm"]["requested"] >= 1, after
         shown = re.search(r'class="sp-prewarm-state">(\w+)<', r.text)
         assert shown and shown.group(1) in ("warming", "warm"), r.text[:2000]
     finally:  # the warm servers go again (a pending start answers 400: ask again)
-        names = [x["user"] for x in stack.api("olga", "GET", "/ml101/class").json()["students"]]
+        names = [x["user"] for x in stack.portal("olga", "GET", "/ml101/class").json()["students"]]
 
         def none_left() -> bool:
             left = [n for n in names if stack.hub.api("GET", f"/users/{n}").json().get("servers")]
@@ -287,7 +183,7 @@ def test_the_class_view_on_the_real_class_api(stack: Stack) -> None:
 
 # -- Chromium ----------------------------------------------------------------------------------
 def test_course_pages_in_chromium_with_screenshots_and_no_foreign_request(
-    stack: Stack, tmp_path: Path
+    stack: CourseStack, tmp_path: Path
 ) -> None:
     hub, idp = stack.hub, stack.idp
     guard = HostGuard(hub.url, idp.issuer)

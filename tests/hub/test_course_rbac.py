@@ -18,7 +18,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,93 +26,19 @@ import pytest
 import requests
 from sovereign_portal.spawners.request import request_from_size_id
 
+from tests.support.courses import TODAY, CourseStack, course, course_hub, u
 from tests.support.hub import HubProcess
-from tests.support.idp import LocalIdP, oidc_login
-from tests.support.idp_users import COURSE_USERS, write_users
-from tests.support.portal import configure_text, wait_portal_service
-from tests.support.stack import hub_with_idp
+from tests.support.idp import LocalIdP
 
 pytestmark = [pytest.mark.hub, pytest.mark.idp, pytest.mark.timeout(600)]
 
-ORG = "uni-a.example"
-SVC = "/services/sovereign-portal/api/courses"
-TODAY = datetime.now(UTC).date()
 
+class Stack(CourseStack):
+    token_note = "rbac"
 
-def u(login: str) -> str:
-    return f"{login}@{ORG}"
-
-
-def course(cid: str, **over: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": cid,
-        "title": f"Course {cid}",
-        "instructors": [u("ines")],
-        "sizes": ["h100:1g.10gb", "h100:3g.40gb"],
-        "budget": {"unit": "gpu_hours", "pool": 40, "per_student": 4},
-        "start": str(TODAY - timedelta(days=1)),
-        "end": str(TODAY + timedelta(days=30)),
-        "schedule": [{"weekday": "tue", "time": "09:15", "minutes": 90}],
-    }
-    return {**base, **over}
-
-
-class Stack:
     def __init__(self, hub: HubProcess, idp: LocalIdP, data_root: Path) -> None:
-        self.hub, self.idp, self.data_root = hub, idp, data_root
-        self.tokens: dict[str, str] = {}
-        self.sessions: dict[str, requests.Session] = {}
-
-    def login(self, login: str) -> None:
-        password = None if login == "olga" else f"pass-{login}"  # olga: a sample user
-        result = oidc_login(self.hub.url, self.idp, login, password)
-        assert result.left_deployment is None and result.response.status_code == 200, (
-            login,
-            result.response.status_code,
-            result.response.text[:300],
-        )
-        self.sessions[login] = result.session
-        r = self.hub.api(
-            "POST", f"/users/{u(login)}/tokens", json={"scopes": ["inherit"], "note": "rbac"}
-        )
-        assert r.status_code == 201, r.text
-        self.tokens[login] = r.json()["token"]
-
-    def portal(self, who: str, method: str, path: str, **kw: Any) -> requests.Response:
-        return requests.request(
-            method,
-            f"{self.hub.url}{SVC}{path}",
-            headers={"Authorization": f"token {self.tokens[who]}", **kw.pop("headers", {})},
-            timeout=60,
-            **kw,
-        )
-
-    def hubapi(self, who: str, method: str, path: str, **kw: Any) -> requests.Response:
-        return self.hub.api(method, path, token=self.tokens[who], **kw)
-
-    def groups(self, login: str) -> list[str]:
-        r = self.hub.api("GET", f"/users/{u(login)}")
-        assert r.status_code == 200, r.text
-        return sorted(r.json()["groups"])
-
-
-def config(data_root: Path) -> Any:
-    courses = {
-        "creators": [u("igor")],
-        "max_pool": {"gpu_hours": 50.0},
-        "data_root": str(data_root),
-        "lifecycle_interval_seconds": 1,
-    }
-
-    def text(hub: HubProcess, idp: LocalIdP) -> str:
-        base = configure_text(hub, idp)
-        marker = '    inventory_source="declared",\n)'
-        assert marker in base
-        return base.replace(
-            marker, f'    inventory_source="declared",\n    courses={courses!r},\n)'
-        )
-
-    return text
+        super().__init__(hub, idp)
+        self.data_root = data_root
 
 
 @pytest.fixture(scope="module")
@@ -120,21 +46,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("courses")
     data_root = work / "course-data"
     data_root.mkdir()
-    users = write_users(work / "users.json", COURSE_USERS)
-    with hub_with_idp(work, config(data_root), idp_kw={"users_file": users}) as (hub, idp):
-        wait_portal_service(hub)
+    courses = {
+        "creators": [u("igor")],
+        "max_pool": {"gpu_hours": 50.0},
+        "data_root": str(data_root),
+        "lifecycle_interval_seconds": 1,
+    }
+    with course_hub(work, courses) as (hub, idp):
         st = Stack(hub, idp, data_root)
-        st.login("olga")  # the operator creates both courses before anyone else logs in
         (data_root / "ml101").mkdir()
-        r = st.portal(
-            "olga",
-            "POST",
-            "",
-            json=course("ml101", tas=[u("tara")], data_path=str(data_root / "ml101")),
+        # the operator creates both courses before anyone else logs in
+        st.create_courses(
+            course("ml101", tas=[u("tara")], data_path=str(data_root / "ml101")),
+            course("cv202", instructors=[u("igor")]),
         )
-        assert r.status_code == 201, r.text
-        r = st.portal("olga", "POST", "", json=course("cv202", instructors=[u("igor")]))
-        assert r.status_code == 201, r.text
         st.login("ines")
         r = st.portal(
             "ines",
@@ -145,11 +70,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         assert r.status_code == 200, r.text
         assert r.json()["at_first_login"] == [u("s4")]  # s4 has never logged in
-        for login in ("s1", "s2", "s3", "s4", "s5", "tara", "igor"):
-            st.login(login)
+        st.login_all("s1", "s2", "s3", "s4", "s5", "tara", "igor")
         yield st
-        hub.close()
-        hub.assert_no_egress()
 
 
 def test_logins_land_in_their_courses(stack: Stack) -> None:
