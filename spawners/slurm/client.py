@@ -71,6 +71,25 @@ class SchedulerUnavailable(SchedulerError):
     """The scheduler did not answer (timeout, connection refused): states are unknown."""
 
 
+class CallTimeout(TimeoutError):
+    """A command that did not finish within its timeout (killed with its process group).
+
+    It keeps what the command wrote to stderr before it was killed: ``sbatch`` says there
+    why it waits (``cannot stat file .../slurm.conf: Permission denied, retrying``, or
+    ``Socket timed out``), which is what an operator needs in the log.
+    """
+
+    def __init__(self, argv: Sequence[str], timeout: float, stderr: str) -> None:
+        self.argv = list(argv)
+        self.timeout = timeout
+        self.stderr = stderr
+        said = " ".join(stderr.split())[-300:]
+        super().__init__(
+            f"{' '.join(self.argv)} did not answer within {timeout:g} s"
+            + (f"; it said: {said}" if said else "")
+        )
+
+
 class SlurmError(SchedulerError):
     """A Slurm command that failed: exit code, stdout and stderr for the log."""
 
@@ -117,8 +136,8 @@ async def call(
 
     The command runs in a new session (its own process group). On a timeout, or if the
     caller is cancelled, the whole group is killed and reaped before the exception
-    (``TimeoutError`` or ``CancelledError``) goes on: ``runuser``'s ``sbatch`` child is
-    not left behind.
+    (:class:`CallTimeout`, a ``TimeoutError`` with the stderr written so far, or
+    ``CancelledError``) goes on: ``runuser``'s ``sbatch`` child is not left behind.
     """
     names = [os.path.basename(a) for a in argv]
     CALLS[next((n for n in names if n in SLURM_COMMANDS), names[0])] += 1
@@ -131,13 +150,30 @@ async def call(
         cwd=cwd,
         start_new_session=True,
     )
+    out, err = bytearray(), bytearray()
+
+    async def drain(stream: asyncio.StreamReader | None, buf: bytearray) -> None:
+        while stream is not None and (chunk := await stream.read(65536)):
+            buf.extend(chunk)
+
+    async def feed() -> None:
+        if input is not None and proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(input.encode())
+                await proc.stdin.drain()
+            proc.stdin.close()
+
+    async def run() -> None:
+        await asyncio.gather(feed(), drain(proc.stdout, out), drain(proc.stderr, err))
+        await proc.wait()
+
     try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(input.encode() if input is not None else None), timeout
-        )
-    except BaseException:
+        await asyncio.wait_for(run(), timeout)
+    except BaseException as e:
         _kill_group(proc)
         await asyncio.shield(proc.wait())
+        if isinstance(e, TimeoutError):
+            raise CallTimeout(argv, timeout, err.decode(errors="replace")) from None
         raise
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     if proc.returncode != 0:
@@ -327,13 +363,16 @@ class SlurmCLI(SchedulerClient):
         if env is not None:  # the command's own PATH may not name sbatch
             exe = shutil.which(exe) or exe
         argv = [*self._as(user), exe, "--parsable", *options]
-        out = await call(
-            argv,
-            env=self._env() if env is None else env,
-            input=script,
-            timeout=self.timeout,
-            cwd=cwd,
-        )
+        try:
+            out = await call(
+                argv,
+                env=self._env() if env is None else env,
+                input=script,
+                timeout=self.timeout,
+                cwd=cwd,
+            )
+        except TimeoutError as e:  # the job may exist or not: unknown, not a refusal
+            raise SchedulerUnavailable(str(e) or f"sbatch did not answer: {e!r}") from e
         job_id = out.strip().split(";")[0]
         if not JOB_ID.fullmatch(job_id):
             raise SchedulerError(f"sbatch answered {out.strip()[:200]!r}, not a job id")

@@ -43,7 +43,7 @@ from ..base import PortalSpawnerMixin
 from ..errors import Forbidden, RequestRefused
 from ..images import ImageAllowList, ImageError, NotebookImage, load_image_allow_list
 from ..request import Resolved
-from .client import SchedulerClient, SchedulerError, SlurmCLI
+from .client import SchedulerClient, SchedulerError, SchedulerUnavailable, SlurmCLI
 from .jobscript import (
     JOB_NAME,
     JobSpec,
@@ -780,6 +780,15 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             TRACKED_TAGS.discard(tag)
             self._remove_token(spec.token_file)
             self.log.error("sbatch for %s failed: %s", self._label, e)
+            if isinstance(e, SchedulerUnavailable):  # sbatch hung: the job may exist
+                await self._cancel_tagged(tag)
+                raise _user_error(
+                    "Slurm did not answer in time, so no server was started. Try again in "
+                    "a minute; if it keeps happening, tell the site's operators.",
+                    reason="scheduler_unavailable",
+                    log_message=str(e),
+                    status=503,
+                ) from None
             stderr = e.stderr if isinstance(e, SlurmError) else str(e)
             if "configuration is not available" in stderr or "Invalid" in stderr:
                 have = await self._available(resolved)
@@ -810,6 +819,24 @@ class SlurmGPUSpawner(PortalSpawnerMixin, Spawner):
             self.poller.calm(self.job_id)
         self.poller.watch(self.job_id, self._job_ended)
         return host, port
+
+    async def _cancel_tagged(self, tag: str) -> None:
+        """Cancel the job carrying ``tag``, if a submission that got no answer made one."""
+        try:
+            found = await self.scheduler.query(name=JOB_NAME)
+            ids = [j.job_id for j in found.values() if j.active and comment_tag(j.comment) == tag]
+            if ids:
+                self.log.warning(
+                    "sbatch for %s made job %s after all: cancelling", self._label, ids
+                )
+                await self.scheduler.cancel(ids, user=self.unix_user)
+        except (SchedulerError, TimeoutError, OSError) as e:
+            self.log.warning(
+                "Could not look for a job of %s's unanswered sbatch (%s): if one exists, it "
+                "has no token and runs until its walltime or the next hub start's sweep",
+                self._label,
+                e,
+            )
 
     async def _wait_listening(self, host: str, port: int) -> None:
         """Return once the server accepts TCP connections (or the job ends, or timeout).

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from sovereign_portal.spawners.slurm.client import (
     GONE,
+    CallTimeout,
     JobInfo,
     SchedulerError,
+    SchedulerUnavailable,
     SlurmCLI,
     SlurmError,
     call,
@@ -69,6 +71,34 @@ def test_a_call_past_its_timeout_kills_its_child_and_grandchild(tmp_path: Path) 
     parent, child = (int(p) for p in pids.read_text().split())
     assert _wait_gone(parent), f"parent {parent} still runs"
     assert _wait_gone(child), f"grandchild {child} still runs"
+
+
+def test_a_call_past_its_timeout_keeps_what_it_said_and_submit_is_unavailable(
+    tmp_path: Path,
+) -> None:
+    """sbatch as a user who cannot read slurm.conf retries for 60 s: the timeout keeps its
+    stderr (the reason, for the log), and a submit that got no answer is "unavailable"
+    (the job may exist), never a bare TimeoutError nor a refusal."""
+    exe = tmp_path / "sbatch"
+    exe.write_text(
+        "#!/bin/sh\ncat > /dev/null\n"
+        "echo 'sbatch: error: s_p_parse_file: cannot stat file /x/slurm.conf: Permission "
+        "denied, retrying in 1sec up to 60sec' >&2\nexec sleep 300\n"
+    )
+    exe.chmod(0o755)
+
+    async def run() -> None:
+        with pytest.raises(CallTimeout) as e:
+            await call([str(exe)], input="#!/bin/sh\n", timeout=1.0)
+        assert "Permission denied, retrying" in e.value.stderr
+        assert "did not answer within 1 s; it said: sbatch: error:" in str(e.value)
+        cli = SlurmCLI(sbatch=str(exe), timeout=1.0)
+        with pytest.raises(SchedulerUnavailable) as u:
+            await cli.submit("#!/bin/sh\n")
+        assert "cannot stat file /x/slurm.conf: Permission denied" in str(u.value)
+        assert isinstance(u.value.__cause__, TimeoutError)
+
+    asyncio.run(run())
 
 
 def test_a_cancelled_call_kills_its_child(tmp_path: Path) -> None:

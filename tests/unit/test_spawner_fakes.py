@@ -182,6 +182,44 @@ def test_sbatch_rejected_fails_the_spawn_and_leaves_nothing(
     assert not c.ran("squeue") and not c.ran("scancel")
 
 
+@pytest.mark.parametrize("made_a_job", [True, False])
+def test_sbatch_that_never_answers_is_a_clear_503_and_its_job_is_cancelled(
+    slurm_fake: SlurmScript, made_a_job: bool
+) -> None:
+    """sbatch killed at the client's timeout (a controller that does not answer, users who
+    cannot read slurm.conf): the student reads that Slurm did not answer, never an empty
+    "Spawn failed" (a bare TimeoutError, which JupyterHub also logs as its own start
+    timeout); a job the submission made after all is found by its tag and cancelled."""
+    c = slurm_fake.commands
+    c.expect(SBATCH, hang=True)
+    other = {"id": 41, "state": "RUNNING", "comment": "sovereign-portal:someoneelse"}
+    ours = {
+        "id": 42,
+        "state": "PENDING",
+        "comment": lambda s: f"sovereign-portal:{submitted_tag(s)}",
+    }
+    jobs = [other, ours] if made_a_job else [other]
+    c.expect(
+        ["squeue", "-h", "-t", "all", "--name=sovereign-portal", "-o", ANY], squeue_answer(*jobs)
+    )
+    if made_a_job:
+        c.expect(SCANCEL)
+
+    async def run() -> ScriptedSlurmSpawner:
+        sp = slurm_fake.spawner()
+        with pytest.raises(SpawnException) as e:
+            await c.run(sp.start())
+        assert e.value.status_code == 503, e.value
+        assert e.value.message.startswith("Slurm did not answer in time, so no server was started")
+        assert "did not answer within" in str(e.value.log_message)
+        return sp
+
+    sp = asyncio.run(run())
+    assert [x.argv for x in c.ran("scancel")] == ([SCANCEL] if made_a_job else [])
+    assert list((slurm_fake.account.home / ".sovereign-portal" / "tokens").iterdir()) == []
+    assert sp.get_state().get("job_id") is None and not sp.poller.tracked
+
+
 def test_job_that_ends_before_its_server_starts_fails_the_spawn(slurm_fake: SlurmScript) -> None:
     c = slurm_fake.commands
     c.expect(SBATCH, "42\n")
