@@ -6,8 +6,8 @@ Not part of CI (minutes of the whole machine). Everything is real: its own Slurm
 (``ceil(N / 7)`` emulated MIG nodes of 7 x ``1g.10gb``, partition ``class-fr``), the local
 IdP, the hub and proxy as ``hub.portal.configure()`` sets them up with the portal service,
 and one real Unix account per student (``spst001``...; the IdP's ``spst001`` logs in as
-hub user ``spst001@uni-a.example``: the benchmark's spawner class maps that to the Unix
-name, the only thing it changes).
+hub user ``spst001@uni-a.example``, and ``SlurmGPUSpawner.unix_user_template = "{login}"``
+maps that to the Unix name).
 
 Two storms, each with every student's full OIDC flow (hub -> IdP form -> callback) in its
 own thread, all released at once:
@@ -95,18 +95,8 @@ profiles = ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1
 """
 
 SPAWNER = """
-from sovereign_portal.spawners.slurm.spawner import SlurmGPUSpawner
-
-
-class StormSpawner(SlurmGPUSpawner):
-    \"\"\"bench_storm: hub user spst001@uni-a.example runs as Unix account spst001.\"\"\"
-
-    @property
-    def unix_user(self):
-        return self.user.name.split("@", 1)[0]
-
-
-c.JupyterHub.spawner_class = StormSpawner
+c.JupyterHub.spawner_class = "sovereign_portal.spawners.slurm.spawner.SlurmGPUSpawner"
+c.SlurmGPUSpawner.unix_user_template = "{{login}}"
 c.SlurmGPUSpawner.site_file = {site!r}
 c.SlurmGPUSpawner.server_ip = "127.0.0.1"
 c.SlurmGPUSpawner.scheduler_poll_interval = 1.0
@@ -248,6 +238,51 @@ class Bystander(threading.Thread):
             time.sleep(0.25)
 
 
+def mem_used() -> int:
+    """Bytes of this machine's memory in use (MemTotal - MemAvailable)."""
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        info[key] = int(rest.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def rss(pids: set[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+class Memory(threading.Thread):
+    """The machine's memory in use (every second) and the servers' summed RSS (every 10 s),
+    with their peaks."""
+
+    def __init__(self, hub: HubProcess) -> None:
+        super().__init__(daemon=True)
+        self.hub = hub
+        self.base = mem_used()
+        self.peak = self.base
+        self.servers_peak, self.servers_at_peak = 0, 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        while not self.halt.wait(1.0):
+            self.peak = max(self.peak, mem_used())
+            n += 1
+            if n % 10 == 0:
+                pids = self.hub.singleuser_pids()
+                total = rss(pids)
+                if total > self.servers_peak:
+                    self.servers_peak, self.servers_at_peak = total, len(pids)
+
+
 def report(label: str, results: list[Result]) -> list[float]:
     times = [r.seconds for r in results if r.seconds is not None]
     bad = [r for r in results if r.error]
@@ -285,7 +320,10 @@ def main() -> int:
     students = [f"spst{i:03d}" for i in range(1, n + 1)]
     names = [f"{s}@{ORG}" for s in students]
     nodes = math.ceil(n / 7)
-    base = Path(tempfile.mkdtemp(prefix="sp-storm-"))
+    base = Path(tempfile.mkdtemp(prefix="sp-storm-", dir="/tmp"))
+    # The students' sbatch reads slurm.conf below it: mkdtemp's 0700 made every sbatch
+    # retry "cannot stat file .../slurm.conf: Permission denied" until the client's 30 s.
+    base.chmod(0o755)
     mig = tuple(
         Node(f"mig-{i:02d}", (("h100_1g.10gb", 7),), features=("h100", "mig", "fr"))
         for i in range(nodes)
@@ -384,8 +422,14 @@ def main() -> int:
             )
             bystander = Bystander(hub, by.json()["token"])
             bystander.start()
+            memory = Memory(hub)
+            memory.start()
 
+            t1 = time.monotonic()
             cold = storm(hub, idp, students, cold_student)
+            print(f"cold storm took {time.monotonic() - t1:.0f} s", flush=True)
+            running = sum(j["state"] == "RUNNING" for j in cluster.jobs())
+            print(f"  Slurm jobs RUNNING after it: {running}", flush=True)
             cold_t = report("cold (spawn form, start queue)", cold)
             code |= 1 if any(r.error for r in cold) else 0
             if any(r.error for r in cold):
@@ -408,6 +452,7 @@ def main() -> int:
                     timeout=60,
                     json={"prewarm": {"minutes": 30, "fraction": 1.0, "unclaimed_minutes": 20}},
                 )
+                t1 = time.monotonic()
                 r2 = requests.post(
                     f"{hub.url}{SVC}/{COURSE}/prewarm", headers=ines, json={}, timeout=120
                 )
@@ -417,7 +462,6 @@ def main() -> int:
                         f"POST prewarm {r2.status_code}: {r2.text[:200]})"
                     )
                 else:
-                    t1 = time.monotonic()
 
                     def all_warm() -> bool:
                         v = requests.get(
@@ -426,12 +470,29 @@ def main() -> int:
                         return sum(s["state"] == "warm" for s in v["students"]) >= n
 
                     hub.wait_for(all_warm, 1800, "every server warm", 3.0)
-                    print(f"pre-warm of {n} servers took {time.monotonic() - t1:.0f} s")
+                    print(f"pre-warm of {n} servers took {time.monotonic() - t1:.0f} s", flush=True)
+                    t1 = time.monotonic()
                     warm = storm(hub, idp, students, warm_student)
+                    print(f"pre-warmed storm took {time.monotonic() - t1:.0f} s", flush=True)
                     warm_t = report("pre-warmed (log in, open JupyterLab)", warm)
                     code |= 1 if any(r.error for r in warm) else 0
             bystander.halt.set()
             bystander.join(10)
+            memory.halt.set()
+            memory.join(15)
+            gib = 1 << 30
+            per = memory.servers_peak / max(1, memory.servers_at_peak) / (1 << 20)
+            print(
+                f"memory in use on the machine: {memory.base / gib:.1f} GiB before the storms, "
+                f"peak {memory.peak / gib:.1f} GiB; the servers' RSS peak "
+                f"{memory.servers_peak / gib:.2f} GiB for {memory.servers_at_peak} servers "
+                f"({per:.0f} MiB each)"
+            )
+            log = hub.log_text()
+            print(
+                f"hub log: {log.count(chr(10) + '[E ')} error lines, "
+                f"{log.count('Traceback')} tracebacks, {log.count(' 429 ')} 429s"
+            )
             if cold_t and warm_t:
                 print(
                     f"ratio cold / pre-warmed: p50 "
