@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.slurm_cluster import REPO, SlurmCluster, check_traversable
+from tests.support.slurm_cluster import REPO, ClusterError, Node, SlurmCluster, check_traversable
 
 pytestmark = pytest.mark.slurm
 
@@ -75,3 +76,17 @@ def test_jobs_can_run_the_checkout(slurm_cluster: SlurmCluster) -> None:
     for user in slurm_cluster.users:
         check_traversable(Path(sys.executable), user)
         check_traversable(REPO / "spawners" / "__init__.py", user)
+
+
+def test_a_cluster_its_users_cannot_reach_fails_at_up_not_at_sbatch() -> None:
+    """Below a 0700 directory the users' sbatch cannot read slurm.conf and retries for 60 s
+    (bench_storm's spawns all hung so): up() refuses at once, naming the file."""
+    hidden = Path(tempfile.mkdtemp(prefix="sp-hidden-", dir="/tmp"))  # 0700
+    try:
+        node = Node("mig-z", (("h100_1g.10gb", 7),))
+        cluster = SlurmCluster(hidden / "c", nodes=(node,), partitions={"p": (("mig-z",), 60)})
+        with pytest.raises(ClusterError, match=r"cannot read .*/c/etc/slurm\.conf"):
+            cluster.up(timeout=10)
+        assert not cluster.is_up() and not cluster._owned_pids()
+    finally:
+        subprocess.run(["rm", "-rf", str(hidden)], check=False)

@@ -523,6 +523,10 @@ class SlurmCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         ensure_users(self.users)
         self._write_config()
+        # The users' sbatch reads slurm.conf: below a 0700 parent (mkdtemp's) it retries
+        # "Permission denied" for 60 s, a hang; say so now instead.
+        for u in self.users[:1]:
+            check_traversable(self.conf, u)
         try:
             self.start_munge()
             if self.accounting:
