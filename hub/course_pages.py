@@ -186,6 +186,14 @@ def class_groups(
     }
 
 
+def _student(form: Mapping[str, Sequence[str]]) -> str:
+    """The ``user`` of an add or remove form: a student's institutional identifier."""
+    who = (form.get("user") or [""])[0].strip()
+    if not who:
+        raise FormError("user", "give the student's institutional identifier")
+    return who
+
+
 def parse_fraction(form: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """The pre-warm body: ``{}`` (the course's own fraction) or ``{"fraction": x}``."""
     unknown = sorted(set(form) - {"fraction", "_xsrf"})
@@ -271,10 +279,26 @@ def _handlers() -> list[tuple[str, Any]]:
             message, _ = api_error(status, raw)
             raise web.HTTPError(status if status < 600 else 503, "%s", message)
 
+        async def read(self, path: str) -> Any:
+            """``GET`` the course API's ``path`` as the caller: its JSON, or the page's
+            refusal in the API's words."""
+            status, data, raw = await self.api("GET", path)
+            if status != 200:
+                self.refuse(status, raw)
+            return data
+
         def course_id(self, course: str) -> str:
             if not _COURSE.match(course):
                 raise web.HTTPError(404, "no course %r", course[:60])
             return course
+
+        def posted(self, course: str) -> tuple[str, dict[str, list[str]]]:
+            """A POST's course id (404 unless it is one) and its form fields, decoded."""
+            course = self.course_id(course)
+            return course, {
+                k: [v.decode("utf-8", "replace") for v in vs]
+                for k, vs in self.request.body_arguments.items()
+            }
 
         async def show(self, template: str, status: int = 200, **ns: Any) -> None:
             self.set_status(status)
@@ -284,17 +308,13 @@ def _handlers() -> list[tuple[str, Any]]:
     class CoursesHandler(CoursePage):
         @web.authenticated
         async def get(self) -> None:
-            status, data, raw = await self.api("GET", "")
-            if status != 200:
-                self.refuse(status, raw)
+            data = await self.read("")
             courses = sorted(data.get("courses", []), key=lambda c: c["id"])
             await self.show("courses.html", page_title="My courses", courses=courses)
 
     class CourseHandler(CoursePage):
         async def load(self, course: str) -> tuple[dict[str, Any], dict[str, Any]]:
-            status, data, raw = await self.api("GET", f"/{course}")
-            if status != 200:
-                self.refuse(status, raw)
+            data = await self.read(f"/{course}")
             if data.get("role") == "student":
                 raise web.HTTPError(
                     403,
@@ -302,9 +322,7 @@ def _handlers() -> list[tuple[str, Any]]:
                     "your course is on the spawn form",
                     course,
                 )
-            status, roster, raw = await self.api("GET", f"/{course}/roster")
-            if status != 200:
-                self.refuse(status, raw)
+            roster = await self.read(f"/{course}/roster")
             return data, roster
 
         async def page(
@@ -337,20 +355,14 @@ def _handlers() -> list[tuple[str, Any]]:
 
         @web.authenticated
         async def post(self, course: str) -> None:
-            course = self.course_id(course)
-            form = {
-                k: [v.decode("utf-8", "replace") for v in vs]
-                for k, vs in self.request.body_arguments.items()
-            }
+            course, form = self.posted(course)
             action = (form.get("action") or [""])[0]
             if action not in ACTIONS:
                 raise web.HTTPError(400, "action: one of %s", ", ".join(ACTIONS))
             typed = {k: v[0] for k, v in form.items() if v and k != "_xsrf"}
             try:
                 if action == "edit":
-                    status, current, raw = await self.api("GET", f"/{course}")
-                    if status != 200:
-                        self.refuse(status, raw)
+                    current = await self.read(f"/{course}")
                     changes = form_changes(form, current)
                     if not changes:
                         await self.page(course, done="Nothing changed.")
@@ -358,15 +370,11 @@ def _handlers() -> list[tuple[str, Any]]:
                     status, _, raw = await self.api("PATCH", f"/{course}", changes)
                     done = "Saved: " + ", ".join(sorted(changes)) + "."
                 elif action == "add":
-                    who = (form.get("user") or [""])[0].strip()
-                    if not who:
-                        raise FormError("user", "give the student's institutional identifier")
+                    who = _student(form)
                     status, _, raw = await self.api("POST", f"/{course}/roster", {"add": [who]})
                     done = f"Added {who}."
                 elif action == "remove":
-                    who = (form.get("user") or [""])[0].strip()
-                    if not who:
-                        raise FormError("user", "give the student's institutional identifier")
+                    who = _student(form)
                     status, _, raw = await self.api(
                         "DELETE", f"/{course}/roster/{quote(who, safe='@')}"
                     )
@@ -400,9 +408,7 @@ def _handlers() -> list[tuple[str, Any]]:
         async def page(
             self, course: str, status: int = 200, error: str | None = None, done: str = ""
         ) -> None:
-            code, info, raw = await self.api("GET", f"/{course}")
-            if code != 200:
-                self.refuse(code, raw)
+            info = await self.read(f"/{course}")
             if info.get("role") == "student":
                 raise web.HTTPError(
                     403, "course %s: the class view is for its instructors and TAs", course
@@ -432,11 +438,7 @@ def _handlers() -> list[tuple[str, Any]]:
 
         @web.authenticated
         async def post(self, course: str) -> None:
-            course = self.course_id(course)
-            form = {
-                k: [v.decode("utf-8", "replace") for v in vs]
-                for k, vs in self.request.body_arguments.items()
-            }
+            course, form = self.posted(course)
             try:
                 body = parse_fraction(form)
             except FormError as e:
