@@ -1,12 +1,12 @@
 """Ledger reconciliation per site on real clusters: `sovereign-portal ledger reconcile --site`.
 
-Two sites in one site file: ``paris`` is the accounting cluster (slurmdbd on MariaDB,
-reached by its CLI: sacct with its own slurm.conf) and declares ``accounting = true``;
-``julich`` (slurmrestd with JWT, no slurmdbd) declares none. A real job runs at each site;
-closed ledger records name them. The CLI, with no SLURM_CONF of its own, checks paris's
-records with paris's sacct (one call), reports julich's as "no accounting at this site"
-(never silently), and one wrong record at paris as a difference (exit 1). The same job id
-at julich is never looked up in paris's accounting.
+The two sites of tests/support/sites/two-sites.toml: ``paris`` is the accounting cluster
+(slurmdbd on MariaDB, reached by its CLI: sacct with its own slurm.conf) and declares
+``accounting = true``; ``julich`` (slurmrestd with JWT, no slurmdbd) declares none. A real
+job runs at each site; closed ledger records name them. The CLI, with no SLURM_CONF of its
+own, checks paris's records with paris's sacct (one call), reports julich's as "no
+accounting at this site" (never silently), and one wrong record at paris as a difference
+(exit 1). The same job id at julich is never looked up in paris's accounting.
 """
 
 from __future__ import annotations
@@ -26,56 +26,22 @@ from sovereign_portal.hub.store import PortalStore
 from tests.support.slurm_cluster import (  # noqa: F401 - the fixture
     SlurmCluster,
     slurm_sites,
+    write_site_file,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 RATES = Rates(gpu_equivalents=1.0, eur_per_hour=2.0, power_w=900.0, carbon_g_per_kwh=50.0)
 
-SITES = """
-name = "Two sites, one with accounting"
 
-[[sites]]
-name = "paris"
-country = "FR"
-operator = "Test Centre FR"
-accounting = true
-scheduler = {{ transport = "cli", slurm_conf = "{paris_conf}" }}
-
-[[sites]]
-name = "julich"
-country = "DE"
-operator = "Test Centre DE"
-scheduler = {{ transport = "rest", url = "{julich_url}", token_file = "{token}" }}
-
-[[partitions]]
-name = "gpu-fr"
-site = "paris"
-backend = "slurm"
-slurm_partition = "gpu-fr"
-carbon_g_per_kwh = 56.0
-price_eur_per_gpu_hour = {{ h100 = 2.10 }}
-
-[[partitions.nodes]]
-name = "hgx-h100"
-accelerator = "h100"
-gpus = 8
-count = 1
-
-[[partitions]]
-name = "gpu-de"
-site = "julich"
-backend = "slurm"
-slurm_partition = "gpu"
-carbon_g_per_kwh = 380.0
-price_eur_per_gpu_hour = {{ h100 = 2.40 }}
-
-[[partitions.nodes]]
-name = "hgx-h100"
-accelerator = "h100"
-gpus = 8
-count = 1
-"""
+def _site_file(path: Path, paris: SlurmCluster, julich: SlurmCluster, token: Path) -> Path:
+    """The two sites of tests/support/sites/two-sites.toml on these clusters, paris
+    declaring ``accounting = true``."""
+    text = write_site_file(path, paris, julich, token).read_text()
+    cli = 'scheduler = { transport = "cli"'
+    assert text.count(cli) == 1 and "accounting" not in text, text
+    path.write_text(text.replace(cli, f"accounting = true\n{cli}"))
+    return path
 
 
 def _run(c: SlurmCluster, partition: str, seconds: int) -> tuple[str, float, float]:
@@ -115,8 +81,7 @@ def test_each_site_is_reconciled_with_its_own_accounting(
 ) -> None:
     acct, julich = slurm_accounting_cluster, slurm_sites["julich"]
     token = julich.write_token(tmp_path / "julich.jwt", user="root")
-    site = tmp_path / "sites.toml"
-    site.write_text(SITES.format(paris_conf=acct.conf, julich_url=julich.rest_url, token=token))
+    site = _site_file(tmp_path / "sites.toml", acct, julich, token)
     fr_job, fr_start, fr_end = _run(acct, "gpu-fr", 2)
     de_job, de_start, de_end = _run(julich, "gpu", 2)
     # slurmdbd has the job within a few seconds of its end
