@@ -7,11 +7,13 @@ A course with ``prewarm`` settings (:class:`.courses.Prewarm`) and a weekly sche
 
 - ``prewarm.minutes`` before the start, the portal service starts the default server of
   ``fraction`` of the roster (:func:`pick`) on the course's pre-warm size, through the
-  hub's REST API with its own token, so the server is the student's own;
+  hub's REST API with its own token, so the server is the student's own; its walltime
+  runs to the class's end plus a grace (:func:`warm_walltime`);
 - a student *claims* their warm server by opening it in a browser after the pre-warm:
   JupyterHub then issues an OAuth token to the server's client (``Server at /user/...``),
   which the service reads (``GET /users/<name>/tokens``, scope ``read:tokens``); the
-  token's ``created`` time is the claim (:func:`claim_time`). The warm ledger record
+  token's ``created`` time is the claim (:func:`claim_time`; only the warm server's own
+  client counts, never one of the student's named servers). The warm ledger record
   closes then and the student's own record begins;
 - ``prewarm.unclaimed_minutes`` into the class, warm servers nobody claimed stop;
 - at the end of the class the window is over (its reservation, if any, is deleted).
@@ -26,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from .courses import WEEKDAYS, ClassSlot, Course, CourseError, Prewarm
 
@@ -131,21 +134,41 @@ def parse_time(value: Any) -> datetime | None:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
-def claim_time(tokens: Sequence[Mapping[str, Any]], since: datetime) -> datetime | None:
+def claim_time(
+    tokens: Sequence[Mapping[str, Any]], since: datetime, server_url: str
+) -> datetime | None:
     """When the student claimed their warm server: the first OAuth token issued to the
-    server's own client (``oauth_client`` ``Server at ...``: the student opened it in a
-    browser) created at or after ``since`` (the pre-warm's start). None: not claimed.
+    server's own client (``oauth_client`` ``Server at <server_url>``: the student opened
+    it in a browser) created at or after ``since`` (the pre-warm's start). None: not
+    claimed. ``server_url`` is the warm server's ``url`` in the hub's user model
+    (``/user/<name>/``; only its path counts).
 
-    The server's own API token (client ``JupyterHub``) and the student's other tokens
-    do not count: only a browser that reached the server makes that client's token."""
+    The server's own API token (client ``JupyterHub``), the student's other tokens and
+    the OAuth tokens of their named servers (``Server at /user/<name>/<server>/``) do
+    not count: only a browser that reached the warm server makes that client's token."""
+    path = urlsplit(server_url).path or server_url
+    client = f"Server at {path if path.endswith('/') else path + '/'}"
     times = [
         t
         for tok in tokens
-        if str(tok.get("oauth_client") or "").startswith("Server at ")
+        if str(tok.get("oauth_client") or "") == client
         and (t := parse_time(tok.get("created"))) is not None
         and t >= since - timedelta(seconds=1)
     ]
     return min(times) if times else None
+
+
+def warm_walltime(w: Window, now: datetime, grace_minutes: int, max_minutes: int) -> int:
+    """The walltime of a warm server started at ``now``: until the class ends, plus
+    ``grace_minutes`` (a student who claimed it keeps it that long after the class), in
+    whole minutes rounded up; at most ``max_minutes`` (the size's longest walltime), at
+    least 1."""
+    if now.tzinfo is None:
+        raise ValueError("now: must be timezone-aware")
+    if grace_minutes < 0 or max_minutes < 1:
+        raise ValueError("grace_minutes must be 0 or more and max_minutes at least 1")
+    seconds = (w.end - now).total_seconds() + 60 * grace_minutes
+    return max(1, min(max_minutes, math.ceil(seconds / 60)))
 
 
 def prewarm_state(
@@ -244,5 +267,6 @@ __all__ = [
     "reservation_delete_argv",
     "stop_at",
     "student_state",
+    "warm_walltime",
     "window",
 ]

@@ -136,18 +136,22 @@ class ClassEngine:
         from .course_api import group_members
 
         members = await group_members(self.portal, course.group)
-        removed = set(self.courses.roster(course.id)["removed"])
+        changes = self.courses.roster(course.id)
+        removed = set(changes["removed"])
         staff = set(course.instructors) | set(course.tas)
-        roster = [m for m in members if m not in removed and m not in staff]
+        # the group's members, and students an instructor added who never logged in
+        everyone = set(members) | set(changes["added"])
+        roster = sorted(m for m in everyone if m not in removed and m not in staff)
         chosen = CS.pick(roster, frac, w.key)
         reservation = None
         if self.policy.prewarm_reservations and chosen:
             reservation = await self.reserve(course, w, chosen)
         new = self.store.begin_window(w, chosen, actor, reservation)
+        unknown = await self.create_users(course, w, [u for u in new if u not in set(members)])
         size = course.prewarm_size()
         started = 0
         for user in new:
-            if await self._start(course, w, user, size):
+            if user not in unknown and await self._start(course, w, user, size):
                 started += 1
         log.info(
             "Class %s: pre-warm by %s, %d of %d students (%d new), size %s%s",
@@ -160,6 +164,46 @@ class ClassEngine:
             f", reservation {reservation}" if reservation else "",
         )
         return started
+
+    async def create_users(self, course: Course, w: CS.Window, users: list[str]) -> set[str]:
+        """Students on the roster that are not in the course's hub group yet (added by an
+        instructor, never logged in): the hub creates those it does not know and puts
+        them in the group (its ``courses/<id>/users`` route, :mod:`.class_start_hub`;
+        the service cannot create users). Returns the users whose servers cannot start
+        (their warm rows ``failed``, the reason kept)."""
+        if not users:
+            return set()
+        import json
+
+        code, body = await self._raw(
+            "POST", f"/sovereign-portal/courses/{course.id}/users", {"users": users}
+        )
+        if code == 200:
+            got = json.loads(body)
+            if got.get("created"):
+                log.info("Class %s: the hub created %s", w.key, ", ".join(got["created"]))
+            return set()
+        reason = f"hub: HTTP {code} {body[:160]}"
+        for u in users:
+            self.store.update(w.course, w.start, u, state=FAILED, reason=reason)
+        log.warning("Class %s: the hub did not create %d users: %s", w.key, len(users), reason)
+        return set(users)
+
+    def walltime(self, w: CS.Window, size: str | None) -> int:
+        """The warm server's walltime (:func:`.class_start.warm_walltime`): to the class's
+        end plus ``CoursePolicy.prewarm_grace_minutes``, at most the longest walltime of
+        the partitions that offer ``size``."""
+        from sovereign_portal.spawners.request import MAX_WALLTIME_MINUTES
+        from sovereign_portal.spawners.sizes import partition_sizes
+
+        site = getattr(self.portal, "site", None)
+        tops = [
+            p.max_walltime_minutes
+            for p in (site.partitions if site is not None else [])
+            if any(s.id == size for s in partition_sizes(p))
+        ]
+        top = min(tops) if tops else MAX_WALLTIME_MINUTES
+        return CS.warm_walltime(w, self.now(), self.policy.prewarm_grace_minutes, top)
 
     async def _start(self, course: Course, w: CS.Window, user: str, size: str | None) -> bool:
         q = quote(user, safe="")
@@ -174,6 +218,7 @@ class ClassEngine:
         options: dict[str, Any] = {"course": course.id}
         if size:
             options.update(request_from_size_id(size))
+        options["walltime_minutes"] = self.walltime(w, size)
         code, body = await self._raw("POST", f"/users/{q}/server", options)
         if code not in (201, 202):
             self.store.update(
@@ -265,7 +310,7 @@ class ClassEngine:
             if row["state"] == WARM:
                 tokens = await self.hub("GET", f"/users/{q}/tokens")
                 got = (tokens or {}).get("api_tokens") or []
-                claimed = CS.claim_time(got, row["requested_at"])
+                claimed = CS.claim_time(got, row["requested_at"], server.get("url") or "")
                 if claimed is not None:
                     await self.hand_over(course, w, user, model or {}, claimed)
                     continue
@@ -348,12 +393,15 @@ class ClassEngine:
         return [t.format(username=u, login=u.split("@", 1)[0]) for u in users]
 
     async def reserve(self, course: Course, w: CS.Window, users: list[str]) -> str | None:
-        """Create the window's reservation (from now, or the window's pre-warm, to its end)."""
+        """Create the window's reservation: from now (or the window's pre-warm) to its end
+        plus ``CoursePolicy.prewarm_grace_minutes``, as long as the warm servers' walltime
+        (Slurm starts no job in a reservation that would outlive it)."""
         from sovereign_portal.spawners.slurm.client import SlurmError, call
 
         start = max(self.now(), CS.prewarm_at(w, course.prewarm)) if course.prewarm else w.start
         start = start.replace(second=0, microsecond=0)
-        minutes = max(1, int((w.end - start).total_seconds() // 60) + 1)
+        end = w.end + timedelta(minutes=self.policy.prewarm_grace_minutes)
+        minutes = max(1, int((end - start).total_seconds() // 60) + 1)
         argv = CS.reservation_create_argv(
             w.reservation,
             self.unix_users(users),
@@ -386,6 +434,14 @@ class ClassEngine:
                 raise  # anything but "no such reservation" (gone already)
 
     # -- the class view ---------------------------------------------------------------------
+    async def places(self) -> dict[str, int]:
+        """Who waits in the hub's start queue, and where (1 is next): the hub's
+        ``start-queue`` route (:mod:`.class_start_hub`; the queue lives in the hub
+        process). Empty when the hub has no such route (it answers 404)."""
+        got = await self.hub("GET", "/sovereign-portal/start-queue")
+        places = (got or {}).get("places") or {}
+        return {str(u): int(p) for u, p in places.items() if isinstance(p, int)}
+
     async def view(self, course: Course) -> dict[str, Any]:
         from .course_api import group_members
 
@@ -395,7 +451,10 @@ class ClassEngine:
         wrow = self.store.window_row(w) if w else None
         rows = {r["user"]: r for r in self.store.warm_rows(w.course, w.start)} if w else {}
         staff = set(course.instructors) | set(course.tas)
-        members = [m for m in await group_members(self.portal, course.group) if m not in staff]
+        changes = self.courses.roster(course.id)
+        roster = set(await group_members(self.portal, course.group)) | set(changes["added"])
+        members = [m for m in roster if m not in staff and m not in set(changes["removed"])]
+        places = await self.places()
         students = []
         started = 0
         for user in sorted(set(members) | set(rows)):
@@ -405,6 +464,11 @@ class ClassEngine:
             if row is not None and row["state"] in (WARM, CLAIMED, UNCLAIMED):
                 started += 1
             state = CS.student_state(row["state"] if row else None, server)
+            position = places.get(user)
+            if position is not None and state not in ("warm", "claimed"):
+                state = "queued"  # in the hub's start queue, at that place
+            else:
+                position = None
             since = None
             if row is not None:
                 since = (
@@ -418,7 +482,7 @@ class ClassEngine:
                     "state": state,
                     "since": _ts(since),
                     "reason": (row or {}).get("reason"),
-                    "position": None,
+                    "position": position,
                 }
             )
         requested = wrow["requested"] if wrow else 0

@@ -18,7 +18,8 @@ who may do what is :data:`.courses.PERMISSIONS`, read through :func:`.courses.re
 
 A removal takes effect at once: the student leaves the hub group ``course-<id>`` through the
 hub's REST API (their course image, sizes and budget go with it, and the staff's group-
-filtered scopes no longer reach them) and their running course server stops; an addition
+filtered scopes no longer reach them), their running course server stops, and the hub sets
+the course data folder's ACL without them (:func:`sync_data_access`); an addition
 is applied to a user the hub knows at once, else at their first login
 (:func:`.courses.effective_groups`). Bad input is a 4xx naming the field (a roster file: the
 row), and nothing changes.
@@ -85,7 +86,7 @@ async def group_members(portal: PortalService, group: str) -> list[str]:
 
 async def apply_roster(
     portal: PortalService, course: Course, added: list[str], removed: list[str]
-) -> dict[str, list[str]]:
+) -> dict[str, Any]:
     """Bring the hub group in line with a roster change, at once. Returns who was added
     now (users the hub knows; others get the group at their first login)."""
     g = quote(course.group, safe="")
@@ -101,11 +102,34 @@ async def apply_roster(
             await hub_api(portal, "DELETE", f"/groups/{g}/users", {"users": removed})
     # a removed student's running course server stops too: the course is no longer theirs
     stopped = await stop_course_servers(portal, course, removed) if removed else []
+    # and the data folder's ACL follows the group now, not at the next course spawn
+    data = await sync_data_access(portal, course) if added or removed else None
     return {
         "added_now": known,
         "at_first_login": sorted(set(added) - set(known)),
         "stopped": stopped,
+        "data_access": data,
     }
+
+
+async def sync_data_access(portal: PortalService, course: Course) -> int | None:
+    """Have the hub set the course data folder's ACL from the course's staff and group
+    now (its ``data-access`` route, :mod:`.class_start_hub`: the code path of every
+    course spawn). Returns the entries written; None when the course has no folder, or
+    the hub could not (logged: the next course spawn sets it)."""
+    if not course.data_path:
+        return None
+    try:
+        got = await hub_api(
+            portal, "POST", f"/sovereign-portal/courses/{course.id}/data-access", {}
+        )
+    except Unavailable as e:
+        portal.log.warning("Course %s: the data folder's ACL was not set: %s", course.id, e)
+        return None
+    if got is None:
+        portal.log.warning("Course %s: this hub has no data-access route", course.id)
+        return None
+    return int(got.get("entries", 0))
 
 
 # -- handlers ----------------------------------------------------------------------------------
@@ -248,6 +272,8 @@ class CourseHandler(_CourseBody):
         self.portal.log.info(
             "Course %s changed by %s: %s", course_id, self.caller.name, sorted(raw)
         )
+        if isinstance(raw, dict) and {"instructors", "tas"} & set(raw):
+            await sync_data_access(self.portal, new)  # new staff: the folder's ACL now
         self.finish(self.view(new, role))
 
 

@@ -15,8 +15,9 @@ attributes (no ``setfacl`` needed; ext4, XFS, Lustre and NFSv3 keep them):
 Directories carry the same entries as their default ACL, so a file a member of staff adds
 later is readable by the students and writable by the other staff. The ACL is the course's:
 at every spawn of a course server the hub sets it from the course's current staff and
-students (:func:`sync`, a no-op when the top folder already has it), so a student removed
-from the roster loses access at the next course spawn, and at the latest at the end date.
+students (:func:`sync_course`, a no-op when the top folder already has it), and the portal
+service has the hub set it again at every roster change (the hub's ``data-access`` route,
+:mod:`.class_start_hub`): a student removed from the roster loses access at once.
 
 Every server of a course member (student or staff), local (``switch_user``) or on Slurm,
 gets a link ``~/course-data/<course id>`` to the folder, made by the hub with the same
@@ -251,6 +252,38 @@ def _members(spawner: Any, group: str) -> list[str]:
         return []
 
 
+def sync_course(spawner: Any, course: Any) -> int:
+    """Set the ACL of ``course``'s data folder from its staff (the course record) and
+    students (the members of its hub group now), as ``spawner`` maps hub users to Unix
+    accounts; returns the entries written (0: it had this ACL already). The one path
+    that sets the ACL: every course spawn (:meth:`CourseDataGate.prepare`) and every
+    roster or staff change (the hub's ``data-access`` route, :mod:`.class_start_hub`)."""
+    staff = _uids(spawner, [*course.instructors, *course.tas])
+    students = _uids(spawner, _members(spawner, course.group))
+    n = apply(course.data_path, students, staff)
+    if n:
+        spawner.log.info(
+            "Course %s data %s: %d entries for %d staff, %d students",
+            course.id, course.data_path, n, len(staff), len(students - staff),
+        )  # fmt: skip
+    return n
+
+
+_STORES: dict[str, Any] = {}
+
+
+def course_store(config: Any) -> Any:
+    """The course store of the portal database that hub config ``config`` names (one per
+    URL, for the hub's own routes)."""
+    from .course_store import CourseStore
+    from .store import PortalDatabase
+
+    url = PortalDatabase(config=config).url
+    if url not in _STORES:
+        _STORES[url] = CourseStore(PortalDatabase(config=config).open(upgrade=False))
+    return _STORES[url]
+
+
 class CourseDataGate:
     """The data-folder step of a course server's spawn (:func:`install`, from
     :func:`.portal.configure`): after the earlier pre-spawn hooks (budget admission, the
@@ -297,14 +330,7 @@ class CourseDataGate:
         for course, _staff in courses:
             try:
                 if account is not None:
-                    staff = _uids(spawner, [*course.instructors, *course.tas])
-                    students = _uids(spawner, _members(spawner, course.group))
-                    n = apply(course.data_path, students, staff)
-                    if n:
-                        spawner.log.info(
-                            "Course %s data %s: %d entries for %d staff, %d students",
-                            course.id, course.data_path, n, len(staff), len(students - staff),
-                        )  # fmt: skip
+                    sync_course(spawner, course)
                     pw = pwd.getpwnam(account)
                     home, uid, gid = pw.pw_dir, pw.pw_uid, pw.pw_gid
                 else:  # servers run as the hub's account, each with its own home

@@ -640,6 +640,15 @@ class CoursePolicy(Configurable):
         slices the course's size needs: ["mig-a", "mig-b"]). Empty: reservation_nodes
         nodes of prewarm_partition, as Slurm picks them.""",
     )
+    prewarm_grace_minutes = Int(
+        10,
+        config=True,
+        help="""Minutes past the end of a class that a pre-warmed server keeps running: its
+        walltime runs from the pre-warm to the class's end plus this, capped by the
+        longest walltime of the partitions that offer the pre-warm size (not the size's
+        default walltime). A student who claimed it keeps it that long; a server nobody
+        claimed stops unclaimed_minutes into the class anyway.""",
+    )
     class_start_interval_seconds = Int(
         30,
         config=True,

@@ -159,6 +159,9 @@ def configure(
 
     usage_pages.install(c)
     course_pages.install(c)  # the instructor's pages: /hub/courses... (issue 12)
+    from .class_start_hub import install as install_class_hub
+
+    install_class_hub(c, svc["name"])  # the hub's routes for the class starts (issue 12)
     metrics.install(c)
 
     if auth == "dev":

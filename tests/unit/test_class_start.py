@@ -219,6 +219,9 @@ def tok(client: str, created: str) -> dict[str, Any]:
     return {"oauth_client": client, "created": created, "note": "x"}
 
 
+S1_URL = "/user/s1@uni-a.example/"
+
+
 @pytest.mark.parametrize(
     ("tokens", "want"),
     [
@@ -235,13 +238,34 @@ def tok(client: str, created: str) -> dict[str, Any]:
             ],
             datetime(2027, 2, 2, 9, 6, 30, 500000, tzinfo=UTC),
         ),
-        ([tok("Server at /user/s1/", "2027-02-02T09:05:00+00:00")], SINCE),
+        ([tok("Server at /user/s1@uni-a.example/", "2027-02-02T09:05:00+00:00")], SINCE),
+        # a named server of the same student (or another user's server) is no claim
+        ([tok("Server at /user/s1@uni-a.example/lab2/", "2027-02-02T09:07:00Z")], None),
+        ([tok("Server at /user/s10@uni-a.example/", "2027-02-02T09:07:00Z")], None),
         ([{"oauth_client": None, "created": "2027-02-02T09:07:00Z"}], None),
         ([{"oauth_client": "Server at /user/x/", "created": None}], None),
     ],
 )
 def test_claim_time(tokens: list[dict[str, Any]], want: datetime | None) -> None:
-    assert CS.claim_time(tokens, SINCE) == want
+    assert CS.claim_time(tokens, SINCE, S1_URL) == want
+    # the server's url as a subdomain hub writes it (host and path): only the path counts
+    assert CS.claim_time(tokens, SINCE, "https://s1.hub.example" + S1_URL) == want
+
+
+def test_warm_walltime_runs_to_the_class_end_plus_the_grace_capped() -> None:
+    c = course()  # tue 09:15 for 90 minutes
+    w = CS.window(c, TUE)
+    assert w is not None
+    at = TUE - timedelta(minutes=10)  # the pre-warm: 10 + 90 minutes to the end
+    assert CS.warm_walltime(w, at, 15, 480) == 115
+    assert CS.warm_walltime(w, at, 0, 480) == 100
+    assert CS.warm_walltime(w, at + timedelta(seconds=30), 0, 480) == 100  # rounded up
+    assert CS.warm_walltime(w, at, 15, 60) == 60  # the size's longest walltime
+    assert CS.warm_walltime(w, w.end + timedelta(minutes=5), 0, 480) == 1
+    with pytest.raises(ValueError, match="aware"):
+        CS.warm_walltime(w, at.replace(tzinfo=None), 0, 480)
+    with pytest.raises(ValueError, match="grace"):
+        CS.warm_walltime(w, at, -1, 480)
 
 
 @pytest.mark.parametrize(

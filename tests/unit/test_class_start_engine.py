@@ -7,6 +7,7 @@ hub, IdP and spawner: tests/hub/test_class_start.py."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -189,3 +190,88 @@ def test_the_warm_servers_job_names_the_reservation_and_a_preview_does_not() -> 
     assert "--reservation" not in sp.render_job(r, PREVIEW_TAG)[2]
     sp.reservation_for = lambda _sp: None
     assert "--reservation" not in sp.render_job(r, PREVIEW_TAG, hub_env={})[2]
+
+
+def test_a_prewarm_covers_students_the_hub_never_saw_and_sizes_the_walltime(
+    portal_store: PortalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The roster is the course group plus students added by identifier: the hub is asked
+    to create those it lacks (its own route; the service creates nobody), and each warm
+    server's walltime runs to the class's end plus the grace."""
+    from sovereign_portal.hub import course_api
+
+    eng, course, _ = _setup(portal_store)
+    s4 = "s4@uni-a.example"
+    eng.courses.change_roster("ml101", add=[s4], actor="ines@uni-a.example")
+    calls: list[tuple[str, str, Any]] = []
+
+    async def hub_api(portal: Any, method: str, path: str, body: Any = None) -> Any:
+        calls.append((method, path, body))
+        if path == "/groups/course-ml101":
+            return {"users": [S1]}
+        return None if path.startswith("/users/") else {}
+
+    async def raw(method: str, path: str, body: Any = None) -> tuple[int, str]:
+        calls.append((method, path, body))
+        if path.endswith("/users"):
+            return 200, '{"created": ["s4@uni-a.example"], "known": []}'
+        return 202, ""
+
+    monkeypatch.setattr(course_api, "hub_api", hub_api)
+    eng._raw = raw  # type: ignore[method-assign]
+    w = CS.window(course, datetime.now(UTC))
+    assert w is not None
+    before = datetime.now(UTC)
+    asyncio.run(eng.prewarm(course, w, "ines@uni-a.example"))
+    posts = [(p, b) for m, p, b in calls if m == "POST"]
+    assert posts[0] == ("/sovereign-portal/courses/ml101/users", {"users": [s4]})
+    spawns = dict(posts[1:])
+    assert set(spawns) == {"/users/s1%40uni-a.example/server", "/users/s4%40uni-a.example/server"}
+    want = math.ceil((w.end - before).total_seconds() / 60) + eng.policy.prewarm_grace_minutes
+    for body in spawns.values():
+        assert body["course"] == "ml101" and body["slice"] == "1g.10gb"
+        assert body["walltime_minutes"] in (want - 1, want), body  # not the size's default
+
+
+def test_a_student_the_hub_refuses_to_create_is_not_started(
+    portal_store: PortalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sovereign_portal.hub import course_api
+
+    eng, course, _ = _setup(portal_store)
+    s4 = "s4@uni-a.example"
+    eng.courses.change_roster("ml101", add=[s4], actor="ines@uni-a.example")
+    spawned: list[str] = []
+
+    async def hub_api(portal: Any, method: str, path: str, body: Any = None) -> Any:
+        return {"users": []} if path.startswith("/groups/") else None
+
+    async def raw(method: str, path: str, body: Any = None) -> tuple[int, str]:
+        if path.endswith("/users"):
+            return 403, '{"status": 403, "message": "no", "field": "users[0]"}'
+        spawned.append(path)
+        return 202, ""
+
+    monkeypatch.setattr(course_api, "hub_api", hub_api)
+    eng._raw = raw  # type: ignore[method-assign]
+    w = CS.window(course, datetime.now(UTC))
+    assert w is not None
+    assert asyncio.run(eng.prewarm(course, w, "ines@uni-a.example")) == 0
+    assert spawned == []
+    (row,) = ClassStartStore(portal_store).warm_rows(w.course, w.start)
+    assert row["user"] == s4 and row["state"] == "failed" and "403" in (row["reason"] or "")
+
+
+def test_install_gives_the_custom_scope_to_the_services_role_only(tmp_path: Any) -> None:
+    from sovereign_portal.hub.class_start_hub import HANDLERS, SCOPE
+    from sovereign_portal.hub.portal import configure
+    from traitlets.config import Config
+
+    c = Config()
+    configure(c, str(tmp_path), auth="dev")
+    assert SCOPE in c.JupyterHub.custom_scopes
+    holders = [r["name"] for r in c.JupyterHub.load_roles if SCOPE in r.get("scopes", [])]
+    assert holders == ["sovereign-portal-service"]
+    roles = {r["name"]: r for r in c.JupyterHub.load_roles}
+    assert "admin:users" not in roles["sovereign-portal-service"]["scopes"]
+    assert all(h in c.JupyterHub.extra_handlers for h in HANDLERS)
