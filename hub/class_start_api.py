@@ -34,6 +34,7 @@ Both are for the course's instructors, TAs and operators (:data:`.courses.PERMIS
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -60,6 +61,10 @@ log = logging.getLogger("sovereign_portal.class_start")
 
 #: The share of a course pool that warm time charges (budget charges' ``user``).
 WARM_SHARE = "warm:{}"
+#: Warm starts asked of the hub at once. Tornado's AsyncHTTPClient runs 10 requests at a
+#: time and fails one that waits in its own queue past its connect timeout (20 s), and a
+#: start in line takes the hub 10 s to answer: 8 leave room for the engine's other calls.
+PREWARM_REQUESTS = 8
 
 
 def _ts(t: datetime | None) -> str | None:
@@ -74,6 +79,9 @@ class ClassEngine:
         self.store = ClassStartStore(courses.store)
         self.policy = CoursePolicy(parent=portal)
         self._running = False
+        #: (window key, student) whose warm start the engine is still asking the hub for
+        self._asking: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Future[int]] = set()
 
     # -- the hub's REST API -----------------------------------------------------------------
     async def hub(self, method: str, path: str, body: Any = None) -> Any:
@@ -128,9 +136,15 @@ class ClassEngine:
             self._running = False
 
     async def prewarm(
-        self, course: Course, w: CS.Window, actor: str, fraction: float | None = None
+        self,
+        course: Course,
+        w: CS.Window,
+        actor: str,
+        fraction: float | None = None,
+        wait: bool = True,
     ) -> int:
-        """Start the warm servers of ``w`` (those not started yet). Returns how many."""
+        """Start the warm servers of ``w`` (those not started yet). Returns how many (with
+        ``wait=False``, how many it asks the hub for, in the background)."""
         p = course.prewarm
         frac = fraction if fraction is not None else (p.fraction if p else 1.0)
         from .course_api import group_members
@@ -149,20 +163,47 @@ class ClassEngine:
         new = self.store.begin_window(w, chosen, actor, reservation)
         unknown = await self.create_users(course, w, [u for u in new if u not in set(members)])
         size = course.prewarm_size()
-        started = 0
-        for user in new:
-            if user not in unknown and await self._start(course, w, user, size):
-                started += 1
+        todo = [u for u in new if u not in unknown]
+        self._asking.update((w.key, u) for u in todo)
         log.info(
             "Class %s: pre-warm by %s, %d of %d students (%d new), size %s%s",
             w.key,
             actor,
             len(chosen),
             len(roster),
-            started,
+            len(todo),
             size,
             f", reservation {reservation}" if reservation else "",
         )
+        run = self._start_all(course, w, todo, size)
+        if wait:
+            return await run
+        task = asyncio.ensure_future(run)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return len(todo)
+
+    async def _start_all(
+        self, course: Course, w: CS.Window, users: list[str], size: str | None
+    ) -> int:
+        """Ask the hub for every warm server, :data:`PREWARM_REQUESTS` at a time. The hub
+        answers a start that waits in its start queue only after ``slow_spawn_timeout``
+        (10 s): one after the other, 30 students took 300 s just to be in line (the
+        storm benchmark). The hub's start queue keeps the order and the pace."""
+        gate = asyncio.Semaphore(PREWARM_REQUESTS)
+
+        async def one(user: str) -> bool:
+            try:
+                async with gate:
+                    return await self._start(course, w, user, size)
+            except Exception:
+                log.exception("Class %s: asking for the warm server of %s failed", w.key, user)
+                return False
+            finally:
+                self._asking.discard((w.key, user))
+
+        started = sum(await asyncio.gather(*(one(u) for u in users)))
+        log.info("Class %s: the hub took %d of %d warm starts", w.key, started, len(users))
         return started
 
     async def create_users(self, course: Course, w: CS.Window, users: list[str]) -> set[str]:
@@ -297,6 +338,8 @@ class ClassEngine:
             model = await self.hub("GET", f"/users/{q}")
             server = ((model or {}).get("servers") or {}).get("")
             if server is None:
+                if (w.key, user) in self._asking:
+                    continue  # its start is still being asked for (_start_all)
                 if now - row["requested_at"] > timedelta(seconds=30) or row["state"] == WARM:
                     self.store.update(
                         w.course, w.start, user, state=FAILED, stopped_at=now, reason="gone"
@@ -567,7 +610,9 @@ def _handlers() -> tuple[type, type]:
                     "this class is past its unclaimed-stop time; nothing to pre-warm",
                     status=409,
                 )
-            await eng.prewarm(course, w, self.caller.name, fraction)
+            # the starts go on in the background (minutes for a big class): 202 at once,
+            # and the class view follows them
+            await eng.prewarm(course, w, self.caller.name, fraction, wait=False)
             self.set_status(202)
             self.finish(await eng.view(course))
 

@@ -275,3 +275,62 @@ def test_install_gives_the_custom_scope_to_the_services_role_only(tmp_path: Any)
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
     assert "admin:users" not in roles["sovereign-portal-service"]["scopes"]
     assert all(h in c.JupyterHub.extra_handlers for h in HANDLERS)
+
+
+def test_a_big_prewarm_asks_in_parallel_in_the_background_and_nobody_is_gone_meanwhile(
+    portal_store: PortalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storm benchmark's class: the hub answers a start that waits in its start queue
+    only after 10 s, so asking one after the other held "Pre-warm now" for minutes, and
+    the engine's pass marked students whose start was not asked for yet "gone". Now the
+    button returns at once, the starts go PREWARM_REQUESTS at a time, and a student still
+    being asked for is never gone; one whose server vanished afterwards still is."""
+    from sovereign_portal.hub import course_api
+    from sovereign_portal.hub.class_start_api import PREWARM_REQUESTS
+
+    eng, course, _ = _setup(portal_store)
+    students = [f"s{i:02d}@uni-a.example" for i in range(20)]
+    posted: set[str] = set()
+    inflight = [0, 0]  # now, most
+
+    async def hub_api(portal: Any, method: str, path: str, body: Any = None) -> Any:
+        if path.startswith("/groups/"):
+            return {"users": students}
+        if method == "GET" and path.startswith("/users/"):
+            name = path.split("/")[2].replace("%40", "@")
+            return {"name": name, "servers": {"": {"ready": False}} if name in posted else {}}
+        return None
+
+    async def raw(method: str, path: str, body: Any = None) -> tuple[int, str]:
+        assert method == "POST" and path.endswith("/server"), path
+        inflight[0] += 1
+        inflight[1] = max(inflight[1], inflight[0])
+        await asyncio.sleep(0.05)  # the hub's answer after its slow_spawn_timeout
+        posted.add(path.split("/")[2].replace("%40", "@"))
+        inflight[0] -= 1
+        return 202, ""
+
+    monkeypatch.setattr(course_api, "hub_api", hub_api)
+    eng._raw = raw  # type: ignore[method-assign]
+    w = CS.window(course, datetime.now(UTC))
+    assert w is not None
+    cls = ClassStartStore(portal_store)
+
+    async def run() -> None:
+        assert await eng.prewarm(course, w, "ines@uni-a.example", wait=False) == 20
+        assert len(posted) < 20  # it returned before the hub took them all
+        eng.now = lambda: datetime.now(UTC) + timedelta(minutes=1)  # every row > 30 s old
+        (wrow,) = cls.active_windows()
+        while eng._tasks:
+            await eng.follow(wrow)
+            assert {r["state"] for r in cls.warm_rows(w.course, w.start)} == {"starting"}
+            await asyncio.sleep(0.01)
+        assert posted == set(students)
+        posted.discard(students[0])  # its server is gone after the engine asked for it
+        await eng.follow(wrow)
+
+    asyncio.run(run())
+    assert 1 < inflight[1] <= PREWARM_REQUESTS
+    rows = {r["user"]: r for r in cls.warm_rows(w.course, w.start)}
+    assert rows[students[0]]["state"] == "failed" and rows[students[0]]["reason"] == "gone"
+    assert {rows[s]["state"] for s in students[1:]} == {"starting"}
