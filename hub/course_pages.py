@@ -312,7 +312,17 @@ def _handlers() -> list[tuple[str, Any]]:
             courses = sorted(data.get("courses", []), key=lambda c: c["id"])
             await self.show("courses.html", page_title="My courses", courses=courses)
 
-    class CourseHandler(CoursePage):
+    class OneCoursePage(CoursePage):
+        """A page of one course, ``/hub/courses/<id>...``: ``GET`` shows it."""
+
+        async def page(self, course: str) -> None:
+            raise NotImplementedError
+
+        @web.authenticated
+        async def get(self, course: str) -> None:
+            await self.page(self.course_id(course))
+
+    class CourseHandler(OneCoursePage):
         async def load(self, course: str) -> tuple[dict[str, Any], dict[str, Any]]:
             data = await self.read(f"/{course}")
             if data.get("role") == "student":
@@ -348,10 +358,6 @@ def _handlers() -> list[tuple[str, Any]]:
                 done=done,
                 form=dict(form or {}),
             )
-
-        @web.authenticated
-        async def get(self, course: str) -> None:
-            await self.page(self.course_id(course))
 
         @web.authenticated
         async def post(self, course: str) -> None:
@@ -404,7 +410,7 @@ def _handlers() -> list[tuple[str, Any]]:
                 return
             await self.page(course, done=done)
 
-    class ClassHandler(CoursePage):
+    class ClassHandler(OneCoursePage):
         async def page(
             self, course: str, status: int = 200, error: str | None = None, done: str = ""
         ) -> None:
@@ -431,10 +437,6 @@ def _handlers() -> list[tuple[str, Any]]:
                 error=error,
                 done=done,
             )
-
-        @web.authenticated
-        async def get(self, course: str) -> None:
-            await self.page(self.course_id(course))
 
         @web.authenticated
         async def post(self, course: str) -> None:
