@@ -7,8 +7,10 @@
 
 Rigs that a module wraps in its own module-scoped fixture, written once in tests/support:
 ``stack.hub_with_idp`` (a hub that logs in through the local IdP, ``tamper=True`` for the
-attack mode), ``portal.portal_stack`` (the hub ``configure()`` sets up), ``hub.HubProcess``,
-and ``browser`` (the one Chromium launch configuration and its host guard).
+attack mode), ``portal.portal_stack`` (the hub ``configure()`` sets up), ``courses.course_hub``
+and ``courses.CourseStack`` (that hub with course options, the course people's logins and
+their calls), ``hub.HubProcess``, and ``browser`` (the one Chromium launch configuration and
+its host guard).
 
 Under ``pytest -n 2`` (scripts/test.sh) the files are shared out by
 tests/support/xdist_groups.py: each file on one worker, every ``slurm`` file on one worker.
@@ -17,13 +19,20 @@ tests/support/xdist_groups.py: each file on one worker, every ``slurm`` file on 
 from tests.support.portal_db import portal_db_url, portal_store
 from tests.support.postgres import postgres_server
 from tests.support.slurm_cluster import slurm_accounting_cluster, slurm_cluster
-from tests.support.xdist_groups import pytest_collection_modifyitems, pytest_xdist_make_scheduler
+from tests.support.xdist_groups import (
+    pytest_collection_modifyitems,
+    pytest_runtest_logreport,
+    pytest_terminal_summary,
+    pytest_xdist_make_scheduler,
+)
 
 __all__ = [
     "portal_db_url",
     "portal_store",
     "postgres_server",
     "pytest_collection_modifyitems",
+    "pytest_runtest_logreport",
+    "pytest_terminal_summary",
     "pytest_xdist_make_scheduler",
     "slurm_accounting_cluster",
     "slurm_cluster",

@@ -61,13 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             course("cv202", instructors=[u("igor")]),
         )
         st.login("ines")
-        r = st.portal(
-            "ines",
-            "POST",
-            "/ml101/roster",
-            data=f"identifier\n{u('s4')}\n".encode(),
-            headers={"Content-Type": "text/csv"},
-        )
+        r = st.roster_file("ines", "ml101", f"identifier\n{u('s4')}\n".encode())
         assert r.status_code == 200, r.text
         assert r.json()["at_first_login"] == [u("s4")]  # s4 has never logged in
         st.login_all("s1", "s2", "s3", "s4", "s5", "tara", "igor")
@@ -212,9 +206,7 @@ def test_bad_roster_files_name_the_row_and_change_nothing(
     stack: Stack, data: bytes, row: str
 ) -> None:
     before = stack.portal("ines", "GET", "/ml101/roster").json()
-    r = stack.portal(
-        "ines", "POST", "/ml101/roster", data=data, headers={"Content-Type": "text/csv"}
-    )
+    r = stack.roster_file("ines", "ml101", data)
     assert r.status_code == 400, (r.status_code, r.text[:300])
     body = r.json()
     assert body["field"] == "roster" and body["error"].startswith(f"roster: {row}:"), body

@@ -159,6 +159,12 @@ class CourseStack:
             **kw,
         )
 
+    def roster_file(self, who: str, cid: str, data: bytes) -> requests.Response:
+        """``who`` uploads ``data`` as course ``cid``'s roster file (CSV, ``identifier``)."""
+        return self.portal(
+            who, "POST", f"/{cid}/roster", data=data, headers={"Content-Type": "text/csv"}
+        )
+
     def hubapi(self, who: str, method: str, path: str, **kw: Any) -> requests.Response:
         """JupyterHub's REST API with ``who``'s token (``hub.api`` without one is admin)."""
         return self.hub.api(method, path, token=self.tokens[who], **kw)
