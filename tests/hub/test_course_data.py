@@ -10,7 +10,9 @@ sets the folder's ACL and links it at ``~/course-data/ml101`` in the server's ho
   the running server) and cannot write to it (a 403 there; the Unix account is refused
   too); an outsider's account cannot even list it;
 - the instructor's server writes a file that the student's server then reads;
-- a student taken out of the course loses access at the next course spawn;
+- a student taken out of the course group loses access at the next course spawn even on a
+  hub without the portal service (the roster change through the service takes it away at
+  once: tests/hub/test_class_start_hub_slurm.py);
 - the end of a course (``seal`` and ``make_read_only``, what ``end_course`` does) makes
   the folder read-only for everyone, the instructor's server included.
 """
