@@ -14,7 +14,10 @@ Both are for the course's instructors, TAs and operators (:data:`.courses.PERMIS
   (:func:`.class_start.due`); the service starts the default server of the picked students
   (:func:`.class_start.pick`) through the hub's REST API with its own token, on the
   course's pre-warm size, so the server is the student's own (``user_options`` name the
-  course and the size; the course and budget rules apply as to any spawn). On Slurm with
+  course and the size; the course and budget rules apply as to any spawn), with a
+  walltime to the class's end plus ``CoursePolicy.prewarm_grace_minutes``. The roster is
+  the course group plus students added by identifier who never logged in: the hub
+  creates those (its own route, :mod:`.class_start_hub`; the service cannot). On Slurm with
   ``CoursePolicy.prewarm_reservations`` a reservation for the window comes first and the
   jobs run in it (``--reservation``, set by the hub's spawn hook, :func:`reservation_for`).
 - **warm charging**: as soon as the hub has opened the server's ledger record and budget
@@ -30,6 +33,9 @@ Both are for the course's instructors, TAs and operators (:data:`.courses.PERMIS
 - **unclaimed**: ``prewarm.unclaimed_minutes`` into the class, warm servers nobody claimed
   stop; their records close ``stopped``, on the pool, as warm.
 - at the end of the class its reservation is deleted.
+
+The class view's ``position`` (a place in the hub's start queue) comes from the hub's
+``start-queue`` route: the queue lives in the hub process.
 """
 
 from __future__ import annotations
