@@ -30,9 +30,11 @@ is about 90 MB, so 100 students need ~9-10 GB (say which N ran).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import pwd
 import shutil
 import statistics
 import subprocess
@@ -115,6 +117,7 @@ class Result:
     seconds: float | None = None
     error: str | None = None
     max_place: int = 0
+    login_s: float | None = None  # the OIDC flow alone (hub -> IdP -> callback)
     messages: list[str] = field(default_factory=list)
 
 
@@ -149,6 +152,7 @@ def cold_student(hub: HubProcess, idp: LocalIdP, who: str, go: threading.Event) 
     t0 = time.monotonic()
     try:
         s = login(hub, idp, who)
+        res.login_s = time.monotonic() - t0
         xsrf = s.cookies.get("_xsrf", path="/hub/")
         r = s.post(
             f"{hub.url}/hub/spawn",
@@ -190,6 +194,7 @@ def warm_student(hub: HubProcess, idp: LocalIdP, who: str, go: threading.Event) 
     t0 = time.monotonic()
     try:
         s = login(hub, idp, who)
+        res.login_s = time.monotonic() - t0
         open_lab(hub, s, f"{who}@{ORG}", t0 + 900)
         res.seconds = time.monotonic() - t0
     except Exception as e:
@@ -247,25 +252,33 @@ def mem_used() -> int:
     return info["MemTotal"] - info["MemAvailable"]
 
 
-def rss(pids: set[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
+def rss_of(uids: set[int]) -> tuple[int, int]:
+    """Summed RSS of every process of these Unix accounts (the students' jobs: job script,
+    launcher and notebook server), and how many of the accounts run one."""
+    total, seen = 0, set()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdecimal():
             continue
-    return total
+        try:
+            fields = dict(
+                ln.split(":", 1) for ln in (p / "status").read_text().splitlines() if ":" in ln
+            )
+            uid = int(fields["Uid"].split()[0])
+            if uid in uids and "VmRSS" in fields:
+                total += int(fields["VmRSS"].split()[0]) * 1024
+                seen.add(uid)
+        except (OSError, KeyError, ValueError):
+            continue
+    return total, len(seen)
 
 
 class Memory(threading.Thread):
     """The machine's memory in use (every second) and the servers' summed RSS (every 10 s),
     with their peaks."""
 
-    def __init__(self, hub: HubProcess) -> None:
+    def __init__(self, uids: set[int]) -> None:
         super().__init__(daemon=True)
-        self.hub = hub
+        self.uids = uids
         self.base = mem_used()
         self.peak = self.base
         self.servers_peak, self.servers_at_peak = 0, 0
@@ -277,10 +290,9 @@ class Memory(threading.Thread):
             self.peak = max(self.peak, mem_used())
             n += 1
             if n % 10 == 0:
-                pids = self.hub.singleuser_pids()
-                total = rss(pids)
+                total, servers = rss_of(self.uids)
                 if total > self.servers_peak:
-                    self.servers_peak, self.servers_at_peak = total, len(pids)
+                    self.servers_peak, self.servers_at_peak = total, servers
 
 
 def report(label: str, results: list[Result]) -> list[float]:
@@ -293,6 +305,12 @@ def report(label: str, results: list[Result]) -> list[float]:
         print(
             f"  login -> JupyterLab p50 {statistics.median(times):.1f} s, "
             f"p95 {pct(times, 95):.1f} s, max {max(times):.1f} s"
+        )
+    logins = [r.login_s for r in results if r.login_s is not None]
+    if logins:
+        print(
+            f"  of which the OIDC login alone: p50 {statistics.median(logins):.1f} s, "
+            f"p95 {pct(logins, 95):.1f} s"
         )
     places = [r.max_place for r in results if r.max_place]
     if places:
@@ -422,7 +440,7 @@ def main() -> int:
             )
             bystander = Bystander(hub, by.json()["token"])
             bystander.start()
-            memory = Memory(hub)
+            memory = Memory({pwd.getpwnam(x).pw_uid for x in students})
             memory.start()
 
             t1 = time.monotonic()
@@ -474,6 +492,18 @@ def main() -> int:
                     t1 = time.monotonic()
                     warm = storm(hub, idp, students, warm_student)
                     print(f"pre-warmed storm took {time.monotonic() - t1:.0f} s", flush=True)
+                    states: dict[str, int] = {}
+
+                    def all_claimed() -> bool:
+                        v = requests.get(f"{hub.url}{SVC}/{COURSE}/class", headers=ines, timeout=60)
+                        states.clear()
+                        for st in v.json()["students"]:
+                            states[st["state"]] = states.get(st["state"], 0) + 1
+                        return states.get("claimed", 0) >= n
+
+                    with contextlib.suppress(TimeoutError):
+                        hub.wait_for(all_claimed, 180, "every warm server claimed", 3.0)
+                    print(f"  class view after it (the engine's claims): {states}", flush=True)
                     warm_t = report("pre-warmed (log in, open JupyterLab)", warm)
                     code |= 1 if any(r.error for r in warm) else 0
             bystander.halt.set()
