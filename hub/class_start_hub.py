@@ -179,7 +179,7 @@ class DataAccessHandler(_PortalAPI):
         body = self.get_json_body()
         if body not in (None, {}):
             raise CourseError("body", "send an empty JSON object {}")
-        from .course_data import sync_course
+        from .course_data import server_account, sync_course
 
         n, account = 0, False
         if course.data_path:
@@ -191,7 +191,9 @@ class DataAccessHandler(_PortalAPI):
             )
             if orm_user is not None:  # any user's spawner maps names to Unix accounts
                 spawner = self.users[orm_user].spawner
-                n, account = sync_course(spawner, course), True
+                # as at a spawn: servers that run as the hub's own account get no ACL
+                if server_account(spawner) is not None:
+                    n, account = sync_course(spawner, course), True
         self.finish({"course": course.id, "entries": n, "per_user": account})
 
 
