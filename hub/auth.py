@@ -55,7 +55,7 @@ from oauthenticator.oauth2 import OAuthCallbackHandler, OAuthLoginHandler, OAuth
 from sovereign_portal.spawners.accounts import UnixAccountPolicy
 from sqlalchemy.exc import SQLAlchemyError
 from tornado import web
-from tornado.httpclient import HTTPClientError
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Bool, Dict, Float, Integer, List, Set, Unicode, default, validate
 
 from .accounts import bind_or_check
@@ -213,6 +213,17 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
         help="""Signature algorithms accepted for ID tokens. Only asymmetric algorithms are
         allowed (`none` and HMAC algorithms are always refused), and only those the IdP
         announces in `id_token_signing_alg_values_supported`.""",
+    )
+    idp_connections = Integer(
+        64,
+        min=1,
+        config=True,
+        help="""How many requests to the IdP (token, userinfo, discovery) the hub makes at once,
+        on a connection pool of the authenticator's own. Tornado's shared client runs 10 at a
+        time for the whole hub (the proxy's and the servers' calls too) and fails a request
+        that waited 20 s in its queue: at a class start with 100 students logging in at once,
+        a third of them got the 503 "try again" page. Raise it for larger classes; the IdP
+        must accept that many connections from the hub.""",
     )
     jwks_cache_lifespan = Integer(
         300,
@@ -404,6 +415,10 @@ class InstitutionalAuthenticator(GenericOAuthenticator):
         if not proposal.value:
             raise self._managed_error(proposal.trait.name)
         return True
+
+    @default("http_client")
+    def _own_http_client(self) -> AsyncHTTPClient:
+        return AsyncHTTPClient(force_instance=True, max_clients=self.idp_connections)
 
     # --- state -----------------------------------------------------------------------------
     def __init__(self, **kwargs: Any) -> None:

@@ -174,3 +174,49 @@ def test_token_endpoint_failing_is_a_page_not_a_500(
     with pytest.raises(LoginRefused) as info:
         asyncio.run(a.get_token_info(_Handler(), {"code": "c", "grant_type": "authorization_code"}))
     assert (info.value.status_code, info.value.label) == (status, label)
+
+
+class _Slow(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        import time
+
+        time.sleep(1.5)  # an IdP busy with a class start
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_idp_calls_have_a_pool_of_their_own_so_a_class_start_does_not_queue_them_out() -> None:
+    """bench_storm, 100 students at once: on Tornado's shared client (10 at a time for
+    the whole hub) an IdP call that waited past its connect timeout in the client's queue
+    failed (599), and a third of the class got the 503 page. 30 calls at once to an IdP
+    that takes 1.5 s each, with a 1 s connect timeout: every one is answered."""
+    server = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 128})(
+        ("127.0.0.1", 0), _Slow
+    )
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/token"
+
+    async def run() -> list[object]:
+        a = InstitutionalAuthenticator(http_request_kwargs={"connect_timeout": 1.0})
+        assert a.http_client.max_clients == a.idp_connections == 64
+        calls = [a.httpfetch(url, "token", method="GET") for _ in range(30)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        server.shutdown()
+    assert got == [{}] * 30, [g for g in got if g != {}][:3]
+    c = Config()
+    c.InstitutionalAuthenticator.idp_connections = 200
+
+    async def configured() -> int:
+        return int(InstitutionalAuthenticator(config=c).http_client.max_clients)
+
+    assert asyncio.run(configured()) == 200
