@@ -18,6 +18,7 @@ input raises :class:`.budgets.BudgetError` naming the field, before anything is 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -38,6 +39,7 @@ from sqlalchemy import (
     Table,
     UniqueConstraint,
     and_,
+    bindparam,
     case,
     func,
     literal,
@@ -49,7 +51,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 from traitlets import Bool, Dict, Int, List, default, validate
 from traitlets import Float as FloatTrait
 from traitlets.config import Configurable
@@ -180,39 +185,80 @@ WHOLE = ""
 TOTALS_TOLERANCE = 1e-6
 
 
-def _is_pg(s: Session | Connection) -> bool:
+#: Where the budget store's statements run: an ORM session or a Core connection, each in
+#: its transaction (admission uses a connection: no ORM objects on its hot path).
+Exec = Session | Connection
+
+
+def _is_pg(s: Exec) -> bool:
     bind = s.get_bind() if isinstance(s, Session) else s
     return bool(bind.dialect.name == "postgresql")
 
 
-def _upsert(s: Session | Connection) -> Any:
-    """The dialect's INSERT that has ``on_conflict_do_update`` (PostgreSQL and SQLite)."""
-    if _is_pg(s):
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert
+@functools.cache
+def _totals_upsert(dialect: str) -> Any:
+    """The running totals' upsert (add to a row, or create it), built once per dialect and
+    run with one parameter set per row (one round trip on psycopg, which pipelines)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-    return sqlite_insert
-
-
-def add_settled(s: Session | Connection, budget_id: int, user: str, amount: float) -> None:
-    """Add one settled charge of ``amount`` to the running totals of ``budget_id`` (the
-    budget's row and ``user``'s): one upsert statement, in the caller's transaction."""
     t = _TOTALS
-    rows = [
-        {"budget_id": budget_id, "user": who, "settled": amount, "charges": 1}
-        for who in dict.fromkeys((WHOLE, user))
-    ]
-    stmt = _upsert(s)(t).values(rows)
-    stmt = stmt.on_conflict_do_update(
+    stmt: Any = pg_insert(t) if dialect == "postgresql" else sqlite_insert(t)
+    return stmt.on_conflict_do_update(
         index_elements=[t.c.budget_id, t.c.user],
         set_={
             "settled": t.c.settled + stmt.excluded.settled,
             "charges": t.c.charges + stmt.excluded.charges,
         },
     )
-    s.execute(stmt)
+
+
+def add_settled(s: Exec, budget_id: int, user: str, amount: float) -> None:
+    """Add one settled charge of ``amount`` to the running totals of ``budget_id`` (the
+    budget's row and ``user``'s), in the caller's transaction."""
+    add_settled_many(s, budget_id, [(user, amount)])
+
+
+def add_settled_many(s: Exec, budget_id: int, settled: Iterable[tuple[str, float]]) -> None:
+    """Add settled charges, each ``(user, amount)``, to the running totals of ``budget_id``
+    (the budget's row and each user's): one upsert per totals row, sent together, in the
+    caller's transaction."""
+    sums: dict[str, list[float]] = {}
+    for user, amount in settled:
+        for who in dict.fromkeys((WHOLE, user)):
+            acc = sums.setdefault(who, [0.0, 0])
+            acc[0] += amount
+            acc[1] += 1
+    if not sums:
+        return
+    rows = [
+        {"budget_id": budget_id, "user": who, "settled": x, "charges": int(n)}
+        for who, (x, n) in sums.items()
+    ]
+    dialect = "postgresql" if _is_pg(s) else "sqlite"
+    s.execute(_totals_upsert(dialect), rows)
+
+
+class _epoch(FunctionElement[float]):
+    """Seconds since the epoch of a UTC timestamp column (the ledger's times are epoch
+    seconds): ``EXTRACT(EPOCH ...)`` on PostgreSQL, from ``julianday`` on SQLite (which
+    keeps the UTC time as text; milliseconds are what it reads of the fraction)."""
+
+    type = Float()
+    inherit_cache = True
+    name = "epoch"
+
+
+@compiles(_epoch)
+def _epoch_pg(element: _epoch, compiler: SQLCompiler, **kw: Any) -> str:
+    (arg,) = list(element.clauses)
+    return f"CAST(EXTRACT(EPOCH FROM {compiler.process(arg, **kw)}) AS DOUBLE PRECISION)"
+
+
+@compiles(_epoch, "sqlite")
+def _epoch_sqlite(element: _epoch, compiler: SQLCompiler, **kw: Any) -> str:
+    (arg,) = list(element.clauses)
+    return f"((julianday({compiler.process(arg, **kw)}) - 2440587.5) * 86400.0)"
 
 
 def _sums_query(budget_ids: Iterable[int] | None = None) -> Any:
@@ -297,14 +343,163 @@ def totals_drift(s: Session | Connection) -> list[dict[str, Any]]:
     return out
 
 
-def _period(row: BudgetPeriod) -> Period:
+def _period(row: Any) -> Period:
+    """A period from its row (ORM or Core: ``name``, ``start_at``, ``end_at``)."""
     return Period(row.name, row.start_at, row.end_at)
 
 
-def _budget(row: BudgetRow, period: Period) -> Budget:
+def _budget(row: Any, period: Period) -> Budget:
+    """A budget from its row (ORM or Core: ``owner_kind``, ``owner_id``, ``unit``,
+    ``amount``, ``per_student``)."""
     return Budget(
         Owner(row.owner_kind, row.owner_id), period, row.unit, row.amount, row.per_student
     )
+
+
+_PERIODS = cast(Table, BudgetPeriod.__table__)
+#: The kinds of owner a user's groups name (``course-<id>``, ``project-<id>``).
+_GROUP_KINDS = ("course", "project")
+
+
+def _owner_params(user: str, groups: Iterable[str]) -> dict[str, Any]:
+    """The parameters of :func:`_candidates`: the user, and the ids of the courses and
+    projects whose groups (:mod:`.claims`) it is in."""
+    from .claims import COURSE_GROUP, PROJECT_GROUP
+
+    prefixes = {"course": COURSE_GROUP.format(""), "project": PROJECT_GROUP.format("")}
+    out: dict[str, Any] = {"user": user}
+    for kind in _GROUP_KINDS:
+        pre = prefixes[kind]
+        out[kind] = sorted({g.removeprefix(pre) for g in groups if g.startswith(pre)})
+    return out
+
+
+@functools.cache
+def _candidates(lock: bool) -> Any:
+    """Every budget a user might charge (its own, and those of the course and project
+    groups it is in; parameters from :func:`_owner_params`), with its period, in id order,
+    read on the owner index: admission never loads a site's thousands of other budgets.
+    :func:`.budgets.applicable` still decides which of them apply. With ``lock`` the
+    budget rows are locked (``FOR UPDATE OF budgets``, taken in id order as every other
+    locker takes them, and read at their newest after the wait) in the same statement.
+    Built once: the same statement every call, so SQLAlchemy's compiled cache and the
+    driver's prepared statements serve it."""
+    b, p = _BUDGETS.c, _PERIODS.c
+    q = (
+        select(b.id, b.owner_kind, b.owner_id, b.unit, b.amount, b.per_student,
+               p.name, p.start_at, p.end_at)
+        .join_from(_BUDGETS, _PERIODS, p.name == b.period)
+        .where(
+            or_(
+                and_(b.owner_kind == "user", b.owner_id == bindparam("user")),
+                *(
+                    and_(b.owner_kind == kind,
+                         b.owner_id.in_(bindparam(kind, expanding=True)))
+                    for kind in _GROUP_KINDS
+                ),
+            )
+        )
+        .order_by(b.id)
+    )  # fmt: skip
+    return q.with_for_update(of=_BUDGETS) if lock else q
+
+
+@functools.cache
+def _fold_stmt(allowance: bool) -> Any:
+    """The one statement a balance reads (parameters ``budget_id``, ``users``, ``now``,
+    and ``user`` with ``allowance``): rows ``(kind, user, ref, amount, done, charge,
+    record)``, where ``kind`` is
+
+    - 1: a running total of settled charges (``budget_totals``: user '' the budget's,
+      else that user's; O(1) however many charges a semester has made);
+    - 0: an open hold (``done`` 1 once it is past its walltime and :data:`HOLD_SLACK`),
+      with ``charge`` its id and ``record`` the id of the closed ledger record that
+      settles it (its ``source`` the hold's ``ref``, opened after the hold was written,
+      the first such), or NULL;
+    - 2: the user's allowance in a course pool (``allowance``: no other budget has one).
+
+    One snapshot on PostgreSQL, whatever commits meanwhile."""
+    from .ledger_store import records
+
+    tt, c, a, r = _TOTALS.c, _CHARGES.c, _ALLOWANCES.c, records.c
+    nothing = null()
+    totals = select(
+        literal_column("1").label("kind"),
+        tt.user,
+        nothing.label("ref"),
+        tt.settled.label("amount"),
+        literal_column("1").label("done"),
+        nothing.label("charge"),
+        nothing.label("record"),
+    ).where(tt.budget_id == bindparam("budget_id"),
+            tt.user.in_(bindparam("users", expanding=True)))  # fmt: skip
+    closed = (
+        select(r.id)
+        .where(
+            r.source == c.ref,
+            r.row_type == "usage",
+            r.opened_at >= _epoch(c.created_at) - 1.0,
+            r.ended_at.is_not(None),
+        )
+        .order_by(r.opened_at)
+        .limit(1)
+        .correlate(_CHARGES)
+        .scalar_subquery()
+    )
+    holds = select(
+        literal_column("0"),
+        c.user,
+        c.ref,
+        c.held,
+        case((c.expires_at <= bindparam("now"), 1), else_=0),
+        c.id,
+        closed,
+    ).where(c.budget_id == bindparam("budget_id"), c.state == HELD)
+    parts = [totals, holds]
+    if allowance:
+        parts.append(
+            select(
+                literal_column("2"), a.user, nothing, a.amount, literal_column("0"), nothing,
+                nothing,
+            ).where(a.budget_id == bindparam("budget_id"), a.user == bindparam("user"))
+        )  # fmt: skip
+    return union_all(*parts)
+
+
+@functools.cache
+def _record_amounts() -> Any:
+    """(id, gpu_seconds, eur, energy_wh) of the ledger records ``ids``."""
+    from .ledger_store import records
+
+    r = records.c
+    return select(r.id, r.gpu_seconds, r.eur, r.energy_wh).where(
+        r.id.in_(bindparam("ids", expanding=True))
+    )
+
+
+@functools.cache
+def _settle_update() -> Any:
+    """One hold (``charge_id``) settled at ``x`` at ``at``; matches nothing once it is no
+    longer a hold."""
+    c = _CHARGES.c
+    return (
+        _CHARGES.update()
+        .where(c.id == bindparam("charge_id"), c.state == HELD)
+        .values(state=SETTLED, settled=bindparam("x"), closed_at=bindparam("at"))
+    )
+
+
+@functools.cache
+def _lock_budget() -> Any:
+    """The budget row ``id`` locked (``FOR UPDATE``: PostgreSQL), read at its newest."""
+    b = _BUDGETS.c
+    return select(b.unit, b.amount, b.per_student).where(b.id == bindparam("id")).with_for_update()
+
+
+#: A hold, as admission writes it.
+_HOLD = _CHARGES.insert()
+#: :meth:`BudgetStore._balance` marks a hold it has just settled with this row kind.
+_SETTLED_NOW = 3
 
 
 class BudgetStore:
@@ -433,30 +628,21 @@ class BudgetStore:
         return s.scalars(q).first()
 
     def _budgets(
-        self, s: Session, user: str | None = None, groups: Iterable[str] = ()
-    ) -> list[tuple[BudgetRow, Budget]]:
-        """Every budget; with ``user``, only those it might charge (its own, and those of
-        the course and project groups it is in), read on the owner index: admission never
-        loads a site's thousands of other budgets. :func:`.budgets.applicable` still
-        decides which of them apply."""
-        # one statement: each budget with its period (a budget's period always exists)
-        q = select(BudgetRow, BudgetPeriod).join(
-            BudgetPeriod, BudgetPeriod.name == BudgetRow.period
-        )
+        self, s: Exec, user: str | None = None, groups: Iterable[str] = ()
+    ) -> list[tuple[int, Budget]]:
+        """(id, budget) of every budget, by owner; with ``user``, only those it might
+        charge (:func:`_candidates`), by id."""
         if user is not None:
-            from .claims import COURSE_GROUP, PROJECT_GROUP
-
-            prefixes = {"course": COURSE_GROUP.format(""), "project": PROJECT_GROUP.format("")}
-            wanted = [
-                and_(BudgetRow.owner_kind == k, BudgetRow.owner_id == g.removeprefix(pre))
-                for g in set(groups)
-                for k, pre in prefixes.items()
-                if g.startswith(pre)
-            ]
-            own = and_(BudgetRow.owner_kind == "user", BudgetRow.owner_id == user)
-            q = q.where(or_(own, *wanted))
-        rows = s.execute(q.order_by(BudgetRow.owner_kind, BudgetRow.owner_id)).all()
-        return [(r, _budget(r, _period(p))) for r, p in rows]
+            rows = s.execute(_candidates(False), _owner_params(user, groups))
+        else:
+            b, p = _BUDGETS.c, _PERIODS.c
+            rows = s.execute(
+                select(b.id, b.owner_kind, b.owner_id, b.unit, b.amount, b.per_student,
+                       p.name, p.start_at, p.end_at)
+                .join_from(_BUDGETS, _PERIODS, p.name == b.period)
+                .order_by(b.owner_kind, b.owner_id)
+            )  # fmt: skip
+        return [(r.id, _budget(r, _period(r))) for r in rows]
 
     def budgets(self, owner: Any = None, period: str | None = None) -> list[Budget]:
         own = Owner.parse(owner) if isinstance(owner, str) else owner
@@ -512,69 +698,58 @@ class BudgetStore:
         return {a.user: a.amount for a in s.scalars(q)}
 
     # -- balances and admission -----------------------------------------------------------
-    def _settle_from_ledger(self, s: Session, budget_id: int, locked: bool = False) -> None:
-        """Settle the holds of ``budget_id`` whose ledger record has closed: the record with
-        the hold's ``ref`` as its ``source``, opened after the hold was written. The budget
-        row's lock is taken before the first settle (``locked``: admission holds it)."""
+    def _settle_due(
+        self, s: Exec, budget_id: int, unit: str, due: Iterable[tuple[str, str, str]]
+    ) -> dict[str, float]:
+        """Settle holds of ``budget_id`` from their closed ledger records: ``due`` holds
+        ``(charge id, user, record id)``. Returns charge id -> what it settled at, for each
+        that was still a hold; the running totals get them in the same transaction. The
+        caller holds the budget row's lock (every writer of the totals takes it first)."""
         from .budgets import amount_in
-        from .ledger_store import records
 
-        c = _CHARGES.c
-        held = s.execute(
-            select(c.id, c.user, c.ref, c.created_at, BudgetRow.unit)
-            .join(BudgetRow, BudgetRow.id == c.budget_id)
-            .where(c.budget_id == budget_id, c.state == HELD)
-        ).all()
-        for charge_id, who, ref, created, unit in held:
-            since = created.timestamp() - 1.0
-            rec = s.execute(
-                select(records.c.gpu_seconds, records.c.eur, records.c.energy_wh)
-                .where(
-                    records.c.source == ref,
-                    records.c.row_type == "usage",
-                    records.c.opened_at >= since,
-                    records.c.ended_at.is_not(None),
-                )
-                .order_by(records.c.opened_at)
-                .limit(1)
-            ).first()
-            if rec is not None:
-                if not locked:  # every writer of the totals takes the budget lock first
-                    self._lock_budgets(s, [budget_id])
-                    locked = True
-                used = Amounts(
-                    gpu_seconds=rec[0] or 0.0, eur=rec[1] or 0.0, energy_wh=rec[2] or 0.0
-                )
-                self._settle_charge(s, charge_id, budget_id, who, amount_in(used, unit))
+        due = list(due)
+        found = {
+            rid: Amounts(gpu_seconds=g or 0.0, eur=e or 0.0, energy_wh=w or 0.0)
+            for rid, g, e, w in s.execute(_record_amounts(), {"ids": sorted({d[2] for d in due})})
+        }
+        done: dict[str, float] = {}
+        for charge_id, _who, rid in due:
+            used = found.get(rid)
+            if used is None:
+                continue
+            x = self._mark_settled(s, charge_id, amount_in(used, unit))
+            if x is not None:
+                done[charge_id] = x
+        add_settled_many(s, budget_id, [(d[1], done[d[0]]) for d in due if d[0] in done])
+        return done
+
+    def _mark_settled(self, s: Exec, charge_id: str, used: float) -> float | None:
+        """Turn one hold into settled usage (at least 0); what it settled at, or None
+        (nothing changed) when it is no longer a hold (another transaction settled or
+        released it first). The caller adds it to the running totals."""
+        x = max(0.0, used)
+        done = s.execute(_settle_update(), {"charge_id": charge_id, "x": x, "at": utcnow()})
+        return x if done.rowcount else None  # type: ignore[attr-defined]
 
     def _settle_charge(
-        self, s: Session, charge_id: str, budget_id: int, user: str, used: float
+        self, s: Exec, charge_id: str, budget_id: int, user: str, used: float
     ) -> bool:
-        """Turn one hold into settled usage and add it to the running totals, in one
-        transaction; False (nothing changed) when it is no longer a hold (another
-        transaction settled or released it first)."""
-        t = _CHARGES
-        x = max(0.0, used)
-        done = s.execute(
-            t.update()
-            .where(t.c.id == charge_id, t.c.state == HELD)
-            .values(state=SETTLED, settled=x, closed_at=utcnow())
-        )
-        if not done.rowcount:  # type: ignore[attr-defined]
+        """:meth:`_mark_settled` and the running totals, in one transaction; False when
+        it is no longer a hold."""
+        x = self._mark_settled(s, charge_id, used)
+        if x is None:
             return False
         add_settled(s, budget_id, user, x)
         return True
 
-    def _lock_budgets(self, s: Session, budget_ids: Iterable[int]) -> None:
+    def _lock_budgets(self, s: Exec, budget_ids: Iterable[int]) -> None:
         """The budget rows' locks (``FOR UPDATE``, in id order) on PostgreSQL, where
         settles take them as admission does; SQLite's ``BEGIN IMMEDIATE`` already queues
         every writer."""
         ids = sorted(set(budget_ids))
         if self._pg and ids:
-            s.execute(
-                select(BudgetRow.id).where(BudgetRow.id.in_(ids)).order_by(BudgetRow.id)
-                .with_for_update()
-            )  # fmt: skip
+            b = _BUDGETS.c
+            s.execute(select(b.id).where(b.id.in_(ids)).order_by(b.id).with_for_update())
 
     def release_unrecorded(self, ref: str, user: str | None = None) -> int:
         """Release the holds of ``ref`` that no ledger record covers (the job never started:
@@ -600,76 +775,71 @@ class BudgetStore:
 
     def _balance(
         self,
-        s: Session,
-        row: BudgetRow,
-        b: Budget,
-        user: str | None,
-        now: datetime,
-        locked: bool = False,
-    ) -> Balance:
-        self._settle_from_ledger(s, row.id, locked)
-        return self._fold(s, row.id, b, user, now)
-
-    def _fold(
-        self,
-        s: Session,
+        s: Exec,
         budget_id: int,
         b: Budget,
         user: str | None,
         now: datetime,
+        *,
+        locked: bool = False,
         live: Mapping[str, float] | None = None,
     ) -> Balance:
-        """The balance of ``b``: its settled charges from the running totals
-        (``budget_totals``: the budget's row and ``user``'s, O(1) however many charges a
-        semester has made) and its open holds (one per running job), in **one** statement
-        (one snapshot on PostgreSQL, whatever settles commit meanwhile).
-
-        A settled charge counts what it settled at; a hold counts in full, as settled usage
-        once it is past its walltime and :data:`HOLD_SLACK`.
-        ``live`` maps the refs of running jobs to what they used until now: their holds
-        count that instead (:meth:`running_balances`)."""
-        tt, c = _TOTALS.c, _CHARGES.c
-        users = [WHOLE] if user is None else [WHOLE, user]
-        totals = select(
-            literal_column("1").label("is_total"),
-            tt.user,
-            null().label("ref"),
-            tt.settled.label("amount"),
-            literal_column("1").label("done"),
-        ).where(tt.budget_id == budget_id, tt.user.in_(users))
-        holds = select(
-            literal_column("0").label("is_total"),
-            c.user,
-            c.ref,
-            c.held.label("amount"),
-            case((c.expires_at <= now, 1), else_=0).label("done"),
-        ).where(c.budget_id == budget_id, c.state == HELD)
-        # an allowance is a student's share of a course pool: no other budget has one; it
-        # comes in the same statement (is_total 2), so a course admission makes no extra trip
+        """The balance of ``b`` (for ``user`` in a course pool): :func:`_fold_stmt`, one
+        statement. Holds whose ledger record has closed settle first, from that record
+        (:meth:`_settle_due`), under the budget row's lock (``locked``: the caller holds
+        it, as admission does; SQLite's ``BEGIN IMMEDIATE`` always does); they then count
+        what they settled at. ``live`` maps the refs of running jobs to what they used
+        until now: their holds count that instead (:meth:`running_balances`)."""
         course_user = user is not None and b.owner.kind == "course"
-        parts = [totals, holds]
+        params: dict[str, Any] = {
+            "budget_id": budget_id,
+            "users": [WHOLE] if user is None else [WHOLE, user],
+            "now": now,
+        }
         if course_user:
-            a = _ALLOWANCES.c
-            parts.append(
-                select(
-                    literal_column("2").label("is_total"),
-                    a.user,
-                    null().label("ref"),
-                    a.amount.label("amount"),
-                    literal_column("0").label("done"),
-                ).where(a.budget_id == budget_id, a.user == user)
-            )
+            params["user"] = user
+        stmt = _fold_stmt(course_user)
+        rows: list[Any] = list(s.execute(stmt, params))
+        due = [(r[5], r[1], r[6]) for r in rows if r[0] == 0 and r[6] is not None]
+        if due:
+            locked = locked or not self._pg
+            if not locked:  # every writer of the totals takes the budget lock first
+                self._lock_budgets(s, [budget_id])
+            done = self._settle_due(s, budget_id, b.unit, due)
+            if locked and len(done) == len(due):
+                # under the lock nothing else changed the totals: what was read, with these
+                # holds now settled usage, is what a second read would give
+                rows = [
+                    (_SETTLED_NOW, r[1], r[2], done[r[5]], 1, r[5], None)
+                    if r[0] == 0 and r[5] in done
+                    else r
+                    for r in rows
+                ]
+            else:
+                rows = list(s.execute(stmt, params))
+        return self._fold(b, user, rows, live)
+
+    @staticmethod
+    def _fold(
+        b: Budget, user: str | None, rows: Iterable[Any], live: Mapping[str, float] | None
+    ) -> Balance:
+        """Fold the rows of :func:`_fold_stmt` into the balance of ``b``
+        (:func:`.budgets.balance_of`). A settled charge counts what it settled at; a hold
+        counts in full, as settled usage once it is past its walltime and
+        :data:`HOLD_SLACK`; a running job in ``live`` counts what it used until now."""
         whole = mine = 0.0
         allowances: dict[str, float] = {}
         charges: list[Charge] = []
-        for is_total, who, ref, amount, done in s.execute(union_all(*parts)):
-            if is_total == 2:
+        for kind, who, ref, amount, done, _charge, _record in rows:
+            if kind == 2:
                 allowances[who] = float(amount)
-            elif is_total:
+            elif kind == 1:
                 if who == WHOLE:
                     whole = float(amount)
                 else:
                     mine = float(amount)
+            elif kind == _SETTLED_NOW:
+                charges.append(Charge(b.key, who, float(amount), settled=True))
             elif live and ref in live:
                 charges.append(Charge(b.key, who, live[ref], settled=True))
             else:
@@ -685,12 +855,12 @@ class BudgetStore:
     ) -> list[Balance]:
         """The balances ``user`` charges now, in the order admission uses them."""
         t = now or utcnow()
-        with self.store.begin() as s:
-            groups = list(groups)
-            pairs = self._budgets(s, user, groups)
-            rows = {b.key: r for r, b in pairs}
+        groups = list(groups)
+        with self.store.transaction() as conn:
+            pairs = self._budgets(conn, user, groups)
+            ids = {b.key: bid for bid, b in pairs}
             found = applicable([b for _, b in pairs], user, groups, t)
-            return [self._balance(s, rows[b.key], b, user, t) for b in found]
+            return [self._balance(conn, ids[b.key], b, user, t) for b in found]
 
     def balance(self, owner: Any, period: str, user: str | None = None) -> Balance:
         own = owner if isinstance(owner, Owner) else Owner.parse(owner)
@@ -700,7 +870,7 @@ class BudgetStore:
             row = self._row(s, own, period, lock=False)
             if row is None:
                 raise BudgetError("owner", f"{own} has no budget in {period}", status=404)
-            return self._balance(s, row, _budget(row, p), user, t)
+            return self._balance(s, row.id, _budget(row, p), user, t)
 
     def admit(
         self,
@@ -746,31 +916,40 @@ class BudgetStore:
         min_minutes: int,
         t: datetime,
     ) -> Decision:
-        with self.store.begin() as s:
-            b = charged([b for _, b in self._budgets(s, user, groups)], user, groups, t)
+        """One admission, in one transaction on a Core connection (no ORM objects): the
+        user's candidate budgets (one statement), the charged one's row locked
+        (PostgreSQL: ``FOR UPDATE``, read at its newest; SQLite: ``BEGIN IMMEDIATE``
+        already holds the write lock), its balance (one statement, plus the settles of
+        holds whose records closed), the decision, and the hold (one statement)."""
+        with self.store.transaction() as conn:
+            pairs = self._budgets(conn, user, groups)
+            b = charged([b for _, b in pairs], user, groups, t)
             if b is None:
                 return decide(None, rates, walltime_minutes, what)
-            row = self._row(s, b.owner, b.period.name, lock=True)  # FOR UPDATE on PostgreSQL
-            assert row is not None
+            bid = next(i for i, x in pairs if x.key == b.key)
+            if self._pg:
+                fresh = conn.execute(_lock_budget(), {"id": bid}).one()
+                b = replace(b, unit=fresh.unit, amount=fresh.amount, per_student=fresh.per_student)
             d = decide(
-                self._balance(s, row, b, user, t, locked=True),
+                self._balance(conn, bid, b, user, t, locked=True),
                 rates,
                 walltime_minutes,
                 what,
                 shorten=shorten,
                 min_minutes=min_minutes,
             )
-            s.add(
-                BudgetCharge(
-                    id=secrets.token_hex(16),
-                    budget_id=row.id,
-                    user=user,
-                    ref=ref,
-                    state=HELD,
-                    held=d.hold,
-                    created_at=t,
-                    expires_at=t + timedelta(minutes=d.walltime_minutes) + HOLD_SLACK,
-                )
+            conn.execute(
+                _HOLD,
+                {
+                    "id": secrets.token_hex(16),
+                    "budget_id": bid,
+                    "user": user,
+                    "ref": ref,
+                    "state": HELD,
+                    "held": d.hold,
+                    "created_at": t,
+                    "expires_at": t + timedelta(minutes=d.walltime_minutes) + HOLD_SLACK,
+                },
             )
             return d
 
@@ -781,12 +960,10 @@ class BudgetStore:
         ``live`` maps a hold's ref to its usage until now (in the budget's unit), which
         replaces that hold. None when the budget is gone."""
         t = now or utcnow()
-        with self.store.begin() as s:
-            for row, b in self._budgets(s):
-                if b.key != key:
-                    continue
-                self._settle_from_ledger(s, row.id)
-                return self._fold(s, row.id, b, user, t, live)
+        with self.store.transaction() as conn:
+            for bid, b in self._budgets(conn):
+                if b.key == key:
+                    return self._balance(conn, bid, b, user, t, live=live)
         return None
 
     def charged_budget(
@@ -794,9 +971,9 @@ class BudgetStore:
     ) -> Budget | None:
         """The budget an admission of ``user`` charges now (:func:`.budgets.charged`), or
         None; nothing is held. The job-script preview names its Slurm account with it."""
-        with self.store.begin() as s:
-            groups = list(groups)
-            found = [b for _, b in self._budgets(s, user, groups)]
+        groups = list(groups)
+        with self.store.transaction() as conn:
+            found = [b for _, b in self._budgets(conn, user, groups)]
             return charged(found, user, groups, now or utcnow())
 
     def running_balances(self, refs: Iterable[str], now: float | None = None) -> dict[str, Balance]:
@@ -820,16 +997,15 @@ class BudgetStore:
                 by_budget.setdefault(bid, []).append((ref, who))
             if not by_budget:
                 return out
-            pairs = {r.id: (r, b) for r, b in self._budgets(s)}
+            pairs = dict(self._budgets(s))
             when = datetime.fromtimestamp(t, tz=UTC)
             for bid, items in by_budget.items():
                 if bid not in pairs:
                     continue
-                _row, b = pairs[bid]
-                self._settle_from_ledger(s, bid)
+                b = pairs[bid]
                 live = self._live_usage(s, bid, b.unit, t)
                 for ref, who in items:
-                    out[ref] = self._fold(s, bid, b, who, when, live)
+                    out[ref] = self._balance(s, bid, b, who, when, live=live)
         return out
 
     def _live_usage(self, s: Session, budget_id: int, unit: str, now: float) -> dict[str, float]:

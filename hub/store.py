@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -39,7 +41,8 @@ from sqlalchemy import (
     event,
     inspect,
 )
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import Connection, Dialect, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from traitlets import Bool, Unicode, validate
 from traitlets.config import Configurable
@@ -48,6 +51,8 @@ log = logging.getLogger("sovereign_portal.store")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
+#: A pooled server connection (PostgreSQL) idle longer than this is pinged before use.
+PING_IDLE_SECONDS = 10.0
 
 
 def utcnow() -> datetime:
@@ -132,6 +137,59 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _socket_stirs(dbapi_connection: Any) -> bool:
+    """Whether an idle server connection's socket has something to read: a closed or
+    reset connection (the server restarted, or ended the session), or a message sent
+    while it was idle. True when the driver has no socket to look at."""
+    try:
+        fd = dbapi_connection.fileno()
+    except Exception:  # no socket (closed), or a driver without fileno()
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+class _Liveness:
+    """Pool events that check a server connection before it is handed out, instead of
+    ``pool_pre_ping``'s round trip on every checkout: a connection used less than
+    :data:`PING_IDLE_SECONDS` ago is pinged only if its socket stirs (a server that
+    restarted or closed the session leaves data or an end-of-file there, seen without
+    a round trip); one idle longer is always pinged. A ping that finds the connection
+    gone raises ``DisconnectionError``: the pool drops it and hands out a fresh one, as
+    with pre-ping."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.dialect = engine.dialect
+        self.pings = 0
+        event.listen(engine, "connect", self.connect)
+        event.listen(engine, "checkin", self.checkin)
+        event.listen(engine, "checkout", self.checkout)
+
+    def connect(self, dbapi_connection: Any, record: Any) -> None:
+        record.info["sp_idle_since"] = None  # new: nothing to check
+
+    def checkin(self, dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None:
+            record.info["sp_idle_since"] = time.monotonic()
+
+    def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("sp_idle_since")
+        if since is None:
+            return
+        if time.monotonic() - since <= PING_IDLE_SECONDS and not _socket_stirs(dbapi_connection):
+            return
+        self.pings += 1
+        try:
+            alive = self.dialect.do_ping(dbapi_connection)
+        except self.dialect.loaded_dbapi.Error as e:
+            if self.dialect.is_disconnect(e, dbapi_connection, None):
+                raise DisconnectionError(str(e)) from e
+            raise
+        if not alive:
+            raise DisconnectionError("the database connection did not answer a ping")
+
+
 def redact_url(url: str) -> str:
     """The URL with any password hidden, for logs and error messages."""
     try:
@@ -146,13 +204,14 @@ class PortalStore:
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = url
         parsed = make_url(url)
-        kwargs: dict[str, Any] = {"echo": echo}
-        if parsed.get_backend_name() != "sqlite":
-            kwargs["pool_pre_ping"] = True
-        self.engine: Engine = create_engine(url, **kwargs)
-        if self.engine.dialect.name == "sqlite":
+        self.engine: Engine = create_engine(url, echo=echo)
+        #: the server connections' check before use (None on SQLite: no server)
+        self.liveness: _Liveness | None = None
+        if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
+        else:
+            self.liveness = _Liveness(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def __repr__(self) -> str:
@@ -202,6 +261,13 @@ class PortalStore:
         """A session in one transaction: committed on success, rolled back on any error."""
         with self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A Core connection in one transaction (committed on success, rolled back on any
+        error): for hot paths that run Core statements and build no ORM objects."""
+        with self.engine.begin() as connection:
+            yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()
