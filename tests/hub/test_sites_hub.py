@@ -47,7 +47,7 @@ from tests.support.slurm_cluster import (  # noqa: F401 - the fixture
     write_site_file,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slurm, pytest.mark.slurm_sites, pytest.mark.timeout(600)]
 
 CONFIG = """
 c.JupyterHub.authenticator_class = "dummy"
@@ -96,7 +96,7 @@ def fed(
     )
     hub = HubProcess(d, config, env={"SLURM_CONF": str(paris.conf)}, poll_interval=1)
     hub.start()
-    for group, users in (("proj-eu", ["spalice"]), ("proj-fr", ["spcarol", "spdave"])):
+    for group, users in (("proj-eu", ["sxalice"]), ("proj-fr", ["sxcarol", "sxdave"])):
         for u in users:
             hub.ensure_user(u)
         hub.api("POST", f"/groups/{group}")
@@ -154,7 +154,7 @@ def job_of(hub: HubProcess, user: str) -> str:
 
 
 def fill(c: SlurmCluster) -> str:
-    """A job of spbob holding all 8 GPUs of the site's only node."""
+    """A job of sxbob holding all 8 GPUs of the site's only node."""
     out = c.run(
         [
             "sbatch",
@@ -173,7 +173,7 @@ def fill(c: SlurmCluster) -> str:
             "--wrap",
             "sleep 1200",
         ],
-        user="spbob",
+        user="sxbob",
     ).stdout.strip()
     c.wait_job_state(out, ["RUNNING"])
     return out
@@ -182,39 +182,39 @@ def fill(c: SlurmCluster) -> str:
 def test_an_eu_user_goes_to_de_when_fr_is_full(fed: dict[str, Any]) -> None:
     hub, paris, julich = fed["hub"], fed["paris"], fed["julich"]
     fed["filler"] = fill(paris)
-    r = hub.api("POST", "/users/spalice/server", json={"gpus": 1})
+    r = hub.api("POST", "/users/sxalice/server", json={"gpus": 1})
     assert r.status_code in (201, 202), f"{r.status_code} {r.text}\n{hub.tail(80)}"
-    hub.wait_ready("spalice", timeout=120)
-    on_de = portal_jobs(julich, "spalice")
-    assert len(on_de) == 1 and portal_jobs(paris, "spalice", ("PENDING", "RUNNING")) == []
-    assert job_of(hub, "spalice") == on_de[0]
-    assert "Placed spalice: gpu-de at site julich (DE): allowed by project proj-eu's" in (
+    hub.wait_ready("sxalice", timeout=120)
+    on_de = portal_jobs(julich, "sxalice")
+    assert len(on_de) == 1 and portal_jobs(paris, "sxalice", ("PENDING", "RUNNING")) == []
+    assert job_of(hub, "sxalice") == on_de[0]
+    assert "Placed sxalice: gpu-de at site julich (DE): allowed by project proj-eu's" in (
         hub.log_text()
     )
-    rec = open_record(fed, "spalice", on_de[0])
+    rec = open_record(fed, "sxalice", on_de[0])
     assert (rec.site, rec.country, rec.operator) == ("julich", "DE", "Test Centre DE")
     assert rec.partition == "gpu-de" and rec.started_at is not None
 
 
 def test_an_fr_only_project_queues_on_fr_never_in_de(fed: dict[str, Any]) -> None:
     hub, paris, julich = fed["hub"], fed["paris"], fed["julich"]
-    r = hub.api("POST", "/users/spcarol/server", json={"gpus": 1})
+    r = hub.api("POST", "/users/sxcarol/server", json={"gpus": 1})
     assert r.status_code in (201, 202), r.text
-    hub.wait_for(lambda: portal_jobs(paris, "spcarol", ("PENDING",)), 30, "spcarol queued on FR")
-    assert portal_jobs(julich, "spcarol", ("PENDING", "RUNNING", "COMPLETED", "CANCELLED")) == []
+    hub.wait_for(lambda: portal_jobs(paris, "sxcarol", ("PENDING",)), 30, "sxcarol queued on FR")
+    assert portal_jobs(julich, "sxcarol", ("PENDING", "RUNNING", "COMPLETED", "CANCELLED")) == []
     text = hub.log_text()
     assert (
-        "Placed spcarol: gpu-fr at site paris (FR): allowed by project proj-fr's FR-only rule"
+        "Placed sxcarol: gpu-fr at site paris (FR): allowed by project proj-fr's FR-only rule"
         in text
     )
     assert "it never moves to a site your rules forbid" in text
     paris.run(["scancel", fed["filler"]])  # room appears on FR: the queued server starts there
-    hub.wait_ready("spcarol", timeout=120)
-    assert job_of(hub, "spcarol") in portal_jobs(paris, "spcarol")
-    rec = open_record(fed, "spcarol", job_of(hub, "spcarol"))
+    hub.wait_ready("sxcarol", timeout=120)
+    assert job_of(hub, "sxcarol") in portal_jobs(paris, "sxcarol")
+    rec = open_record(fed, "sxcarol", job_of(hub, "sxcarol"))
     assert (rec.site, rec.country, rec.operator) == ("paris", "FR", "Test Centre FR")
     assert rec.partition == "gpu-fr"
-    assert not any(r.site == "julich" for r in records_of(fed, "spcarol"))
+    assert not any(r.site == "julich" for r in records_of(fed, "sxcarol"))
 
 
 def _form(hub: HubProcess, user: str) -> str:
@@ -229,17 +229,17 @@ def _form(hub: HubProcess, user: str) -> str:
 
 def test_stopping_de_slurmrestd_removes_de_and_keeps_its_server(fed: dict[str, Any]) -> None:
     hub, julich = fed["hub"], fed["julich"]
-    hub.ensure_user("spbob")
-    hub.api("POST", "/groups/proj-eu/users", json={"users": ["spbob"]})
-    page = _form(hub, "spbob")
+    hub.ensure_user("sxbob")
+    hub.api("POST", "/groups/proj-eu/users", json={"users": ["sxbob"]})
+    page = _form(hub, "sxbob")
     assert "julich (DE): open" in page and "gpu-de" in page
     assert "name='placement' value='auto' checked" in page
-    job = job_of(hub, "spalice")
+    job = job_of(hub, "sxalice")
     julich.stop_rest()
     try:
         # The form shows the site states of the last poll: julich's next one fails.
         page = hub.wait_for(
-            lambda: next((p for p in [_form(hub, "spbob")] if "cannot be reached now" in p), None),
+            lambda: next((p for p in [_form(hub, "sxbob")] if "cannot be reached now" in p), None),
             10,
             "julich marked unreachable on the form",
         )
@@ -247,24 +247,24 @@ def test_stopping_de_slurmrestd_removes_de_and_keeps_its_server(fed: dict[str, A
         assert "gpu-de" not in page and "gpu-fr" in page
         for _ in range(5):  # five poll intervals without an answer from julich
             time.sleep(1.0)
-            model = hub.api("GET", "/users/spalice").json()
+            model = hub.api("GET", "/users/sxalice").json()
             assert model["servers"][""]["ready"], model
-            assert [r.closed for r in records_of(fed, "spalice")] == [False]  # not ended
+            assert [r.closed for r in records_of(fed, "sxalice")] == [False]  # not ended
         assert julich.run(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip() == "RUNNING"
     finally:
         julich.start_rest()
-    page = _form(hub, "spbob")
+    page = _form(hub, "sxbob")
     assert "julich (DE): open" in page
-    assert hub.api("GET", "/users/spalice").json()["servers"][""]["ready"]
-    assert job_of(hub, "spalice") == job
+    assert hub.api("GET", "/users/sxalice").json()["servers"][""]["ready"]
+    assert job_of(hub, "sxalice") == job
 
 
 def orphan(c: SlurmCluster, tag: str) -> str:
-    """A server job of spdave as this hub submits one (its name, its signed tag), which no
+    """A server job of sxdave as this hub submits one (its name, its signed tag), which no
     server of the hub tracks: as after a hub whose database lost the server."""
     argv = ["sbatch", "--parsable", "-p", "gpu", "--gres=gpu:h100:1", "-t", "30", "-D", "/tmp"]
     argv += ["-o", "/dev/null", "-J", "sovereign-portal", f"--comment=sovereign-portal:{tag}"]
-    job = c.run([*argv, "--wrap", "sleep 600"], user="spdave").stdout.strip()
+    job = c.run([*argv, "--wrap", "sleep 600"], user="sxdave").stdout.strip()
     c.wait_job_state(job, ["RUNNING"])
     return job
 
@@ -286,7 +286,7 @@ def sweep_lines(hub: HubProcess) -> dict[str, str]:
 
 def test_kill9_readopts_servers_on_both_sites_and_sweeps_each_site(fed: dict[str, Any]) -> None:
     hub, paris, julich = fed["hub"], fed["paris"], fed["julich"]
-    before = {"spalice": job_of(hub, "spalice"), "spcarol": job_of(hub, "spcarol")}
+    before = {"sxalice": job_of(hub, "sxalice"), "sxcarol": job_of(hub, "sxcarol")}
     key = (hub.dir / "tag.key").read_text().strip().encode()
     lost = {"paris": orphan(paris, make_tag(key, "feedc0ffee01"))}
     lost["julich"] = orphan(julich, make_tag(key, "feedc0ffee02"))
@@ -302,10 +302,10 @@ def test_kill9_readopts_servers_on_both_sites_and_sweeps_each_site(fed: dict[str
         paris.wait_job_state(lost["paris"], ["CANCELLED", "COMPLETING"], timeout=15)
         julich.wait_job_state(lost["julich"], ["CANCELLED", "COMPLETING"], timeout=15)
         log = (hub.dir / f"hub-{hub.starts}.log").read_text(errors="replace")
-        assert f"Untracked portal job {lost['julich']} at site julich of spdave" in log
+        assert f"Untracked portal job {lost['julich']} at site julich of sxdave" in log
         # the re-adopted servers' jobs are left alone at both sites
-        assert portal_jobs(julich, "spalice") == [before["spalice"]]
-        assert portal_jobs(paris, "spcarol") == [before["spcarol"]]
+        assert portal_jobs(julich, "sxalice") == [before["sxalice"]]
+        assert portal_jobs(paris, "sxcarol") == [before["sxcarol"]]
     finally:
         paris.run(["scancel", lost["paris"]], check=False)
         julich.run(["scancel", lost["julich"]], check=False)
@@ -313,16 +313,16 @@ def test_kill9_readopts_servers_on_both_sites_and_sweeps_each_site(fed: dict[str
 
 def test_one_poll_per_site_per_interval_and_records_close_per_site(fed: dict[str, Any]) -> None:
     hub, paris, julich = fed["hub"], fed["paris"], fed["julich"]
-    # two servers at each site: spalice and spbob in DE, spcarol and spdave in FR
-    hub.ensure_user("spdave")
-    for user, body in (("spbob", {"gpus": 1, "partition": "gpu-de"}), ("spdave", {"gpus": 1})):
+    # two servers at each site: sxalice and sxbob in DE, sxcarol and sxdave in FR
+    hub.ensure_user("sxdave")
+    for user, body in (("sxbob", {"gpus": 1, "partition": "gpu-de"}), ("sxdave", {"gpus": 1})):
         r = hub.api("POST", f"/users/{user}/server", json=body)
         assert r.status_code in (201, 202), r.text
-    for user in ("spbob", "spdave"):
+    for user in ("sxbob", "sxdave"):
         hub.wait_ready(user, timeout=120)
-    assert len(portal_jobs(julich, "spalice") + portal_jobs(julich, "spbob")) == 2
-    assert len(portal_jobs(paris, "spcarol") + portal_jobs(paris, "spdave")) == 2
-    for user, site in (("spbob", "julich"), ("spdave", "paris")):
+    assert len(portal_jobs(julich, "sxalice") + portal_jobs(julich, "sxbob")) == 2
+    assert len(portal_jobs(paris, "sxcarol") + portal_jobs(paris, "sxdave")) == 2
+    for user, site in (("sxbob", "julich"), ("sxdave", "paris")):
         rec = open_record(fed, user, job_of(hub, user))
         assert rec.site == site and rec.country == ("DE" if site == "julich" else "FR")
     # each slurmctld's own count of job-info RPCs over a window of 10 poll intervals
@@ -334,10 +334,10 @@ def test_one_poll_per_site_per_interval_and_records_close_per_site(fed: dict[str
     for n in polls.values():  # one per interval (with jitter), not one per server
         assert 1 <= n <= window * 1.25 + 2, polls
     # DE: the user stops the server; FR: the site's operator cancels the job
-    alice = open_record(fed, "spalice", job_of(hub, "spalice"))
-    carol_job = job_of(hub, "spcarol")
-    carol = open_record(fed, "spcarol", carol_job)
-    r = hub.api("DELETE", "/users/spalice/server")
+    alice = open_record(fed, "sxalice", job_of(hub, "sxalice"))
+    carol_job = job_of(hub, "sxcarol")
+    carol = open_record(fed, "sxcarol", carol_job)
+    r = hub.api("DELETE", "/users/sxalice/server")
     assert r.status_code in (202, 204), r.text
     paris.run(["scancel", carol_job])
 
@@ -345,8 +345,8 @@ def test_one_poll_per_site_per_interval_and_records_close_per_site(fed: dict[str
         got = [r for r in records_of(fed, user) if r.id == rec_id and r.closed]
         return got[0] if got else None
 
-    a = hub.wait_for(lambda: closed(alice.id, "spalice"), 60, "spalice's record closed")
-    c = hub.wait_for(lambda: closed(carol.id, "spcarol"), 60, "spcarol's record closed")
+    a = hub.wait_for(lambda: closed(alice.id, "sxalice"), 60, "sxalice's record closed")
+    c = hub.wait_for(lambda: closed(carol.id, "sxcarol"), 60, "sxcarol's record closed")
     assert (a.end_reason, a.site, a.country) == ("stopped", "julich", "DE")
     assert (c.end_reason, c.site, c.country) == ("scancel", "paris", "FR")
 
@@ -356,7 +356,7 @@ def test_gdpr_erase_reaches_every_site_and_its_receipt_lists_each(fed: dict[str,
     through its slurmrestd, and the receipt has one entry per site: julich with the job,
     the records and the job log, paris with nothing of theirs."""
     hub, paris, julich = fed["hub"], fed["paris"], fed["julich"]
-    user = "spbob"
+    user = "sxbob"
     hub.ensure_user(user)
     if not portal_jobs(julich, user):
         r = hub.api("POST", f"/users/{user}/server", json={"gpus": 1, "partition": "gpu-de"})

@@ -38,7 +38,7 @@ from tests.support.slurm_cluster import (  # noqa: F401 - the fixture
     write_site_file,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slurm, pytest.mark.slurm_sites, pytest.mark.timeout(300)]
 
 FR_ONLY = [Rule("project", "climate", frozenset({"FR"}))]
 EU = [Rule("project", "europa", frozenset({"FR", "DE", "IT", "NL"}), "EU")]
@@ -103,26 +103,26 @@ def test_rest_gives_the_cli_s_job_states_on_the_same_cluster(sites: dict[str, An
     cli = _cli(julich)
 
     async def run() -> None:
-        job_id = await rest.submit(_script(2), user="spalice", cwd="/tmp")
+        job_id = await rest.submit(_script(2), user="sxalice", cwd="/tmp")
         running = await _wait_state(rest, job_id, {"RUNNING"})
         by_cli = (await cli.query([job_id]))[job_id]
         assert running == by_cli, (running, by_cli)
-        assert running.user == "spalice" and running.nodes == "de-h100-a"
+        assert running.user == "sxalice" and running.nodes == "de-h100-a"
         assert running.comment == "sites-test" and running.devices == 2
         # The whole queue in one call, as squeue -t all gives it.
         assert (await rest.query(None)).keys() == (await cli.query(None)).keys()
         detail = await rest.job_detail(job_id)
         assert (detail["JobState"], detail["UserId"], detail["Partition"]) == (
             "RUNNING",
-            "spalice",
+            "sxalice",
             "gpu",
         )
         nodes = await rest.nodes("gpu")
         assert list(nodes) == ["de-h100-a"] and nodes["de-h100-a"].addr == "127.0.0.1"
-        await rest.cancel([job_id], user="spalice")
+        await rest.cancel([job_id], user="sxalice")
         gone = await _wait_state(cli, job_id, {"CANCELLED"})
         assert gone.ended
-        await rest.cancel([job_id], user="spalice")  # already ended: not an error
+        await rest.cancel([job_id], user="sxalice")  # already ended: not an error
 
     asyncio.run(run())
 
@@ -140,12 +140,12 @@ def test_a_server_job_s_sbatch_lines_submit_through_rest(sites: dict[str, Any]) 
     )
 
     async def run() -> None:
-        job_id = await rest.submit(script, user="spalice")
+        job_id = await rest.submit(script, user="sxalice")
         info = await _wait_state(rest, job_id, {"RUNNING"})
-        assert (info.comment, info.devices, info.user) == ("sp:test", 1, "spalice")
+        assert (info.comment, info.devices, info.user) == ("sp:test", 1, "sxalice")
         detail = await rest.job_detail(job_id)
         assert detail["TimeLimit"] == "10" and detail["WorkDir"] == "/tmp", detail
-        await rest.cancel([job_id], user="spalice")
+        await rest.cancel([job_id], user="sxalice")
 
     asyncio.run(run())
 
@@ -161,12 +161,12 @@ def test_a_bad_token_submits_nothing(sites: dict[str, Any]) -> None:
 
     async def run() -> None:
         with pytest.raises(SchedulerError) as e:
-            await SlurmREST(julich.rest_url, forged).submit(_script(1), user="spalice", cwd="/tmp")
+            await SlurmREST(julich.rest_url, forged).submit(_script(1), user="sxalice", cwd="/tmp")
         assert forged.read_text().strip() not in str(e.value)
         # A plain user's own token cannot act for another user.
-        bob = julich.write_token(d / "bob.jwt", user="spbob")
+        bob = julich.write_token(d / "bob.jwt", user="sxbob")
         with pytest.raises(SchedulerError):
-            await SlurmREST(julich.rest_url, bob).submit(_script(1), user="spalice", cwd="/tmp")
+            await SlurmREST(julich.rest_url, bob).submit(_script(1), user="sxalice", cwd="/tmp")
 
     asyncio.run(run())
     assert {j["id"] for j in julich.jobs()} - before == set()
@@ -176,7 +176,7 @@ def _fill(c: SlurmCluster, client: Any) -> str:
     """A real job holding all 8 GPUs of the site's only node; returns its id."""
 
     async def run() -> str:
-        job_id = await client.submit(_script(8, name="filler"), user="spbob", cwd="/tmp")
+        job_id = await client.submit(_script(8, name="filler"), user="sxbob", cwd="/tmp")
         await _wait_state(client, job_id, {"RUNNING"})
         return job_id
 
@@ -199,7 +199,7 @@ def test_fr_only_never_lands_in_de_even_when_fr_is_full(sites: dict[str, Any]) -
         with pytest.raises(PlacementRefused, match="FR-only rule does not allow"):
             place(site, Need(1), FR_ONLY, states, site_choice="julich")
         # Submitted where placement said: it waits in paris's queue; julich gets nothing.
-        job_id = await clients[got.site].submit(_script(1), user="spalice", cwd="/tmp")
+        job_id = await clients[got.site].submit(_script(1), user="sxalice", cwd="/tmp")
         info = await _wait_state(clients["paris"], job_id, {"PENDING"})
         assert info.reason in ("Resources", "Priority", "None")
         states = await refresh_states(site, pollers, max_age=0)
@@ -207,7 +207,7 @@ def test_fr_only_never_lands_in_de_even_when_fr_is_full(sites: dict[str, Any]) -
 
     asyncio.run(run())
     assert [j for j in julich.jobs() if j["state"] in ("PENDING", "RUNNING")] == []
-    assert any(j["user"] == "spalice" and j["state"] == "PENDING" for j in paris.jobs())
+    assert any(j["user"] == "sxalice" and j["state"] == "PENDING" for j in paris.jobs())
 
 
 def test_an_eu_user_goes_to_de_when_fr_is_full(sites: dict[str, Any]) -> None:
@@ -237,15 +237,15 @@ def test_an_eu_user_goes_to_de_when_fr_is_full(sites: dict[str, Any]) -> None:
         assert got.why.startswith("gpu-de at site julich (DE): allowed by project europa's EU")
         assert site.site_name_of(got.partition) == "julich"  # what the ledger records
         assert site.partition(got.partition).jurisdiction.country == "DE"
-        job_id = await clients[got.site].submit(_script(1), user="spalice", cwd="/tmp")
+        job_id = await clients[got.site].submit(_script(1), user="sxalice", cwd="/tmp")
         await _wait_state(clients["julich"], job_id, {"RUNNING"})
         return job_id
 
     job_id = asyncio.run(full())
-    assert [j["user"] for j in julich.jobs() if j["id"] == job_id] == ["spalice"]
+    assert [j["user"] for j in julich.jobs() if j["id"] == job_id] == ["sxalice"]
     # (job ids are each cluster's own: paris may have an ended job with the same id)
     active = ("PENDING", "RUNNING", "CONFIGURING")
-    assert [j for j in paris.jobs() if j["user"] == "spalice" and j["state"] in active] == []
+    assert [j for j in paris.jobs() if j["user"] == "sxalice" and j["state"] in active] == []
 
 
 def test_an_unreachable_site_is_not_offered_and_its_jobs_are_kept(sites: dict[str, Any]) -> None:
@@ -256,7 +256,7 @@ def test_an_unreachable_site_is_not_offered_and_its_jobs_are_kept(sites: dict[st
     poller = pollers["julich"]
 
     async def run() -> None:
-        job_id = await rest.submit(_script(1), user="spalice", cwd="/tmp")
+        job_id = await rest.submit(_script(1), user="sxalice", cwd="/tmp")
         await _wait_state(rest, job_id, {"RUNNING"})
         poller.track(job_id)
         assert await poller.refresh()

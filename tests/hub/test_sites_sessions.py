@@ -41,7 +41,7 @@ from tests.support.slurm_cluster import (  # noqa: F401 - the fixture
     write_site_file,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slurm, pytest.mark.slurm_sites, pytest.mark.timeout(300)]
 
 # workers cannot import the tests package: ship this module's functions by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -49,9 +49,9 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 ALICE, CAROL, DAVE = "server-token-alice", "server-token-carol", "server-token-dave"
 RESIDENCY = {"proj-fr": ["FR"], "proj-eu": ["FR", "DE"]}
 USERS = {
-    ALICE: {"name": "spalice", "groups": ["researcher", "proj-eu"], "server": ""},
-    CAROL: {"name": "spcarol", "groups": ["researcher", "proj-fr"], "server": ""},
-    DAVE: {"name": "spdave", "groups": ["researcher", "proj-eu"], "server": ""},
+    ALICE: {"name": "sxalice", "groups": ["researcher", "proj-eu"], "server": ""},
+    CAROL: {"name": "sxcarol", "groups": ["researcher", "proj-fr"], "server": ""},
+    DAVE: {"name": "sxdave", "groups": ["researcher", "proj-eu"], "server": ""},
 }
 
 
@@ -110,9 +110,9 @@ def fed(
     mp = pytest.MonkeyPatch()
     mp.setenv(DB_URL_ENV, db)
     mp.setenv("SLURM_CONF", str(paris.conf))  # the hub host's own cluster is paris
-    notebook_record(db, "spalice", "julich", "gpu-de", "DE")
-    notebook_record(db, "spcarol", "julich", "gpu-de", "DE")
-    notebook_record(db, "spdave", "paris", "gpu-fr", "FR")
+    notebook_record(db, "sxalice", "julich", "gpu-de", "DE")
+    notebook_record(db, "sxcarol", "julich", "gpu-de", "DE")
+    notebook_record(db, "sxdave", "paris", "gpu-fr", "FR")
     svc = PortalServiceThread(
         str(site), USERS, residency=RESIDENCY, session_poll_interval=1.0
     ).start()
@@ -159,7 +159,7 @@ def test_a_notebook_in_de_gets_its_session_in_de_watched_through_slurmrestd(
             on_de = [j for j in portal_jobs(julich) if j["state"] == "RUNNING"]
             assert len(on_de) == 1
             assert [j for j in portal_jobs(paris) if j["state"] in ("PENDING", "RUNNING")] == []
-            (rec,) = [r for r in records(db, "grant:") if r.user == "spalice"]
+            (rec,) = [r for r in records(db, "grant:") if r.user == "sxalice"]
             assert (rec.site, rec.country, rec.partition) == ("julich", "DE", "gpu-de")
             assert rec.operator == "Test Centre DE" and rec.end_reason is None
             gid = rec.source.split(":", 1)[1]
@@ -226,7 +226,7 @@ def test_a_session_never_leaves_its_notebooks_site(fed: dict[str, Any]) -> None:
     requests.delete(
         svc.url + f"api/grants/{gid}", headers={"Authorization": f"token {DAVE}"}, timeout=10
     )
-    assert [x.user for x in records(db, "grant:") if x.user == "spcarol"] == []
+    assert [x.user for x in records(db, "grant:") if x.user == "sxcarol"] == []
     assert not any(
-        j["user"] in ("spcarol", "spdave") for j in [*portal_jobs(paris), *portal_jobs(julich)]
+        j["user"] in ("sxcarol", "sxdave") for j in [*portal_jobs(paris), *portal_jobs(julich)]
     )

@@ -48,6 +48,9 @@ SITE_FILE = REPO / "tests" / "support" / "sites" / "slurm-test.toml"
 
 #: Real Unix accounts that jobs run as. Hub user names are the same.
 TEST_USERS = ("spalice", "spbob", "spcarol", "spdave")
+#: The two-site files' own accounts (files marked ``slurm_sites``): their homes, token files
+#: and job logs are theirs, so those files run beside the main cluster's (xdist_groups.py).
+SITE_USERS = ("sxalice", "sxbob", "sxcarol", "sxdave")
 TEST_GROUP = "sptest"
 
 
@@ -735,6 +738,7 @@ def site_cluster(base: Path, site: str, jwt: bool = False) -> SlurmCluster:
         partitions={"gpu": ((node,), 480)},
         cluster_name=cluster_name,
         jwt=jwt,
+        users=(*SITE_USERS, *TEST_USERS),  # the sites' own, and the main files' (reconcile)
     )
 
 

@@ -1,6 +1,6 @@
 """How the real-service layer shares out its test files between pytest-xdist workers.
 
-Its hooks are imported by tests/hub/conftest.py; scripts/test.sh runs that layer with ``-n 2``.
+Its hooks are imported by tests/hub/conftest.py; scripts/test.sh runs that layer with ``-n 3``.
 
 - **A file is one unit.** Its module-scoped rigs (a hub, an IdP, a portal database) start
   once, on one worker, and its tests run there in order.
@@ -10,8 +10,13 @@ Its hooks are imported by tests/hub/conftest.py; scripts/test.sh runs that layer
   they run one after the other, on one worker, which starts the session's Slurm cluster once.
   They go out first, because they are the longest unit; the other files follow in
   collection order.
+- **The files also marked ``slurm_sites`` are a second Slurm unit.** They use only the
+  two-site clusters (``slurm_sites``), as the sites' own Unix users (``SITE_USERS``:
+  sxalice, ...), so they run beside the main unit on another worker. Both go out first.
 - A test that asks for a Slurm cluster from a file not marked ``slurm`` is a collection
-  error: it would otherwise run beside the group on the users' shared homes.
+  error: it would otherwise run beside the group on the users' shared homes. So is a
+  ``slurm_sites`` test that asks for the main cluster.
+- At the end, the longest units are listed with their seconds, to show where CI time goes.
 
 Why not ``--dist loadgroup``: pytest-xdist 3.8 groups by rewriting ``item._nodeid``, which
 pytest 9 no longer reads, so grouped files were split across workers and their hubs
@@ -23,6 +28,7 @@ documented extension point of that class) is overridden.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -32,23 +38,33 @@ from xdist.scheduler import LoadScopeScheduling  # pytest-xdist: a test dependen
 
 #: the fixtures that start (or hand out) a real Slurm cluster on the shared Unix users
 SLURM_FIXTURES = frozenset({"slurm_cluster", "slurm_accounting_cluster", "slurm_sites"})
-#: the unit of work that holds every file marked ``slurm``
+#: the clusters whose users' homes the main ``slurm`` unit shares
+MAIN_FIXTURES = frozenset({"slurm_cluster", "slurm_accounting_cluster"})
+#: the unit of work that holds every file marked ``slurm`` (and not ``slurm_sites``)
 SLURM_UNIT = "slurm: the files that share the Unix test users"
+#: the two-site files: their own clusters and their own Unix users (``SITE_USERS``)
+SITES_UNIT = "slurm_sites: the two-site files, on the sites' own Unix users"
 _MARK = re.compile(r"\bpytest\.mark\.slurm\b")
+_SITES_MARK = re.compile(r"\bpytest\.mark\.slurm_sites\b")
 
 
 @cache
-def _marked_slurm(path: str) -> bool:
+def _marks(path: str) -> tuple[bool, bool]:
+    """(marked ``slurm``, marked ``slurm_sites``), read from the file's text."""
     try:
-        return bool(_MARK.search(Path(path).read_text(encoding="utf-8")))
+        text = Path(path).read_text(encoding="utf-8")
     except OSError:
-        return False
+        return False, False
+    return bool(_MARK.search(text)), bool(_SITES_MARK.search(text))
 
 
 def unit_of(nodeid: str, rootdir: Path) -> str:
-    """The work unit of one collected test: its file, or :data:`SLURM_UNIT`."""
+    """The work unit of one collected test: its file, :data:`SLURM_UNIT` or :data:`SITES_UNIT`."""
     file = nodeid.split("::", 1)[0]
-    return SLURM_UNIT if _marked_slurm(str(rootdir / file)) else file
+    slurm, sites = _marks(str(rootdir / file))
+    if not slurm:
+        return file
+    return SITES_UNIT if sites else SLURM_UNIT
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -63,6 +79,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             "these tests use a Slurm cluster but their file is not marked "
             "pytestmark = pytest.mark.slurm, so they would run beside the Slurm files on "
             "the shared Unix test users: " + ", ".join(stray[:5])
+        )
+    mixed = [
+        i.nodeid
+        for i in items
+        if i.get_closest_marker("slurm_sites") is not None
+        and (i.get_closest_marker("slurm") is None or MAIN_FIXTURES.intersection(i.fixturenames))
+    ]
+    if mixed:
+        raise pytest.UsageError(
+            "these tests are marked slurm_sites (they run beside the main Slurm files) but "
+            "are not marked slurm, or use the main cluster, whose users' homes the slurm "
+            "unit shares: " + ", ".join(mixed[:5])
         )
 
 
@@ -80,9 +108,31 @@ class FileAndSlurmScheduling(LoadScopeScheduling):  # type: ignore[misc]
         return unit_of(nodeid, self._root)
 
     def _assign_work_unit(self, node: Any) -> None:
-        if SLURM_UNIT in self.workqueue:
-            self.workqueue.move_to_end(SLURM_UNIT, last=False)
+        for unit in (SITES_UNIT, SLURM_UNIT):  # the longest first, then the sites
+            if unit in self.workqueue:
+                self.workqueue.move_to_end(unit, last=False)
         super()._assign_work_unit(node)
+
+
+#: seconds each unit's tests took (setup + call + teardown), summed from the workers' reports
+_unit_seconds: Counter[str] = Counter()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _unit_seconds[report.nodeid.split("::", 1)[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The longest units, so that CI time can be cut where it is spent (not a timed test)."""
+    if not _unit_seconds:
+        return
+    root = Path(str(config.rootpath))
+    units: Counter[str] = Counter()
+    for file, seconds in _unit_seconds.items():
+        units[unit_of(file, root)] += seconds
+    terminalreporter.write_sep("=", "longest units of work (seconds on their worker)")
+    for unit, seconds in units.most_common(12):
+        terminalreporter.write_line(f"{seconds:8.1f}  {unit}")
 
 
 @pytest.hookimpl(optionalhook=True)
