@@ -1064,7 +1064,9 @@ def service_config(
         env[DB_URL_ENV] = db_url
     if budgets:
         env[BUDGETS_ENV] = json.dumps(budgets)
-    for key in ("PYTHONPATH", "EGRESS_LOG"):
+    # The hub's SLURM_CONF, if any: the service runs Slurm clients too (the batched
+    # queue poll, class reservations), and JupyterHub hands a service no other variable.
+    for key in ("PYTHONPATH", "EGRESS_LOG", "SLURM_CONF"):
         if key in os.environ and key not in env:
             env[key] = os.environ[key]
     return {

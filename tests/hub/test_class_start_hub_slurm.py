@@ -80,10 +80,6 @@ c.Spawner.start_timeout = 240
 c.Spawner.http_timeout = 120
 # the REST spawn answers 202 at once, so the pre-warm's line is there to be seen
 c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-# the portal service runs scontrol (the class reservation) against this cluster
-for _svc in c.JupyterHub.services:
-    if _svc["name"] == "sovereign-portal":
-        _svc["environment"]["SLURM_CONF"] = {slurm_conf!r}
 """
 
 
@@ -212,7 +208,6 @@ def stack(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory)
             key=str(work / "tag.key"),
             job_path=f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
             job_egress=str(job_egress),
-            slurm_conf=str(slurm_cluster.conf),
         )
 
     users = write_users(

@@ -94,3 +94,17 @@ def test_production_configure_holds_no_demo_values(tmp_path: Path) -> None:
     c = Config()
     configure(c, str(tmp_path), auth="idp", idp={**IDP, "support_contact": "hpc@uni-b.example"})
     assert c.InstitutionalAuthenticator.support_contact == "hpc@uni-b.example"
+
+
+def test_the_service_gets_the_hubs_slurm_conf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """JupyterHub hands a managed service only the variables of its entry, and the service
+    runs Slurm clients (the batched poll, class reservations) against the hub's cluster."""
+    from sovereign_portal.hub.service import service_config
+
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    assert "SLURM_CONF" not in service_config()["environment"]
+    monkeypatch.setenv("SLURM_CONF", "/srv/slurm/site-a/slurm.conf")
+    assert service_config()["environment"]["SLURM_CONF"] == "/srv/slurm/site-a/slurm.conf"
+    # an explicit value for the service wins over the hub's
+    env = service_config(extra_env={"SLURM_CONF": "/etc/slurm/other.conf"})["environment"]
+    assert env["SLURM_CONF"] == "/etc/slurm/other.conf"
