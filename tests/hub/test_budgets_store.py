@@ -530,3 +530,72 @@ def test_gdpr_erase_and_retention_keep_the_totals_equal_to_the_charges(bs: Budge
     assert _totals(bs) == {"": (0.4, 4), p: (0.3, 3), gdpr.pseudonym(key, ann): (0.1, 1)}
     with bs.store.begin() as s:
         assert totals_drift(s) == []
+
+
+def test_admission_settles_a_closed_record_and_counts_what_it_used(bs: BudgetStore) -> None:
+    """A hold whose ledger record has closed settles at admission (in the admission's own
+    transaction) and counts what the job used, not the hold: the next refusal says so."""
+    from sovereign_portal.hub.ledger_store import LedgerStore
+
+    course(bs, 2.0)
+    admit(bs, SAM, "grant:a")  # holds 1.0
+    _running(bs, SAM, "grant:a", start=NOW.timestamp())
+    rec = LedgerStore(bs.store).open_for("grant:a")
+    assert rec is not None
+    LedgerStore(bs.store).close(rec.id, reason="stopped", ended_at=NOW.timestamp() + 900)
+    admit(bs, SAM, "grant:b")  # fits only because grant:a settled at 0.25 (2 - 0.25 >= 1)
+    with pytest.raises(BudgetRefused, match=r"ml101 has 0\.75 GPU-hours left for you"):
+        admit(bs, SAM, "grant:c")
+    states = {h["ref"]: (h["state"], h["settled"]) for h in bs.holds()}
+    assert states["grant:a"] == ("settled", pytest.approx(0.25))
+    assert states["grant:b"] == ("held", None)
+    assert _totals(bs)[""] == (pytest.approx(0.25), 1)
+
+
+def test_a_pooled_postgresql_connection_the_server_closed_is_replaced_before_use(
+    postgres_server: PostgresServer,
+) -> None:
+    """No pre-ping round trip per checkout: a connection used a moment ago is handed out
+    as it is, unless its socket stirs; one whose session the server ended (here:
+    pg_terminate_backend) is found so, pinged, dropped and replaced, and the admission
+    succeeds on a fresh one."""
+    db_url = postgres_server.new_database()
+    store = PortalStore(db_url)
+    try:
+        store.upgrade()
+        bs = BudgetStore(store)
+        course(bs, 5.0)
+        assert store.liveness is not None
+        admit(bs, SAM, "grant:1")
+        pid = _backend_pid(store)
+        before = store.liveness.pings
+        admit(bs, SAM, "grant:2")
+        assert store.liveness.pings == before  # warm and quiet: no ping
+        assert _backend_pid(store) == pid
+        _outside(store, "SELECT pg_terminate_backend(%s)", pid)  # not from the pool
+        deadline = time.monotonic() + 10
+        while _outside(store, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pid):
+            assert time.monotonic() < deadline, "the backend did not end"
+            time.sleep(0.05)
+        for i in range(3):  # every admission works
+            admit(bs, SAM, f"grant:r{i}")
+        assert store.liveness.pings >= before + 1
+        assert _backend_pid(store) != pid
+        assert len([h for h in bs.holds() if h["state"] == "held"]) == 5
+    finally:
+        store.dispose()
+
+
+def _backend_pid(store: PortalStore) -> int:
+    with store.engine.connect() as c:
+        return int(c.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _outside(store: PortalStore, sql: str, *args: Any) -> bool:
+    """Run ``sql`` on a connection of its own (not the store's pool); whether it gave a row."""
+    import psycopg
+
+    url = store.engine.url
+    dsn = f"host={url.host} port={url.port} user={url.username} dbname=postgres"
+    with psycopg.connect(dsn) as c:
+        return c.execute(sql, args).fetchone() is not None  # type: ignore[arg-type]
