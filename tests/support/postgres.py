@@ -50,7 +50,10 @@ def _free_port() -> int:
 class PostgresServer:
     """One postmaster in a temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        #: PostgreSQL's own defaults (fsync, synchronous_commit, full_page_writes on), as in
+        #: production; off (the default here) a commit waits on no disk, for fast tests.
+        self.durable = durable
         self.bin = pg_bin()
         self.root = Path(tempfile.mkdtemp(prefix="sp-pg-"))
         self.data = self.root / "data"
@@ -110,18 +113,19 @@ class PostgresServer:
                 str(self.port),
                 "-k",
                 str(self.sock),
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
+                *self._durability(),
             ],
             stdout=logf,
             stderr=subprocess.STDOUT,
         )
         logf.close()
         self._wait_ready()
+
+    def _durability(self) -> list[str]:
+        if self.durable:
+            return []
+        off = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
+        return [arg for setting in off for arg in ("-c", setting)]
 
     def _wait_ready(self, timeout: float = 30) -> None:
         import psycopg
@@ -173,8 +177,8 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def running_postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
+def running_postgres(durable: bool = False) -> Iterator[PostgresServer]:
+    server = PostgresServer(durable)
     try:
         server.start()
         yield server
