@@ -17,7 +17,10 @@ PYTHON_VERSION=3.11
 PLATFORM=x86_64-manylinux_2_28
 
 compile() {
-  "$UV" pip compile --quiet --no-config --generate-hashes \
+  # --no-strip-extras: a pin keeps the extras a dependent asks for (jupyter-events wants
+  # jsonschema[format-nongpl]); pip's --require-hashes (pip 23) otherwise treats that
+  # extra as an unpinned requirement whenever the pin is not the newest release.
+  "$UV" pip compile --quiet --no-config --generate-hashes --no-strip-extras \
     --python-version "$PYTHON_VERSION" --python-platform "$PLATFORM" \
     --custom-compile-command "images/lock.sh" "$@"
 }

@@ -289,6 +289,8 @@ def lock_entries(path: Path) -> tuple[dict[str, str], list[str]]:
             logical.append(buf.strip())
         buf = ""
     for entry in logical:
+        # extras as uv writes them keep their commas' spaces: "name[a, b]==1"
+        entry = re.sub(r"\[[^\]]*\]", lambda m: m.group(0).replace(" ", ""), entry)
         head, *rest = entry.split()
         if head.startswith("-"):
             problems.append(f"{path.name}: option line {head!r} is not allowed in a lock")
