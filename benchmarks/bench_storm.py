@@ -60,9 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.hub import HubProcess
 from tests.support.idp import LocalIdP, oidc_login
 from tests.support.idp_users import idp_user, write_users
-from tests.support.paths import VENV_BIN
 from tests.support.portal import configure_text, wait_portal_service
-from tests.support.slurm_cluster import TEST_USERS, Node, SlurmCluster
+from tests.support.slurm_cluster import TEST_USERS, Node, SlurmCluster, spawner_config
 from tests.support.stack import hub_with_idp
 
 ORG = "uni-a.example"
@@ -100,20 +99,6 @@ gres_type = "h100"
 [[partitions.nodes.mig]]
 gpus = [0]
 profiles = ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb"]
-"""
-
-SPAWNER = """
-c.JupyterHub.spawner_class = "sovereign_portal.spawners.slurm.spawner.SlurmGPUSpawner"
-c.SlurmGPUSpawner.unix_user_template = "{{login}}"
-c.SlurmGPUSpawner.site_file = {site!r}
-c.SlurmGPUSpawner.server_ip = "127.0.0.1"
-c.SlurmGPUSpawner.scheduler_poll_interval = 1.0
-c.SlurmGPUSpawner.tag_key_file = {key!r}
-c.SlurmGPUSpawner.job_environment = {{"PATH": {job_path!r}}}
-c.SlurmGPUSpawner.start_slots = {slots}
-c.Spawner.environment = {{"EGRESS_LOG": {job_egress!r}}}
-c.Spawner.start_timeout = 900
-c.Spawner.http_timeout = 300
 """
 
 
@@ -388,12 +373,13 @@ def main() -> int:
             '    inventory_source="declared",\n)',
             f'    inventory_source="declared",\n    site_file={str(site)!r},\n)',
         )
-        return text + SPAWNER.format(
-            site=str(site),
-            key=str(base / "tag.key"),
-            job_path=f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
-            slots=a.slots,
-            job_egress=str(job_egress),
+        return text + spawner_config(
+            site=site,
+            tag_key=base / "tag.key",
+            job_egress=job_egress,
+            start_slots=a.slots,
+            start_timeout=900,
+            http_timeout=300,
         )
 
     code = 0

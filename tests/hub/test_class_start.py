@@ -18,7 +18,6 @@ The schedule is computed from now (the class starts a minute or three ahead).
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -74,29 +73,6 @@ class Stack(CourseStack):
         r = self.portal("ines", "GET", f"/{cid}/class")
         assert r.status_code == 200, r.text
         return {s["user"]: s for s in r.json()["students"]}
-
-    def db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.hub.dir / "portal.sqlite")
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def records(self, login: str) -> list[sqlite3.Row]:
-        with self.db() as conn:
-            return list(
-                conn.execute(
-                    "SELECT * FROM ledger_records WHERE source = ? ORDER BY opened_at",
-                    (f"server:{u(login)}/",),
-                )
-            )
-
-    def charges(self, login: str) -> list[sqlite3.Row]:
-        with self.db() as conn:
-            return list(
-                conn.execute(
-                    "SELECT * FROM budget_charges WHERE ref = ? ORDER BY created_at",
-                    (f"server:{u(login)}/",),
-                )
-            )
 
     def windows(self, cid: str) -> int:
         with self.db() as conn:

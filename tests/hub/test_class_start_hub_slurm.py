@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import os
 import pwd
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -54,9 +53,8 @@ from tests.support.courses import CourseStack, course, courses_config, u
 from tests.support.hub import HubProcess
 from tests.support.idp import LocalIdP
 from tests.support.idp_users import idp_user, write_users
-from tests.support.paths import VENV_BIN
 from tests.support.portal import wait_portal_service
-from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
+from tests.support.slurm_cluster import SITE_FILE, SlurmCluster, spawner_config
 from tests.support.stack import hub_with_idp
 
 pytestmark = [pytest.mark.slurm, pytest.mark.idp, pytest.mark.timeout(900)]
@@ -66,21 +64,8 @@ STUDENTS = ("spalice", "spbob", "spcarol")
 GRACE = 10
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
-SLURM = """
-c.JupyterHub.spawner_class = "slurm-gpu"
-c.SlurmGPUSpawner.site_file = {site!r}
-c.SlurmGPUSpawner.server_ip = "127.0.0.1"
-c.SlurmGPUSpawner.unix_user_template = "{{login}}"
-c.SlurmGPUSpawner.scheduler_poll_interval = 1.0
-c.SlurmGPUSpawner.tag_key_file = {key!r}
-c.SlurmGPUSpawner.job_environment = {{"PATH": {job_path!r}}}
-c.SlurmGPUSpawner.start_slots = 1
-c.Spawner.environment = {{**c.Spawner.environment, "EGRESS_LOG": {job_egress!r}}}
-c.Spawner.start_timeout = 240
-c.Spawner.http_timeout = 120
-# the REST spawn answers 202 at once, so the pre-warm's line is there to be seen
-c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-"""
+#: the REST spawn answers 202 at once, so the pre-warm's line is there to be seen
+SLOW_SPAWN = 'c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}\n'
 
 
 def unix(login: str) -> str:
@@ -115,29 +100,6 @@ class Stack(CourseStack):
 
     def students(self) -> dict[str, dict[str, Any]]:
         return {s["user"]: s for s in self.view()["students"]}
-
-    def db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.hub.dir / "portal.sqlite")
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def records(self, login: str) -> list[sqlite3.Row]:
-        with self.db() as conn:
-            return list(
-                conn.execute(
-                    "SELECT * FROM ledger_records WHERE source = ? ORDER BY opened_at",
-                    (f"server:{u(login)}/",),
-                )
-            )
-
-    def charges(self, login: str) -> list[sqlite3.Row]:
-        with self.db() as conn:
-            return list(
-                conn.execute(
-                    "SELECT * FROM budget_charges WHERE ref = ? ORDER BY created_at",
-                    (f"server:{u(login)}/",),
-                )
-            )
 
     def jobs(self, login: str) -> list[str]:
         """The user's Slurm jobs that are not over."""
@@ -203,12 +165,10 @@ def stack(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory)
             f'    inventory_source="declared",\n    site_file={str(SITE_FILE)!r},\n',
             1,
         )
-        return text + SLURM.format(
-            site=str(SITE_FILE),
-            key=str(work / "tag.key"),
-            job_path=f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
-            job_egress=str(job_egress),
+        slurm = spawner_config(
+            tag_key=work / "tag.key", job_egress=job_egress, start_slots=1, http_timeout=120
         )
+        return text + slurm + SLOW_SPAWN
 
     users = write_users(
         work / "users.json",

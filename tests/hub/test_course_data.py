@@ -36,8 +36,7 @@ from sovereign_portal.hub.store import PortalStore
 from sovereign_portal.spawners.site import load_site
 
 from tests.support.hub import HubProcess
-from tests.support.paths import VENV_BIN
-from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
+from tests.support.slurm_cluster import SITE_FILE, SlurmCluster, spawner_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
@@ -53,15 +52,6 @@ def unix(user: str) -> str:
 CONFIG = """
 c.JupyterHub.authenticator_class = "dummy"
 c.Authenticator.allow_all = True
-c.JupyterHub.spawner_class = "slurm-gpu"
-c.SlurmGPUSpawner.site_file = {site!r}
-c.SlurmGPUSpawner.server_ip = "127.0.0.1"
-c.SlurmGPUSpawner.unix_user_template = "{{login}}"
-c.SlurmGPUSpawner.scheduler_poll_interval = 1.0
-c.SlurmGPUSpawner.tag_key_file = {key!r}
-c.SlurmGPUSpawner.job_environment = {{"PATH": {job_path!r}}}
-c.Spawner.environment = {{"EGRESS_LOG": {job_egress!r}}}
-c.Spawner.start_timeout = 240
 c.PortalDatabase.url = "sqlite:///{db}"
 from sovereign_portal.hub.course_data import install
 install(c)
@@ -131,13 +121,7 @@ def stack(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory)
         "operator",
     )
     store.dispose()
-    config = CONFIG.format(
-        site=str(SITE_FILE),
-        key=str(d / "tag.key"),
-        job_path=f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
-        job_egress=str(job_egress),
-        db=db,
-    )
+    config = CONFIG.format(db=db) + spawner_config(tag_key=d / "tag.key", job_egress=job_egress)
     h = HubProcess(d, config, env={"SLURM_CONF": str(slurm_cluster.conf)}, poll_interval=1)
     h.start()
     try:

@@ -24,30 +24,6 @@ pytestmark = pytest.mark.slurm
 RATES = Rates(gpu_equivalents=1.0, eur_per_hour=2.0, power_w=900.0, carbon_g_per_kwh=50.0)
 
 
-def _run_job(c: SlurmCluster, gres: str, seconds: int) -> tuple[str, float, float]:
-    """Run a job to completion; return its id and when the test saw it start and end."""
-    r = c.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--chdir=/tmp",
-            "--output=/dev/null",
-            "-p",
-            "gpu-fr",
-            f"--gres={gres}",
-            "-t",
-            "2",
-        ],
-        user="spcarol",
-        input=f"#!/bin/bash\nsleep {seconds}\n",
-    )
-    job = r.stdout.strip().split(";")[0]
-    c.wait_job_state(job, ["RUNNING", "COMPLETING", "COMPLETED"])
-    started = time.time()
-    c.wait_job_state(job, ["COMPLETED"], timeout=60)
-    return job, started, time.time()
-
-
 def _record(rid: str, job: str, start: float, end: float, **kw: object) -> Record:
     r = Record(
         id=rid, user="spcarol", job_ids=(job,), opened_at=start, started_at=start, rates=RATES, **kw
@@ -71,8 +47,8 @@ def test_ledger_and_sacct_agree_and_differences_are_reported(
     slurm_accounting_cluster: SlurmCluster,
 ) -> None:
     c = slurm_accounting_cluster
-    whole, s1, e1 = _run_job(c, "gpu:h100:2", 3)
-    mig, s2, e2 = _run_job(c, "gpu:h100_1g.10gb:1", 2)
+    whole, s1, e1 = c.run_job(3, gres="gpu:h100:2")
+    mig, s2, e2 = c.run_job(2, gres="gpu:h100_1g.10gb:1")
     slurm = _sacct(c, [whole, mig], also=["999999"])
     assert "999999" not in slurm
     assert slurm[whole].gpus == 2 and slurm[mig].gpus == 1
@@ -97,7 +73,7 @@ def test_ledger_reconcile_cli_against_sacct(
 ) -> None:
     """`sovereign-portal ledger reconcile` reads the portal database and asks sacct once."""
     c = slurm_accounting_cluster
-    job, start, end = _run_job(c, "gpu:h100:1", 2)
+    job, start, end = c.run_job(2)
     _sacct(c, [job], also=[])
     url = f"sqlite:///{tmp_path / 'portal.sqlite'}"
     store = PortalStore(url)

@@ -44,20 +44,6 @@ def _site_file(path: Path, paris: SlurmCluster, julich: SlurmCluster, token: Pat
     return path
 
 
-def _run(c: SlurmCluster, partition: str, seconds: int) -> tuple[str, float, float]:
-    argv = ["sbatch", "--parsable", "--chdir=/tmp", "--output=/dev/null", "-p", partition]
-    r = c.run(
-        [*argv, "--gres=gpu:h100:1", "-t", "2"],
-        user="spcarol",
-        input=f"#!/bin/bash\nsleep {seconds}\n",
-    )
-    job = r.stdout.strip().split(";")[0]
-    c.wait_job_state(job, ["RUNNING", "COMPLETING", "COMPLETED"])
-    start = time.time()
-    c.wait_job_state(job, ["COMPLETED"], timeout=60)
-    return job, start, time.time()
-
-
 def _closed(ledger: LedgerStore, rid: str, site: str, job: str, start: float, end: float) -> None:
     ledger.open(
         Record(
@@ -82,8 +68,8 @@ def test_each_site_is_reconciled_with_its_own_accounting(
     acct, julich = slurm_accounting_cluster, slurm_sites["julich"]
     token = julich.write_token(tmp_path / "julich.jwt", user="root")
     site = _site_file(tmp_path / "sites.toml", acct, julich, token)
-    fr_job, fr_start, fr_end = _run(acct, "gpu-fr", 2)
-    de_job, de_start, de_end = _run(julich, "gpu", 2)
+    fr_job, fr_start, fr_end = acct.run_job(2, partition="gpu-fr")
+    de_job, de_start, de_end = julich.run_job(2, partition="gpu")
     # slurmdbd has the job within a few seconds of its end
     deadline = time.monotonic() + 30
     while "COMPLETED" not in acct.run(["sacct", "-X", "-n", "-j", fr_job, "-o", "State"]).stdout:

@@ -8,8 +8,9 @@ class-start tests all log the people of ``idp_users.COURSE_USERS`` into a hub th
   ``courses=...`` given to ``configure()``, the portal service answering; stopped by PID
   afterwards, the egress log checked;
 - :class:`CourseStack`: full OIDC logins (a browser session and an API token per person),
-  the course API, the hub API and the hub's pages with that person's credentials.
-  Subclass it for a test file's own reads (its database, its class view).
+  the course API, the hub API and the hub's pages with that person's credentials, and
+  the portal database's ledger records and budget charges of a person's server.
+  Subclass it for a test file's own reads (its class view).
 
 A module-scoped fixture::
 
@@ -25,6 +26,7 @@ A module-scoped fixture::
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -180,6 +182,28 @@ class CourseStack:
         assert r.status_code == 200, r.text
         got: dict[str, Any] | None = (r.json().get("servers") or {}).get("")
         return got
+
+    def db(self) -> sqlite3.Connection:
+        """A connection to the hub's portal database (``portal.sqlite``), rows by name."""
+        conn = sqlite3.connect(self.hub.dir / "portal.sqlite")
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def records(self, login: str) -> list[sqlite3.Row]:
+        """The ledger records of ``login``'s default server, oldest first."""
+        return self._of_server(
+            "SELECT * FROM ledger_records WHERE source = ? ORDER BY opened_at", login
+        )
+
+    def charges(self, login: str) -> list[sqlite3.Row]:
+        """The budget charges of ``login``'s default server, oldest first."""
+        return self._of_server(
+            "SELECT * FROM budget_charges WHERE ref = ? ORDER BY created_at", login
+        )
+
+    def _of_server(self, sql: str, login: str) -> list[sqlite3.Row]:
+        with self.db() as conn:
+            return list(conn.execute(sql, (f"server:{u(login)}/",)))
 
     def page(self, who: str, path: str) -> requests.Response:
         """The hub page ``/hub/<path>`` in ``who``'s browser session."""

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .paths import VENV_BIN
+
 REPO = Path(__file__).resolve().parents[2]
 SITE_FILE = REPO / "tests" / "support" / "sites" / "slurm-test.toml"
 
@@ -655,6 +657,28 @@ class SlurmCluster:
             time.sleep(0.1)
         raise ClusterError(f"job {job_id} is {state or 'gone'}, not one of {list(states)}")
 
+    def run_job(
+        self,
+        seconds: int,
+        *,
+        partition: str = "gpu-fr",
+        gres: str = "gpu:h100:1",
+        user: str = "spcarol",
+    ) -> tuple[str, float, float]:
+        """Submit a batch job (``sleep seconds``, 2 minutes' walltime) as ``user`` and wait
+        until it has COMPLETED: its id and when this process saw it start and end."""
+        argv = ["sbatch", "--parsable", "--chdir=/tmp", "--output=/dev/null", "-p", partition]
+        r = self.run(
+            [*argv, f"--gres={gres}", "-t", "2"],
+            user=user,
+            input=f"#!/bin/bash\nsleep {seconds}\n",
+        )
+        job = r.stdout.strip().split(";")[0]
+        self.wait_job_state(job, ["RUNNING", "COMPLETING", "COMPLETED"])
+        started = time.time()
+        self.wait_job_state(job, ["COMPLETED"], timeout=60)
+        return job, started, time.time()
+
     def describe(self) -> dict[str, Any]:
         return {
             "base": str(self.base),
@@ -664,6 +688,49 @@ class SlurmCluster:
             "nodes": {n.name: dict(n.gres) for n in self.nodes},
             "partitions": {p: list(ns) for p, (ns, _) in self.partitions.items()},
         }
+
+
+#: the PATH of the test hubs' Slurm jobs: this venv first (jupyterhub-singleuser), then the system's
+JOB_PATH = f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"
+
+
+def spawner_config(
+    *,
+    tag_key: Path | str,
+    job_egress: Path | str,
+    site: Path | str = SITE_FILE,
+    start_timeout: int = 240,
+    http_timeout: int | None = None,
+    start_slots: int | None = None,
+    job_path: str = JOB_PATH,
+) -> str:
+    """The hub-config text (``jupyterhub_config.py`` lines) of a test hub whose servers are
+    Slurm jobs on the test cluster: the ``slurm-gpu`` spawner on ``site`` (default: the test
+    cluster's site file), servers on 127.0.0.1 as the hub user's own Unix account
+    (``unix_user_template = "{login}"``), one batched ``squeue`` a second, the job tag's key
+    in ``tag_key``, jobs with ``job_path`` as their PATH and the egress guard's log
+    ``job_egress`` added to the servers' environment. ``start_timeout``, ``http_timeout``
+    (JupyterHub's default when None) and ``start_slots`` (the spawner's default when None)
+    are the values the hubs differ in. Append it to the rest of the config."""
+    lines = [
+        'c.JupyterHub.spawner_class = "slurm-gpu"',
+        f"c.SlurmGPUSpawner.site_file = {str(site)!r}",
+        'c.SlurmGPUSpawner.server_ip = "127.0.0.1"',
+        'c.SlurmGPUSpawner.unix_user_template = "{login}"',
+        "c.SlurmGPUSpawner.scheduler_poll_interval = 1.0",
+        f"c.SlurmGPUSpawner.tag_key_file = {str(tag_key)!r}",
+        f'c.SlurmGPUSpawner.job_environment = {{"PATH": {job_path!r}}}',
+    ]
+    if start_slots is not None:
+        lines.append(f"c.SlurmGPUSpawner.start_slots = {start_slots}")
+    lines += [
+        "c.Spawner.environment = "
+        f'{{**c.Spawner.get("environment", {{}}), "EGRESS_LOG": {str(job_egress)!r}}}',
+        f"c.Spawner.start_timeout = {start_timeout}",
+    ]
+    if http_timeout is not None:
+        lines.append(f"c.Spawner.http_timeout = {http_timeout}")
+    return "\n" + "\n".join(lines) + "\n"
 
 
 # -- pytest ------------------------------------------------------------------------------
