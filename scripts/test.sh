@@ -22,9 +22,10 @@ step "ruff lint"   ruff check .
 step "ruff format" ruff format --check .
 step "mypy"        mypy hub spawners extension
 step "unit"        pytest -m unit -n 2 tests/unit "$@"
-# three workers (these tests mostly wait on services, so a third beats two on 2 cores);
-# each file is one unit and the Slurm files one unit together, handed out first
-# (tests/support/xdist_groups.py says why)
+# three workers (a third beats two on 2 cores; a fourth made every test slower: 20 min, the
+# layer is CPU-bound); each file is one unit, and the Slurm files three units (two main
+# ones, each on its own Unix users and its own cluster, and the two sites'), handed out
+# first (tests/support/xdist_groups.py)
 step "hub, idp, slurm, browser" pytest -n 3 tests/hub "$@"
 step "extension"   pytest -p pytest_jupyter.jupyter_server -o asyncio_mode=strict tests/extension "$@"
 step "docs"        bash -c 'python docs/gen_config_reference.py --check && sphinx-build -E -a -W --keep-going -q -b html docs docs/_build/html'

@@ -12,8 +12,10 @@ and ``courses.CourseStack`` (that hub with course options, the course people's l
 their calls), ``hub.HubProcess``, and ``browser`` (the one Chromium launch configuration and
 its host guard).
 
-Under ``pytest -n 2`` (scripts/test.sh) the files are shared out by
-tests/support/xdist_groups.py: each file on one worker, every ``slurm`` file on one worker.
+Under ``pytest -n 3`` (scripts/test.sh) the files are shared out by
+tests/support/xdist_groups.py: each file on one worker, and the ``slurm`` files in three
+units (the main cluster's on ``TEST_USERS``, ``slurm_second`` on ``SECOND_USERS``, the two
+sites' on ``SITE_USERS``), each on one worker.
 """
 
 from tests.support.portal_db import portal_db_url, portal_store

@@ -35,7 +35,7 @@ from tests.support.hub import HubProcess
 from tests.support.paths import VENV_BIN, free_port
 from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slurm, pytest.mark.slurm_second, pytest.mark.timeout(420)]
 
 IDLE_S, WARN_S = 12, 6
 
@@ -170,29 +170,29 @@ def test_idle_server_warned_then_reclaimed_busy_gpu_kept(
     stack: tuple[HubProcess, Path], slurm_cluster: SlurmCluster
 ) -> None:
     hub, scripts = stack
-    write_script(scripts, "spalice", 0)  # idle
-    write_script(scripts, "spbob", 90)  # a training loop, while the kernels are idle
-    for u in ("spalice", "spbob"):
+    write_script(scripts, "syalice", 0)  # idle
+    write_script(scripts, "sybob", 90)  # a training loop, while the kernels are idle
+    for u in ("syalice", "sybob"):
         fresh(hub, u)
     started = time.time()
     # bob first: alice's idle count starts with her server, and the test follows it
-    hub.spawn("spbob", {"partition": "gpu-fr", "slice": "1g.10gb"}, timeout=180)
-    hub.spawn("spalice", {"partition": "gpu-fr", "slice": "1g.10gb"}, timeout=180)
-    alice, bob = user_api(hub, "spalice"), user_api(hub, "spbob")
+    hub.spawn("sybob", {"partition": "gpu-fr", "slice": "1g.10gb"}, timeout=180)
+    hub.spawn("syalice", {"partition": "gpu-fr", "slice": "1g.10gb"}, timeout=180)
+    alice, bob = user_api(hub, "syalice"), user_api(hub, "sybob")
     act = alice("GET", "activity").json()
     assert act["source"] == "scripted" and act["devices"][0]["uuid"] == "MIG-script"
 
     notice = hub.wait_for(lambda: (idle_notices(alice) or [None])[0], IDLE_S + 30, "the notice")
     assert notice["level"] == "warning" and "run a cell" in notice["message"]
     assert time.time() - started >= IDLE_S - WARN_S
-    hub.wait_for(lambda: not running(hub, "spalice"), IDLE_S + 40, "spalice's server stopped")
+    hub.wait_for(lambda: not running(hub, "syalice"), IDLE_S + 40, "syalice's server stopped")
     assert time.time() - started >= IDLE_S
 
     def closed() -> L.Record | None:
-        return next((r for r in records(hub, "spalice") if r.closed), None)
+        return next((r for r in records(hub, "syalice") if r.closed), None)
 
-    rec = hub.wait_for(closed, 60, "spalice's record closed")
-    assert rec.end_reason == "reclaimed" and rec.source.startswith("server:spalice/")
+    rec = hub.wait_for(closed, 60, "syalice's record closed")
+    assert rec.end_reason == "reclaimed" and rec.source.startswith("server:syalice/")
     assert rec.job_ids and rec.amounts is not None
     # the GPU-hours given back are in the hub's metrics, read from the ledger
     m = requests.get(
@@ -206,9 +206,9 @@ def test_idle_server_warned_then_reclaimed_busy_gpu_kept(
     assert 'partition="gpu-fr"' in line, line
     assert float(line.split()[-1]) == pytest.approx(want, abs=1e-3) and want > 0, (line, want)
     # bob's GPU is busy all along: never warned, never stopped
-    assert running(hub, "spbob") and idle_notices(bob) == []
-    assert not [r for r in records(hub, "spbob") if r.closed]
-    hub.stop_server("spbob")
+    assert running(hub, "sybob") and idle_notices(bob) == []
+    assert not [r for r in records(hub, "sybob") if r.closed]
+    hub.stop_server("sybob")
 
 
 @pytest.mark.parametrize(
@@ -224,12 +224,12 @@ def test_idle_compute_session_reclaimed_its_server_kept(
     stack: tuple[HubProcess, Path], slurm_cluster: SlurmCluster, req: dict[str, Any]
 ) -> None:
     hub, scripts = stack
-    write_script(scripts, "spcarol", 90)  # the server's own GPU is busy: it stays
-    write_script(scripts, "spcarol-session", 0)  # the session's workers' GPUs are idle
-    fresh(hub, "spcarol")
-    hub.spawn("spcarol", {"partition": "gpu-fr", "slice": "1g.10gb"}, timeout=180)
-    closed_before = {r.id for r in records(hub, "spcarol") if r.closed}  # earlier tests'
-    carol = user_api(hub, "spcarol")
+    write_script(scripts, "sycarol", 90)  # the server's own GPU is busy: it stays
+    write_script(scripts, "sycarol-session", 0)  # the session's workers' GPUs are idle
+    fresh(hub, "sycarol")
+    hub.spawn("sycarol", {"partition": "gpu-fr", "slice": "1g.10gb"}, timeout=180)
+    closed_before = {r.id for r in records(hub, "sycarol") if r.closed}  # earlier tests'
+    carol = user_api(hub, "sycarol")
     r = carol("POST", "sessions", {"request": req})
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
@@ -253,7 +253,7 @@ def test_idle_compute_session_reclaimed_its_server_kept(
         return next(
             (
                 r
-                for r in records(hub, "spcarol")
+                for r in records(hub, "sycarol")
                 if r.closed and r.source.startswith("grant:") and r.job_ids == tuple(jobs)
             ),
             None,
@@ -271,10 +271,10 @@ def test_idle_compute_session_reclaimed_its_server_kept(
     hub.wait_for(job_gone, 30, "the session's job cancelled")
     s = hub.wait_for(lambda: state() if state()["state"] == "stopped" else None, 30, "stopped")
     assert "reclaimed" in s["message"], s
-    assert running(hub, "spcarol")
+    assert running(hub, "sycarol")
     assert not [
         r
-        for r in records(hub, "spcarol")
+        for r in records(hub, "sycarol")
         if r.closed and r.source.startswith("server:") and r.id not in closed_before
     ]
-    hub.stop_server("spcarol")
+    hub.stop_server("sycarol")

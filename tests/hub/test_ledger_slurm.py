@@ -26,7 +26,7 @@ from tests.support.hub import HubProcess
 from tests.support.paths import VENV_BIN
 from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slurm_second]
 
 SCHED_POLL = 1.0
 CONFIG = """
@@ -143,9 +143,9 @@ def check_amounts(rec: L.Record, fraction: float) -> None:
 
 
 def test_stop_is_stopped(hub: HubProcess, ledger: LedgerStore, slurm_cluster: SlurmCluster) -> None:
-    job, rec = spawn(hub, ledger, slurm_cluster, "spalice", gpus=2)
+    job, rec = spawn(hub, ledger, slurm_cluster, "syalice", gpus=2)
     time.sleep(1)
-    hub.stop_server("spalice")
+    hub.stop_server("syalice")
     done = closed(hub, ledger, rec.id)
     assert done.end_reason == "stopped" and done.job_ids == (job["id"],)
     assert done.amounts is not None and done.amounts.gpu_seconds_basis == "measured"
@@ -155,7 +155,7 @@ def test_stop_is_stopped(hub: HubProcess, ledger: LedgerStore, slurm_cluster: Sl
 def test_kill9_of_the_server_is_died(
     hub: HubProcess, ledger: LedgerStore, slurm_cluster: SlurmCluster
 ) -> None:
-    job, rec = spawn(hub, ledger, slurm_cluster, "spbob", slice="3g.40gb")
+    job, rec = spawn(hub, ledger, slurm_cluster, "sybob", slice="3g.40gb")
     # The job's own processes (this cluster's, not another test's with the same user).
     out = slurm_cluster.run(["scontrol", "listpids", job["id"], job["nodes"]]).stdout
     pids = [int(f[0]) for f in (ln.split() for ln in out.splitlines()) if f and f[0].isdigit()]
@@ -163,7 +163,7 @@ def test_kill9_of_the_server_is_died(
     assert server, out
     for pid in server:
         os.kill(pid, signal.SIGKILL)
-    hub.wait_for(lambda: gone(hub, "spbob"), 90, "spbob's dead server noticed")
+    hub.wait_for(lambda: gone(hub, "sybob"), 90, "sybob's dead server noticed")
     done = closed(hub, ledger, rec.id)
     assert done.end_reason == "died" and done.slice == "3g.40gb"
     check_amounts(done, 3 / 7)
@@ -172,7 +172,7 @@ def test_kill9_of_the_server_is_died(
 def test_scancel_behind_the_hubs_back_is_scancel(
     hub: HubProcess, ledger: LedgerStore, slurm_cluster: SlurmCluster
 ) -> None:
-    job, rec = spawn(hub, ledger, slurm_cluster, "spcarol", slice="1g.10gb")
+    job, rec = spawn(hub, ledger, slurm_cluster, "sycarol", slice="1g.10gb")
     slurm_cluster.run(["scancel", job["id"]])
     done = closed(hub, ledger, rec.id)
     assert done.end_reason == "scancel"
@@ -182,7 +182,7 @@ def test_scancel_behind_the_hubs_back_is_scancel(
 def test_node_down_is_node_failure(
     hub: HubProcess, ledger: LedgerStore, slurm_cluster: SlurmCluster
 ) -> None:
-    job, rec = spawn(hub, ledger, slurm_cluster, "spdave", slice="1g.10gb")
+    job, rec = spawn(hub, ledger, slurm_cluster, "sydave", slice="1g.10gb")
     assert job["nodes"] == "mig-a"
     slurm_cluster.run(["scontrol", "update", "NodeName=mig-a", "State=DOWN", "Reason=ledger"])
     try:
@@ -196,7 +196,7 @@ def test_node_down_is_node_failure(
 def test_hub_kill9_then_scancel_then_restart_closes_at_start_up(
     hub: HubProcess, ledger: LedgerStore, slurm_cluster: SlurmCluster
 ) -> None:
-    job, rec = spawn(hub, ledger, slurm_cluster, "spcarol", gpus=1)
+    job, rec = spawn(hub, ledger, slurm_cluster, "sycarol", gpus=1)
     hub.kill()
     try:
         slurm_cluster.run(["scancel", job["id"]])
@@ -208,19 +208,19 @@ def test_hub_kill9_then_scancel_then_restart_closes_at_start_up(
     done = closed(hub, ledger, rec.id)
     assert done.end_reason == "scancel"
     assert done.amounts is not None and done.amounts.gpu_seconds_basis == "estimated"
-    assert gone(hub, "spcarol")
+    assert gone(hub, "sycarol")
 
 
 def test_hub_kill9_keeps_a_running_jobs_record_open(
     hub: HubProcess, ledger: LedgerStore, slurm_cluster: SlurmCluster
 ) -> None:
-    _job, rec = spawn(hub, ledger, slurm_cluster, "spalice", gpus=1)
+    _job, rec = spawn(hub, ledger, slurm_cluster, "syalice", gpus=1)
     hub.kill()
     hub.start(timeout=180)
-    hub.wait_ready("spalice", timeout=120)
+    hub.wait_ready("syalice", timeout=120)
     time.sleep(2 * SCHED_POLL)
-    assert [r.id for r in ledger.list_open() if r.user == "spalice"] == [rec.id]
-    hub.stop_server("spalice")
+    assert [r.id for r in ledger.list_open() if r.user == "syalice"] == [rec.id]
+    hub.stop_server("syalice")
     assert closed(hub, ledger, rec.id).end_reason == "stopped"
 
 
@@ -231,7 +231,7 @@ def test_walltime_is_walltime(
     its limit (``--signal=B:TERM@60``, which Slurm may send up to a minute earlier still):
     the server shuts down, so its job ends COMPLETED or FAILED, not TIMEOUT. The ledger
     counts it as the walltime all the same."""
-    job, rec = spawn(hub, ledger, slurm_cluster, "spbob", gpus=1, walltime_minutes=2)
+    job, rec = spawn(hub, ledger, slurm_cluster, "sybob", gpus=1, walltime_minutes=2)
     done = closed(hub, ledger, rec.id, timeout=120 + 30 + 60)
     assert done.end_reason == "walltime"
     check_amounts(done, 1)

@@ -20,10 +20,10 @@ from tests.support.sdiag import job_info_rpcs
 from tests.support.sessions import JupyterServer, PortalServiceThread
 from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slurm, pytest.mark.slurm_second, pytest.mark.timeout(300)]
 
 INTERVAL = 2.0  # the service's session_poll_interval here
-USERS = ("spalice", "spbob", "spcarol")
+USERS = ("syalice", "sybob", "sycarol")
 TOKENS = {f"server-token-of-{u}": {"name": u, "groups": ["researcher"]} for u in USERS}
 SLICE = {"kind": "dask", "partition": "gpu-fr", "slice": "1g.10gb", "count": 1}
 

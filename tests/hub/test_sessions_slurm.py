@@ -27,12 +27,12 @@ from sovereign_portal.extension.client import (
 from tests.support.sessions import JupyterServer, PortalServiceThread
 from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slurm, pytest.mark.slurm_second, pytest.mark.timeout(180)]
 
 # workers cannot import the tests package: ship this module's functions by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-TOKEN = "server-token-of-spalice"
+TOKEN = "server-token-of-syalice"
 
 
 def portal_jobs(cluster: SlurmCluster) -> list[dict[str, str]]:
@@ -55,7 +55,7 @@ def wait_no_portal_jobs(cluster: SlurmCluster, timeout: float = 20) -> None:
 @pytest.fixture(scope="module")
 def service() -> Iterator[PortalServiceThread]:
     svc = PortalServiceThread(
-        str(SITE_FILE), {TOKEN: {"name": "spalice", "groups": ["researcher"]}}
+        str(SITE_FILE), {TOKEN: {"name": "syalice", "groups": ["researcher"]}}
     ).start()
     yield svc
     svc.stop()

@@ -31,7 +31,7 @@ from tests.support.paths import VENV_BIN
 from tests.support.sdiag import job_info_rpcs
 from tests.support.slurm_cluster import SITE_FILE, SlurmCluster
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slurm_second]
 
 SCHED_POLL = 1.0  # the shared squeue interval, seconds
 POLL = 1  # JupyterHub's Spawner.poll_interval: the same interval (the spawner's default)
@@ -200,9 +200,9 @@ def server(hub: HubProcess, user: str) -> dict[str, Any] | None:
 
 SIZES = {
     # user: (options, node prefix, visible device count, country)
-    "spalice": ({"partition": "gpu-fr", "gpus": 2}, "h100-", 2, "FR"),
-    "spbob": ({"partition": "gpu-fr", "gpus": 4}, "h100-", 4, "FR"),
-    "spcarol": ({"partition": "gpu-fr", "slice": "3g.40gb"}, "mig-a", 1, "FR"),
+    "syalice": ({"partition": "gpu-fr", "gpus": 2}, "h100-", 2, "FR"),
+    "sybob": ({"partition": "gpu-fr", "gpus": 4}, "h100-", 4, "FR"),
+    "sycarol": ({"partition": "gpu-fr", "slice": "3g.40gb"}, "mig-a", 1, "FR"),
 }
 
 
@@ -224,7 +224,7 @@ def test_placement_per_size_with_disjoint_gpus(hub: HubProcess, slurm_cluster: S
                 assert not other_devices & devices, (user, other)
         seen[user] = (env["SLURMD_NODENAME"], devices)
     # First fit puts both H100 users on one node, so "disjoint" is really tested.
-    assert seen["spalice"][0] == seen["spbob"][0]
+    assert seen["syalice"][0] == seen["sybob"][0]
     jobs = portal_jobs(slurm_cluster)
     assert sorted(j["user"] for j in jobs) == sorted(SIZES)  # each runs as its own account
 
@@ -235,8 +235,8 @@ def test_progress_names_queue_and_node(hub: HubProcess) -> None:
 
 
 def test_token_never_reaches_slurm_or_logs(hub: HubProcess, slurm_cluster: SlurmCluster):
-    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spalice")
-    token = _server_token("spalice")
+    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "syalice")
+    token = _server_token("syalice")
     assert len(token) >= 32
     show = slurm_cluster.run(["scontrol", "show", "job", "-d", job["id"]]).stdout
     script = slurm_cluster.run(["scontrol", "write", "batch_script", job["id"], "-"]).stdout
@@ -248,7 +248,7 @@ def test_token_never_reaches_slurm_or_logs(hub: HubProcess, slurm_cluster: Slurm
         assert hits.stdout == "", f"token found in {hits.stdout}"
     assert token not in hub.log_text()
     assert "[D " in hub.log_text()  # the hub really logged at debug level
-    token_dir = Path("/home/spalice/.sovereign-portal/tokens")
+    token_dir = Path("/home/syalice/.sovereign-portal/tokens")
     # the one-time file was taken (files older than this hub are not this module's)
     since = hub.config_path.stat().st_mtime
     assert [p for p in token_dir.iterdir() if p.stat().st_mtime >= since] == []
@@ -291,8 +291,8 @@ def assert_cli_prints_the_submitted_script(
 def test_job_script_cli_prints_what_the_spawn_submitted(
     hub: HubProcess, slurm_cluster: SlurmCluster
 ) -> None:
-    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spalice")
-    args = ["--user", "spalice", "--partition", "gpu-fr", "--size", "h100x2"]
+    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "syalice")
+    args = ["--user", "syalice", "--partition", "gpu-fr", "--size", "h100x2"]
     assert_cli_prints_the_submitted_script(hub, slurm_cluster, job["id"], *args)
 
 
@@ -335,11 +335,11 @@ def test_bad_input_is_4xx_and_submits_nothing(
     hub: HubProcess, slurm_cluster: SlurmCluster, options: dict[str, Any], message: str
 ) -> None:
     before = {j["id"] for j in slurm_cluster.jobs()}
-    hub.ensure_user("spdave")
-    r = hub.api("POST", "/users/spdave/server", json=options)
+    hub.ensure_user("sydave")
+    r = hub.api("POST", "/users/sydave/server", json=options)
     assert 400 <= r.status_code < 500, r.text
     assert message in r.json()["message"]
-    assert server(hub, "spdave") is None
+    assert server(hub, "sydave") is None
     assert not {j["id"] for j in slurm_cluster.jobs()} - before  # no new job (old ones age out)
 
 
@@ -358,21 +358,21 @@ def test_symlinked_portal_dir_fails_the_spawn_and_touches_nothing(
         return [(str(p), p.lstat().st_uid, p.lstat().st_mode) for p in [etc, *etc.rglob("*")]]
 
     before_etc = snapshot()
-    hub.ensure_user("spdave")
-    portal = Path("/home/spdave/.sovereign-portal")
+    hub.ensure_user("sydave")
+    portal = Path("/home/sydave/.sovereign-portal")
     aside = portal.with_name(".sovereign-portal.aside")
     if portal.exists() or portal.is_symlink():
         portal.rename(aside)
     portal.symlink_to(etc)
     before = {j["id"] for j in slurm_cluster.jobs()}
     try:
-        r = hub.api("POST", "/users/spdave/server", json={"partition": "gpu-fr", "gpus": 1})
+        r = hub.api("POST", "/users/sydave/server", json={"partition": "gpu-fr", "gpus": 1})
         if r.status_code == 202:  # failed after the API answered: read the spawn's outcome
-            hub.wait_for(lambda: not hub.api("GET", "/users/spdave").json()["pending"], 30, "fail")
+            hub.wait_for(lambda: not hub.api("GET", "/users/sydave").json()["pending"], 30, "fail")
         text = r.text + hub.log_text()
         assert "~/.sovereign-portal is a symbolic link or not a directory" in text, r.text
         assert "remove or rename ~/.sovereign-portal" in text
-        assert server(hub, "spdave") is None
+        assert server(hub, "sydave") is None
         assert not {j["id"] for j in slurm_cluster.jobs()} - before  # no new job (old ones age out)
         assert snapshot() == before_etc
     finally:
@@ -382,31 +382,31 @@ def test_symlinked_portal_dir_fails_the_spawn_and_touches_nothing(
 
 
 def test_residency_fr_only_project_never_lands_in_de(hub: HubProcess) -> None:
-    hub.ensure_user("spdave")
+    hub.ensure_user("sydave")
     hub.api("POST", "/groups/proj-fr")
-    r = hub.api("POST", "/groups/proj-fr/users", json={"users": ["spdave"]})
+    r = hub.api("POST", "/groups/proj-fr/users", json={"users": ["sydave"]})
     assert r.status_code == 200, r.text
     try:
-        r = hub.api("POST", "/users/spdave/server", json={"partition": "gpu-de", "gpus": 1})
+        r = hub.api("POST", "/users/sydave/server", json={"partition": "gpu-de", "gpus": 1})
         assert r.status_code == 400 and "not open to you" in r.json()["message"], r.text
         s = requests.Session()
         s.get(f"{hub.url}/hub/login")
-        login = {"username": "spdave", "password": "x", "_xsrf": s.cookies.get("_xsrf")}
+        login = {"username": "sydave", "password": "x", "_xsrf": s.cookies.get("_xsrf")}
         s.post(f"{hub.url}/hub/login", data=login)
         page = s.get(f"{hub.url}/hub/spawn").text
         assert "gpu-fr/h100x1" in page and "gpu-de" not in page
     finally:
-        hub.api("DELETE", "/groups/proj-fr/users", json={"users": ["spdave"]})
+        hub.api("DELETE", "/groups/proj-fr/users", json={"users": ["sydave"]})
 
 
 def test_impossible_request_fails_at_once_naming_what_exists(hub: HubProcess) -> None:
-    hub.ensure_user("spdave")
+    hub.ensure_user("sydave")
     t0 = time.monotonic()
-    r = hub.api("POST", "/users/spdave/server", json={"partition": "gpu-fr-h200", "gpus": 1})
+    r = hub.api("POST", "/users/sydave/server", json={"partition": "gpu-fr-h200", "gpus": 1})
     if r.status_code == 202:  # failed after the API answered: read the spawn's outcome
-        hub.wait_for(lambda: not hub.api("GET", "/users/spdave").json()["pending"], 30, "fail")
+        hub.wait_for(lambda: not hub.api("GET", "/users/sydave").json()["pending"], 30, "fail")
     assert time.monotonic() - t0 < 15
-    assert server(hub, "spdave") is None
+    assert server(hub, "sydave") is None
     assert "Slurm can never run" in r.text or "Slurm can never run" in hub.log_text()
     assert "gpu:h100:8" in (r.text + hub.log_text())  # it names what the partition has
 
@@ -450,10 +450,10 @@ def test_slurmctld_outage_marks_nothing_stopped(
 def test_scancel_behind_the_hubs_back_stops_within_one_poll(
     hub: HubProcess, slurm_cluster: SlurmCluster
 ) -> None:
-    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spcarol")
+    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "sycarol")
     polls0 = job_info_rpcs(slurm_cluster)
     slurm_cluster.run(["scancel", job["id"]])
-    hub.wait_for(lambda: server(hub, "spcarol") is None, 30, "spcarol stopped", interval=0.05)
+    hub.wait_for(lambda: server(hub, "sycarol") is None, 30, "sycarol stopped", interval=0.05)
     polls = job_info_rpcs(slurm_cluster) - polls0
     # The next shared squeue sees the job end and tells the hub at once: counted in
     # slurmctld's own polls (sdiag), not in seconds, which a loaded machine stretches. One
@@ -464,11 +464,11 @@ def test_scancel_behind_the_hubs_back_stops_within_one_poll(
 
 
 def test_node_failure_is_noticed_with_reason(hub: HubProcess, slurm_cluster: SlurmCluster) -> None:
-    hub.spawn("spdave", {"partition": "gpu-fr", "slice": "1g.10gb"}, timeout=60)
-    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spdave")
+    hub.spawn("sydave", {"partition": "gpu-fr", "slice": "1g.10gb"}, timeout=60)
+    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "sydave")
     slurm_cluster.run(["scontrol", "update", "NodeName=mig-a", "State=DOWN", "Reason=test"])
     try:
-        hub.wait_for(lambda: server(hub, "spdave") is None, 30, "spdave stopped")
+        hub.wait_for(lambda: server(hub, "sydave") is None, 30, "sydave stopped")
         wait_logged(hub, f"Slurm job {job['id']}: node_fail")
     finally:
         slurm_cluster.run(["scontrol", "update", "NodeName=mig-a", "State=RESUME"], check=False)
@@ -477,20 +477,20 @@ def test_node_failure_is_noticed_with_reason(hub: HubProcess, slurm_cluster: Slu
 def test_walltime_expiry_is_noticed_with_reason(
     hub: HubProcess, slurm_cluster: SlurmCluster
 ) -> None:
-    """spbob's job has run for over a minute: a 1-minute limit (Slurm's smallest) is already
+    """sybob's job has run for over a minute: a 1-minute limit (Slurm's smallest) is already
     spent, and slurmctld ends the job at its next time-limit check. slurmctld checks every
     30 s from its start, and the outage test restarted it, so this test comes late."""
-    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spbob")
+    job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "sybob")
     elapsed = slurm_cluster.run(["squeue", "-h", "-j", job["id"], "-o", "%M"]).stdout.strip()
     ran = sum(int(x) * 60**i for i, x in enumerate(reversed(elapsed.split(":"))))
     slurm_cluster.run(["scontrol", "update", f"JobId={job['id']}", "TimeLimit=1"])
     wait = max(0, 60 - ran) + 30 + 15  # until the limit, one check period, slack
-    hub.wait_for(lambda: server(hub, "spbob") is None, wait, "spbob stopped at its walltime")
+    hub.wait_for(lambda: server(hub, "sybob") is None, wait, "sybob stopped at its walltime")
     wait_logged(hub, f"Slurm job {job['id']}: timeout (the walltime ran out)")
 
 
 def test_stop_cancels_and_waits_until_gone(hub: HubProcess, slurm_cluster: SlurmCluster):
-    hub.stop_server("spalice")
+    hub.stop_server("syalice")
     assert portal_jobs(slurm_cluster) == []
 
 
@@ -500,27 +500,27 @@ def test_course_image_runs_the_server_through_apptainer(
     """Issue 6 in a real Slurm job behind the real hub. Apptainer itself is a stand-in
     (STAND_IN above: it records its argv and runs the command after the image), so what is
     proven is the argv and environment the spawner composes, not Apptainer."""
-    hub.ensure_user("spdave")
+    hub.ensure_user("sydave")
     hub.api("POST", "/groups/course-ml101")
-    r = hub.api("POST", "/groups/course-ml101/users", json={"users": ["spdave"]})
+    r = hub.api("POST", "/groups/course-ml101/users", json={"users": ["sydave"]})
     assert r.status_code == 200, r.text
     try:
         s = requests.Session()
         s.get(f"{hub.url}/hub/login")
-        login = {"username": "spdave", "password": "x", "_xsrf": s.cookies.get("_xsrf")}
+        login = {"username": "sydave", "password": "x", "_xsrf": s.cookies.get("_xsrf")}
         s.post(f"{hub.url}/hub/login", data=login)
         page = s.get(f"{hub.url}/hub/spawn").text
         offered = re.findall(r'<option value="([a-z0-9]+)">', page)
         assert offered == ["ml101", "base"], offered  # the course's first; not the "gpu" one
         before = {j["id"] for j in slurm_cluster.jobs()}
-        r = hub.api("POST", "/users/spdave/server", json={**H100_1, "image": "gpu"})
+        r = hub.api("POST", "/users/sydave/server", json={**H100_1, "image": "gpu"})
         assert r.status_code == 400, r.text
         assert "image 'gpu' is not offered; allowed: ml101, base" in r.json()["message"]
         assert not {j["id"] for j in slurm_cluster.jobs()} - before  # no new job (old ones age out)
 
-        hub.spawn("spdave", H100_1, timeout=60)  # no image named: the course's
-        job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "spdave")
-        env = placement(hub, "spdave")["env"]  # answered from inside the "image"
+        hub.spawn("sydave", H100_1, timeout=60)  # no image named: the course's
+        job = next(j for j in portal_jobs(slurm_cluster) if j["user"] == "sydave")
+        env = placement(hub, "sydave")["env"]  # answered from inside the "image"
         assert env["SLURM_JOB_ID"] == job["id"] and env["SOVEREIGN_PORTAL_SIZE"] == "h100x1"
         assert env["CUDA_VISIBLE_DEVICES"] == env["SLURM_JOB_GPUS"] != ""
         record = json.loads(hub.apptainer_record.read_text().splitlines()[-1])
@@ -539,16 +539,16 @@ def test_course_image_runs_the_server_through_apptainer(
         ):
             assert f"APPTAINERENV_{name}" in record["env"], name
         assert "APPTAINERENV_PATH" not in record["env"]  # the image keeps its own PATH
-        token = _server_token("spdave")
+        token = _server_token("sydave")
         assert token not in json.dumps(record)
         assert token not in slurm_cluster.run(["scontrol", "show", "job", "-d", job["id"]]).stdout
-        args = ["--user", "spdave", "--group", "course-ml101", "--partition", "gpu-fr"]
+        args = ["--user", "sydave", "--group", "course-ml101", "--partition", "gpu-fr"]
         assert_cli_prints_the_submitted_script(
             hub, slurm_cluster, job["id"], *args, "--size", "h100x1"
         )
     finally:
-        hub.api("DELETE", "/groups/course-ml101/users", json={"users": ["spdave"]})
-        hub.stop_server("spdave")
+        hub.api("DELETE", "/groups/course-ml101/users", json={"users": ["sydave"]})
+        hub.stop_server("sydave")
     assert portal_jobs(slurm_cluster) == []
 
 
@@ -566,7 +566,7 @@ def test_untracked_portal_job_is_reported_and_cancelled_after_restart(
 
     def submit(*opts: str) -> str:
         argv = ["sbatch", "--parsable", "-p", "gpu-fr", "-o", "/dev/null", *opts]
-        return slurm_cluster.run([*argv, "--wrap=sleep 300"], user="spdave").stdout.strip()
+        return slurm_cluster.run([*argv, "--wrap=sleep 300"], user="sydave").stdout.strip()
 
     ours = submit("--job-name=sovereign-portal", f"--comment=sovereign-portal:{tag}")
     forged = submit(
@@ -584,7 +584,7 @@ def test_untracked_portal_job_is_reported_and_cancelled_after_restart(
         assert time.monotonic() - t0 >= GRACE - 1
         assert f"cancelled ['{ours}']" in line, line
         log = (hub.dir / f"hub-{hub.starts}.log").read_text()
-        assert f"Untracked portal job {ours} of spdave (tag {tag})" in log
+        assert f"Untracked portal job {ours} of sydave (tag {tag})" in log
         slurm_cluster.wait_job_state(ours, ["CANCELLED", "COMPLETING"], timeout=10)
         states = {j["id"]: j["state"] for j in slurm_cluster.jobs()}
         assert states[forged] == "RUNNING"  # a tag this hub did not sign is not its job

@@ -53,6 +53,10 @@ TEST_USERS = ("spalice", "spbob", "spcarol", "spdave")
 #: The two-site files' own accounts (files marked ``slurm_sites``): their homes, token files
 #: and job logs are theirs, so those files run beside the main cluster's (xdist_groups.py).
 SITE_USERS = ("sxalice", "sxbob", "sxcarol", "sxdave")
+#: The accounts of the second main-cluster unit (files marked ``slurm_second``): the same
+#: cluster layout, started on that unit's own worker, so those files run beside the ones
+#: on ``TEST_USERS`` (xdist_groups.py). The ``slurm_cluster`` fixture creates both sets.
+SECOND_USERS = ("syalice", "sybob", "sycarol", "sydave")
 TEST_GROUP = "sptest"
 
 
@@ -739,10 +743,14 @@ def _fixture() -> Any:
 
     @pytest.fixture(scope="session")
     def slurm_cluster() -> Iterator[SlurmCluster]:
-        """A running cluster for the whole session (reused from SOVEREIGN_SLURM_DIR if up)."""
+        """A running cluster for the whole session (reused from SOVEREIGN_SLURM_DIR if up),
+        with the accounts of both main units (``TEST_USERS`` and ``SECOND_USERS``). Under
+        xdist each worker that runs a main Slurm unit starts its own; a cluster given by
+        SOVEREIGN_SLURM_DIR is one for both, so run with ``-n 0`` then (the units would
+        see each other's jobs and slurmctld RPCs)."""
         given = os.environ.get("SOVEREIGN_SLURM_DIR")
         if given:
-            cluster = SlurmCluster(Path(given))
+            cluster = SlurmCluster(Path(given), users=(*TEST_USERS, *SECOND_USERS))
             if not cluster.is_up():
                 raise ClusterError(f"SOVEREIGN_SLURM_DIR={given} but no cluster is up there")
             ensure_users(cluster.users)
@@ -750,7 +758,7 @@ def _fixture() -> Any:
             yield cluster
             return
         base = Path(tempfile.mkdtemp(prefix="sp-slurm-", dir="/tmp"))
-        cluster = SlurmCluster(base).up()
+        cluster = SlurmCluster(base, users=(*TEST_USERS, *SECOND_USERS)).up()
         old = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = str(cluster.conf)
         try:
