@@ -73,6 +73,10 @@ def configure(
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy_api_port}"
     c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
     c.JupyterHub.db_url = f"sqlite:///{state / 'jupyterhub.sqlite'}"
+    # the hub's own database in WAL mode: its commits run in the hub's event loop
+    from .store import sqlite_file_in_wal
+
+    sqlite_file_in_wal(state / "jupyterhub.sqlite")
     # The portal's own records (account bindings, audit log, ledger): SQLite in WAL mode.
     c.PortalDatabase.url = f"sqlite:///{state / 'portal.sqlite'}"
     c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")

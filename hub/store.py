@@ -53,6 +53,8 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 #: A pooled server connection (PostgreSQL) idle longer than this is pinged before use.
 PING_IDLE_SECONDS = 10.0
+#: The execution option that marks a read-only transaction (:meth:`PortalStore.read`).
+READ_ONLY = "portal_read_only"
 
 
 def utcnow() -> datetime:
@@ -117,6 +119,27 @@ class AuditEvent(Base):
         return data if isinstance(data, dict) else {}
 
 
+def sqlite_file_in_wal(path: Path) -> None:
+    """Put the SQLite database at ``path`` in WAL mode (created if missing, with its folder).
+
+    For the hub's own database (``jupyterhub.sqlite``), which JupyterHub opens in SQLite's
+    default rollback-journal mode: every commit there costs about four disk flushes,
+    inside the hub's event loop (3.3 ms a commit on this project's test machine, against
+    0.9 ms in WAL mode with the same ``synchronous=FULL``), and a login makes several.
+    WAL mode is kept in the file itself, so JupyterHub's own connections get it without
+    any hook of theirs; durability is unchanged (``synchronous`` stays FULL)."""
+    import sqlite3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    finally:
+        conn.close()
+    if str(mode).lower() != "wal":
+        raise RuntimeError(f"{path}: SQLite refused WAL mode (journal_mode is {mode})")
+
+
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     # Let SQLAlchemy, not the driver, open transactions (see _sqlite_begin).
     dbapi_connection.isolation_level = None
@@ -133,8 +156,21 @@ def _sqlite_begin(connection: Any) -> None:
     # BEGIN IMMEDIATE takes SQLite's write lock at the start of each transaction. Two writers
     # then queue on busy_timeout instead of one failing at once with "database is locked"
     # (a deferred BEGIN that reads, then writes, cannot wait); DDL (migrations) becomes
-    # transactional too. Readers are never blocked in WAL mode.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # transactional too. A read-only transaction (PortalStore.read) begins deferred, takes
+    # no write lock (WAL readers never wait for a writer), and SQLite refuses any write in
+    # it (query_only), so it can never become the writer that cannot wait.
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("BEGIN")
+        connection.exec_driver_sql("PRAGMA query_only = ON")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_end(connection: Any) -> None:
+    # before the COMMIT or ROLLBACK of a read-only transaction: the pooled connection
+    # goes back able to write
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("PRAGMA query_only = OFF")
 
 
 def _socket_stirs(dbapi_connection: Any) -> bool:
@@ -210,9 +246,14 @@ class PortalStore:
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
+            event.listen(self.engine, "commit", _sqlite_end)
+            event.listen(self.engine, "rollback", _sqlite_end)
         else:
             self.liveness = _Liveness(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
+        )
 
     def __repr__(self) -> str:
         return f"PortalStore({redact_url(self.url)!r})"
@@ -260,6 +301,14 @@ class PortalStore:
     def begin(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on any error."""
         with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session in one read-only transaction, for reads on hot paths (a login, a
+        page): on SQLite it takes no write lock, so it never waits behind a writer, and a
+        write in it fails at once ("attempt to write a readonly database")."""
+        with self._read_sessions.begin() as session:
             yield session
 
     @contextmanager

@@ -76,6 +76,32 @@ def test_configure_puts_the_portal_database_in_the_state_dir(tmp_path: Path) -> 
         store.dispose()
 
 
+def test_the_hubs_own_database_is_in_wal_mode_and_stays_durable(tmp_path: Path) -> None:
+    import sqlite3
+
+    state = tmp_path / "state"  # not there yet: configure() makes it
+    c = Config()
+    configure(c, str(state), auth="idp", idp=IDP)
+    db = state / "jupyterhub.sqlite"
+    assert c.JupyterHub.db_url == f"sqlite:///{db}"
+    # a fresh connection, as JupyterHub's own, finds WAL mode kept in the file
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL, the default
+        conn.execute("CREATE TABLE t (a INTEGER)")  # JupyterHub creates its tables in it
+        conn.commit()
+    finally:
+        conn.close()
+    configure(Config(), str(state), auth="idp", idp=IDP)  # a restart keeps what is there
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("orgs", [None, [], "uni-a.example"])
 def test_production_configure_needs_an_explicit_allow_list(tmp_path: Path, orgs: object) -> None:
     idp = {k: v for k, v in IDP.items() if k != "allowed_organisations"}
