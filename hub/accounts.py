@@ -120,7 +120,7 @@ def check_username(value: Any, field: str = "username") -> str:
 
 
 def get_binding(store: PortalStore, username: str) -> Binding | None:
-    with store.begin() as s:
+    with store.read() as s:  # read-only: no write lock (every login reads it)
         row = s.get(AccountBinding, username)
         return Binding.of(row) if row is not None else None
 
@@ -131,6 +131,10 @@ def bind_or_check(store: PortalStore, username: str, issuer: str, subject: str) 
     Safe under concurrent first logins of the same name: the user name is the primary key,
     so one insert wins and the loser is compared against the winner's subject.
     """
+    known = get_binding(store, username)  # every login after the first only reads
+    if known is not None:
+        ok = known.issuer == issuer and known.subject == subject
+        return BindingCheck(ok=ok, binding=known, created=False)
     for attempt in range(3):
         try:
             with store.begin() as s:

@@ -324,8 +324,9 @@ class CourseStore:
 
     def memberships(self, user: str) -> Memberships:
         """What the portal adds to (or takes from) ``user``'s IdP groups at login; courses
-        that ended are left out (their staff and students keep no course role)."""
-        with self.store.begin() as s:
+        that ended are left out (their staff and students keep no course role). At every
+        login: a read-only transaction, which never waits behind a writer."""
+        with self.store.read() as s:
             active = set(s.scalars(select(CourseRow.id).where(CourseRow.state == ACTIVE)))
             roster = s.scalars(select(CourseRosterRow).where(CourseRosterRow.user == user))
             added = {r.course_id for r in roster if r.state == ADDED}

@@ -120,6 +120,58 @@ def test_sqlite_writers_queue_instead_of_failing(tmp_path: Path) -> None:
         store.dispose()
 
 
+def test_sqlite_reads_never_wait_behind_a_writer_and_cannot_write(tmp_path: Path) -> None:
+    """A read() transaction (a login's course lookup) takes no write lock: it answers at
+    once while another connection holds the write lock, sees only committed rows, refuses a
+    write, and leaves its pooled connection able to write afterwards."""
+    from sqlalchemy.exc import OperationalError
+
+    store = PortalStore(f"sqlite:///{tmp_path / 'p.sqlite'}")
+    store.upgrade()
+    try:
+        with store.begin() as s:
+            s.add(AuditEvent(at=utcnow(), actor="a", action="x", target="committed"))
+        writer = store.engine.connect()
+        try:
+            writer.begin()  # BEGIN IMMEDIATE: holds SQLite's write lock
+            writer.execute(
+                AuditEvent.__table__.insert().values(
+                    at=utcnow(), actor="w", action="x", target="uncommitted", detail="{}"
+                )
+            )
+            started = threading.Event()
+            seen: list[list[str]] = []
+
+            def read() -> None:
+                started.set()
+                with store.read() as r:
+                    seen.append([e.target for e in r.scalars(select(AuditEvent))])
+
+            t = threading.Thread(target=read)
+            t.start()
+            t.join(timeout=2)  # busy_timeout is 5 s: a locking BEGIN would still wait here
+            assert started.is_set() and not t.is_alive(), "the read waited for the writer"
+            assert seen == [["committed"]]
+            with pytest.raises(OperationalError, match="readonly"), store.read() as r:
+                r.add(AuditEvent(at=utcnow(), actor="r", action="x", target="nope"))
+                r.flush()
+        finally:
+            writer.rollback()
+            writer.close()
+        for _ in range(3):  # every pooled connection writes again
+            with store.begin() as s:
+                s.add(AuditEvent(at=utcnow(), actor="b", action="x", target="after"))
+        with store.read() as r:
+            assert sorted(e.target for e in r.scalars(select(AuditEvent))) == [
+                "after",
+                "after",
+                "after",
+                "committed",
+            ]
+    finally:
+        store.dispose()
+
+
 def test_portal_database_url_is_validated_and_opened_upgraded(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"PortalDatabase\.url is not a database URL"):
         PortalDatabase(url="not a url")
