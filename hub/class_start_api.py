@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -94,6 +95,22 @@ class ClassEngine:
         from .course_api import hub_api
 
         return await hub_api(self.portal, method, path, body)
+
+    async def servers(self, users: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The hub's word on many users' default servers, in one call per
+        :data:`~.class_start_hub.MAX_USERS` (``POST /hub/api/sovereign-portal/class-servers``):
+        per name the hub knows, ``server`` (its server model, or None), ``server_tokens``
+        and ``groups``."""
+        from .class_start_hub import MAX_USERS
+
+        names = sorted(set(users))
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(names), MAX_USERS):
+            got = await self.hub(
+                "POST", "/sovereign-portal/class-servers", {"users": names[i : i + MAX_USERS]}
+            )
+            out.update((got or {}).get("users") or {})
+        return out
 
     async def _raw(self, method: str, path: str, body: Any = None) -> tuple[int, str]:
         """A hub call whose refusal is an answer (a spawn the hub refuses), not an error."""
@@ -336,15 +353,21 @@ class ClassEngine:
         now = self.now()
         w = _stored_window(course, wrow["start"], wrow["end"])
         stop = CS.stop_at(w, p) if p else w.start
-        for row in self.store.warm_rows(w.course, w.start):
-            if row["state"] in (CLAIMED, UNCLAIMED, FAILED):
-                continue
+        rows = [
+            r
+            for r in self.store.warm_rows(w.course, w.start)
+            if r["state"] not in (CLAIMED, UNCLAIMED, FAILED)
+        ]
+        # starts still being asked for when the hub answered: no server there is no news
+        asking = set(self._asking)
+        hub = await self.servers(r["user"] for r in rows) if rows else {}  # one call
+        for row in rows:
             user = row["user"]
             q = quote(user, safe="")
-            model = await self.hub("GET", f"/users/{q}")
-            server = ((model or {}).get("servers") or {}).get("")
+            model = hub.get(user)
+            server = (model or {}).get("server")
             if server is None:
-                if (w.key, user) in self._asking:
+                if (w.key, user) in asking or (w.key, user) in self._asking:
                     continue  # its start is still being asked for (_start_all)
                 if now - row["requested_at"] > timedelta(seconds=30) or row["state"] == WARM:
                     self.store.update(
@@ -357,11 +380,12 @@ class ClassEngine:
                 self.store.update(w.course, w.start, user, state=WARM, ready_at=now)
                 row["state"] = WARM
             if row["state"] == WARM:
-                tokens = await self.hub("GET", f"/users/{q}/tokens")
-                got = (tokens or {}).get("api_tokens") or []
+                got = (model or {}).get("server_tokens") or []
                 claimed = CS.claim_time(got, row["requested_at"], server.get("url") or "")
                 if claimed is not None:
-                    await self.hand_over(course, w, user, model or {}, claimed)
+                    # the full user model (roles, admin) once, at the claim
+                    full = await self.hub("GET", f"/users/{q}")
+                    await self.hand_over(course, w, user, full or {}, claimed)
                     continue
             if now >= stop:  # nobody claimed it (still starting, or warm and waiting)
                 await self.hub("DELETE", f"/users/{q}/server")
@@ -506,9 +530,10 @@ class ClassEngine:
         places = await self.places()
         students = []
         started = 0
-        for user in sorted(set(members) | set(rows)):
-            model = await self.hub("GET", f"/users/{quote(user, safe='')}")
-            server = ((model or {}).get("servers") or {}).get("")
+        everyone = sorted(set(members) | set(rows))
+        hub = await self.servers(everyone) if everyone else {}  # one call for the class
+        for user in everyone:
+            server = (hub.get(user) or {}).get("server")
             row = rows.get(user)
             if row is not None and row["state"] in (WARM, CLAIMED, UNCLAIMED):
                 started += 1

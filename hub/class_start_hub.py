@@ -22,6 +22,17 @@ portal service (which talks to the hub only over HTTP). :func:`install` adds the
     its group (:func:`.course_data.sync_course`, the code path every course spawn runs):
     after a roster change a removed student loses the folder at once. Scope :data:`SCOPE`.
 
+``POST /hub/api/sovereign-portal/class-servers``  ``{"users": [names]}``
+    The default servers of many users in one call, for the class-start engine's pass
+    and the class view (one hub call per pass for the whole portal, whatever the size
+    of the class): ``{"users": {name: {"server": <the hub's server model> | null,
+    "server_tokens": [<token models>], "groups": [names]}}}``. ``server_tokens`` are
+    the OAuth tokens issued to that server's own client (a browser reached it:
+    :func:`.class_start.claim_time`). A name the hub does not know is left out.
+    Scopes ``read:servers``, ``read:tokens`` and ``read:users:groups``, filtered as
+    JupyterHub filters them: a user the caller may not read is a 403 naming them, and
+    nothing is answered.
+
 Errors are JSON ``{"status", "message", "field"}`` (JupyterHub's API error shape, plus
 the field).
 """
@@ -50,6 +61,8 @@ SCOPE_HELP = (
 PREFIX = r"/api/sovereign-portal"
 COURSE_ID = r"([a-z0-9][a-z0-9-]{0,39})"
 MAX_USERS = 2000
+#: what ``POST /hub/api/sovereign-portal/class-servers`` needs, each for every user asked
+CLASS_SERVER_SCOPES = ("read:servers", "read:tokens", "read:users:groups")
 
 
 class _Refused(web.HTTPError):
@@ -112,6 +125,48 @@ class StartQueueHandler(_PortalAPI):
             if orm_user is not None and readable(orm_user, kind="user"):
                 out[owner] = place
         self.finish({"places": out})
+
+
+class ClassServersHandler(_PortalAPI):
+    @_refusals
+    async def post(self) -> None:
+        for scope in CLASS_SERVER_SCOPES:
+            self.need(scope)
+        body = self.get_json_body()
+        if not isinstance(body, dict) or set(body) != {"users"}:
+            raise CourseError("users", 'send {"users": [user names]}')
+        names = body["users"]
+        if not isinstance(names, list) or len(names) > MAX_USERS:
+            raise CourseError("users", f"must be a list of at most {MAX_USERS} user names")
+        if not all(isinstance(n, str) and 0 < len(n) <= 255 for n in names):
+            bad = next(i for i, n in enumerate(names) if not isinstance(n, str) or not n)
+            raise CourseError(f"users[{bad}]", "must be a user name (1 to 255 characters)")
+        wanted = list(dict.fromkeys(names))
+        found = {
+            u.name: u
+            for u in self.db.query(orm.User).filter(orm.User.name.in_(wanted))
+        }  # fmt: skip
+        readable = [self.get_scope_filter(scope) for scope in CLASS_SERVER_SCOPES]
+        for i, name in enumerate(names):  # all checked before anything is answered
+            u = found.get(name)
+            if u is not None and not all(may(u, kind="user") for may in readable):
+                raise Forbidden(f"you may not read the servers of {name}", field=f"users[{i}]")
+        out: dict[str, Any] = {}
+        for name, orm_user in found.items():
+            # as the hub's user model: a user it holds no wrapper of runs no server
+            user = self.users.get(orm_user.id)
+            spawner = user.spawners.get("") if user is not None else None
+            server = None
+            if spawner is not None and spawner.active:
+                server = self.server_model(spawner, user=user)
+            client = spawner.oauth_client_id if spawner is not None else None
+            own = [t for t in orm_user.api_tokens if client and t.client_id == client]
+            out[name] = {
+                "groups": [g.name for g in orm_user.groups],
+                "server": server,
+                "server_tokens": [self.token_model(t) for t in own],
+            }
+        self.finish(json.dumps({"users": out}, default=str))
 
 
 class ClassUsersHandler(_PortalAPI):
@@ -199,6 +254,7 @@ class DataAccessHandler(_PortalAPI):
 
 HANDLERS: list[tuple[str, type]] = [
     (PREFIX + r"/start-queue", StartQueueHandler),
+    (PREFIX + r"/class-servers", ClassServersHandler),
     (PREFIX + r"/courses/" + COURSE_ID + r"/users", ClassUsersHandler),
     (PREFIX + r"/courses/" + COURSE_ID + r"/data-access", DataAccessHandler),
 ]

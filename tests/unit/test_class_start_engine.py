@@ -296,6 +296,15 @@ def test_a_big_prewarm_asks_in_parallel_in_the_background_and_nobody_is_gone_mea
     async def hub_api(portal: Any, method: str, path: str, body: Any = None) -> Any:
         if path.startswith("/groups/"):
             return {"users": students}
+        if path == "/sovereign-portal/class-servers":  # the engine's one call per pass
+            assert method == "POST" and set(body) == {"users"}
+            await asyncio.sleep(0.02)  # starts finish while the hub answers
+            return {
+                "users": {
+                    n: {"server": {"ready": False} if n in posted else None, "server_tokens": []}
+                    for n in body["users"]
+                }
+            }
         if method == "GET" and path.startswith("/users/"):
             name = path.split("/")[2].replace("%40", "@")
             return {"name": name, "servers": {"": {"ready": False}} if name in posted else {}}
