@@ -57,6 +57,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cpu_share import CpuShare, Part, Proc
 from tests.support.hub import HubProcess
 from tests.support.idp import LocalIdP, oidc_login
 from tests.support.idp_users import idp_user, write_users
@@ -309,6 +310,25 @@ def report(label: str, results: list[Result]) -> list[float]:
     return times
 
 
+def cpu_parts(students: set[int]) -> list[Part]:
+    """The parts of the storm whose CPU the benchmark prints."""
+    me = os.getpid()
+
+    def slurm(p: Proc) -> bool:
+        return p.comm.startswith("slurm") or p.comm == "munged"
+
+    return [
+        ("the students' servers (their jobs' processes)", lambda p: p.uid in students),
+        ("the hub (JupyterHub)", lambda p: p.comm == "jupyterhub" or p.has("bin/jupyterhub")),
+        ("configurable-http-proxy", lambda p: p.has("configurable-http-proxy")),
+        ("the IdP", lambda p: p.comm == "node" and p.has("server.js")),
+        ("the portal service", lambda p: p.has("sovereign_portal.hub.service")),
+        ("Slurm and munge", slurm),
+        ("this benchmark (the students' browsers)", lambda p: p.pid == me),
+        ("kernel threads", lambda p: not p.argv),
+    ]
+
+
 def stop_all(hub: HubProcess, names: list[str]) -> None:
     """Stop every student's server, 8 stops at a time (each waits for Slurm's word)."""
     with ThreadPoolExecutor(8) as pool:
@@ -327,6 +347,13 @@ def main() -> int:
     ap.add_argument("--students", type=int, default=100)
     ap.add_argument("--slots", type=int, default=4, help="start_slots of the start queue")
     ap.add_argument("--no-prewarm", action="store_true")
+    ap.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="skip the cold storm: the students log in once (8 at a time), then the "
+        "pre-warm and the pre-warmed storm (no ratio is printed)",
+    )
+    ap.add_argument("--hub-log", type=Path, help="copy the hub's log here at the end")
     a = ap.parse_args()
     n = a.students
     students = [f"spst{i:03d}" for i in range(1, n + 1)]
@@ -435,15 +462,25 @@ def main() -> int:
             )
             bystander = Bystander(hub, by.json()["token"])
             bystander.start()
-            memory = Memory({pwd.getpwnam(x).pw_uid for x in students})
+            uids = {pwd.getpwnam(x).pw_uid for x in students}
+            memory = Memory(uids)
             memory.start()
 
-            t1 = time.monotonic()
-            cold = storm(hub, idp, students, cold_student)
-            print(f"cold storm took {time.monotonic() - t1:.0f} s", flush=True)
-            running = sum(j["state"] == "RUNNING" for j in cluster.jobs())
-            print(f"  Slurm jobs RUNNING after it: {running}", flush=True)
-            cold_t = report("cold (spawn form, start queue)", cold)
+            cold: list[Result] = []
+            if a.warm_only:
+                with ThreadPoolExecutor(8) as pool:
+                    first = list(pool.map(lambda s: login(hub, idp, s), students))
+                print(f"first logins: {len(first)} (8 at a time, no storm)", flush=True)
+            else:
+                t1 = time.monotonic()
+                with CpuShare(cpu_parts(uids)) as share:
+                    cold = storm(hub, idp, students, cold_student)
+                print(f"cold storm took {time.monotonic() - t1:.0f} s", flush=True)
+                print(share.report(n), flush=True)
+            if cold:
+                running = sum(j["state"] == "RUNNING" for j in cluster.jobs())
+                print(f"  Slurm jobs RUNNING after it: {running}", flush=True)
+            cold_t = report("cold (spawn form, start queue)", cold) if cold else []
             code |= 1 if any(r.error for r in cold) else 0
             if any(r.error for r in cold):
                 bad = [
@@ -485,8 +522,10 @@ def main() -> int:
                     hub.wait_for(all_warm, 1800, "every server warm", 3.0)
                     print(f"pre-warm of {n} servers took {time.monotonic() - t1:.0f} s", flush=True)
                     t1 = time.monotonic()
-                    warm = storm(hub, idp, students, warm_student)
+                    with CpuShare(cpu_parts(uids)) as share:
+                        warm = storm(hub, idp, students, warm_student)
                     print(f"pre-warmed storm took {time.monotonic() - t1:.0f} s", flush=True)
+                    print(share.report(n), flush=True)
                     states: dict[str, int] = {}
 
                     def all_claimed() -> bool:
@@ -514,6 +553,8 @@ def main() -> int:
                 f"({per:.0f} MiB each)"
             )
             log = hub.log_text()
+            if a.hub_log:
+                a.hub_log.write_text(log)
             print(
                 f"hub log: {log.count(chr(10) + '[E ')} error lines, "
                 f"{log.count('Traceback')} tracebacks, {log.count(' 429 ')} 429s"
