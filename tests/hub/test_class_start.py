@@ -220,6 +220,25 @@ def test_a_prewarmed_server_is_handed_to_the_student_who_logs_in(stack: Stack) -
     assert own_hold["state"] == "held"
     # s2 did not come: still warm, still on the pool
     assert stack.students("ml101")[u("s2")]["state"] == "warm"
+    # the engine's one hub call per pass: every student's server and its own client's
+    # OAuth tokens (s1's browser made one; nobody opened s2's)
+    names = [u("s1"), u("s2"), u("s3"), "nobody@uni-a.example"]
+    r = stack.hub.api("POST", "/sovereign-portal/class-servers", json={"users": names})
+    assert r.status_code == 200, r.text
+    got = r.json()["users"]
+    assert set(got) == {u("s1"), u("s2"), u("s3")}  # the hub knows no "nobody"
+    assert got[u("s1")]["server"]["started"] == warm["started"]
+    assert got[u("s2")]["server"]["ready"] and got[u("s2")]["server_tokens"] == []
+    assert got[u("s3")]["server"] is None and "course-ml101" in got[u("s1")]["groups"]
+    (tok,) = got[u("s1")]["server_tokens"]
+    assert tok["oauth_client"] == f"Server at {got[u('s1')]['server']['url']}"
+    for body, field in (({"users": "s1"}, "users"), ({"users": [""]}, "users[0]"), ({}, "users")):
+        r = stack.hub.api("POST", "/sovereign-portal/class-servers", json=body)
+        assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
+    # a student's token holds none of the route's scopes: a 403 naming the scope
+    mine_only = {"users": [u("s1"), u("s2")]}
+    r = stack.hub.api("POST", "/sovereign-portal/class-servers", stack.tokens["s1"], json=mine_only)
+    assert r.status_code == 403 and r.json()["field"] == "scope", r.text
     # the student's stop closes their own record, not the warm one
     r = stack.hub.api("DELETE", f"/users/{u('s1')}/server")
     assert r.status_code in (202, 204), r.text
