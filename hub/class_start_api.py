@@ -360,7 +360,7 @@ class ClassEngine:
         ]
         # starts still being asked for when the hub answered: no server there is no news
         asking = set(self._asking)
-        hub = await self.servers(r["user"] for r in rows) if rows else {}  # one call
+        hub = await self.servers(r["user"] for r in rows)  # one call
         for row in rows:
             user = row["user"]
             q = quote(user, safe="")
@@ -531,7 +531,7 @@ class ClassEngine:
         students = []
         started = 0
         everyone = sorted(set(members) | set(rows))
-        hub = await self.servers(everyone) if everyone else {}  # one call for the class
+        hub = await self.servers(everyone)  # one call for the class
         for user in everyone:
             server = (hub.get(user) or {}).get("server")
             row = rows.get(user)

@@ -138,9 +138,9 @@ class ClassServersHandler(_PortalAPI):
         names = body["users"]
         if not isinstance(names, list) or len(names) > MAX_USERS:
             raise CourseError("users", f"must be a list of at most {MAX_USERS} user names")
-        if not all(isinstance(n, str) and 0 < len(n) <= 255 for n in names):
-            bad = next(i for i, n in enumerate(names) if not isinstance(n, str) or not n)
-            raise CourseError(f"users[{bad}]", "must be a user name (1 to 255 characters)")
+        for i, n in enumerate(names):
+            if not isinstance(n, str) or not 0 < len(n) <= 255:
+                raise CourseError(f"users[{i}]", "must be a user name (1 to 255 characters)")
         wanted = list(dict.fromkeys(names))
         found = {
             u.name: u

@@ -232,7 +232,12 @@ def test_a_prewarmed_server_is_handed_to_the_student_who_logs_in(stack: Stack) -
     assert got[u("s3")]["server"] is None and "course-ml101" in got[u("s1")]["groups"]
     (tok,) = got[u("s1")]["server_tokens"]
     assert tok["oauth_client"] == f"Server at {got[u('s1')]['server']['url']}"
-    for body, field in (({"users": "s1"}, "users"), ({"users": [""]}, "users[0]"), ({}, "users")):
+    for body, field in (
+        ({"users": "s1"}, "users"),
+        ({"users": [""]}, "users[0]"),
+        ({}, "users"),
+        ({"users": ["a", "x" * 256]}, "users[1]"),
+    ):
         r = stack.hub.api("POST", "/sovereign-portal/class-servers", json=body)
         assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
     # a student's token holds none of the route's scopes: a 403 naming the scope
